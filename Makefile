@@ -1,0 +1,47 @@
+# The README's commands. Everything installs into .venv; nothing is assumed but python3 and cargo.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DIST   := dist
+TOY    ?= runs/toy
+
+.PHONY: demo test bench wheel install lint rust-test py-test gpu-check clean
+
+$(BIN)/maturin:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "maturin>=1.5,<2"
+
+# One abi3 wheel (CPython >= 3.10) with the Rust core and the CUDA sources inside.
+wheel: $(BIN)/maturin
+	rm -f $(DIST)/autoguide_fast-*.whl
+	$(BIN)/maturin build --release --quiet --out $(DIST)
+
+# Installs the wheel (not the source tree) with its runtime and test dependencies.
+install: wheel
+	$(BIN)/python -m pip install --quiet "$$(ls $(DIST)/autoguide_fast-*.whl)[test]"
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(DIST)/autoguide_fast-*.whl
+
+demo: install
+	$(BIN)/autoguide toy --out $(TOY)
+
+lint: install
+	cd rust && cargo fmt --all --check
+	cd rust && cargo clippy --workspace --all-targets -- -D warnings
+	$(BIN)/ruff check python tests benchmarks
+	$(BIN)/ruff format --check python tests benchmarks
+
+rust-test:
+	cd rust && cargo test --workspace
+
+py-test: install
+	$(BIN)/python -m pytest tests
+
+test: install lint rust-test py-test
+
+bench: install
+	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \
+		--benchmark-json=$(DIST)/bench.json -p no:cacheprovider -s
+
+clean:
+	rm -rf $(DIST) rust/target .pytest_cache .ruff_cache

@@ -1,0 +1,54 @@
+"""Stubs of the Rust extension module (rust/py/src/lib.rs). Keep in step with the Rust signatures."""
+
+from typing import final
+
+STD_MAX: float
+"""Largest relative std of a power-function EMA profile (about 0.3003)."""
+
+class AutoguideError(Exception):
+    """Base class of autoguide_fast errors that are not plain ValueErrors."""
+
+@final
+class Step:
+    """One step of the sampler plan."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def t_cur(self) -> float: ...
+    @property
+    def t_hat(self) -> float: ...
+    @property
+    def t_next(self) -> float: ...
+    @property
+    def gamma(self) -> float: ...
+    @property
+    def second_order(self) -> bool: ...
+    @property
+    def guided(self) -> bool: ...
+    @property
+    def guided_next(self) -> bool: ...
+
+@final
+class Mixture2D:
+    """2D Gaussian mixture with exact log-density and score under heat diffusion."""
+
+    def __init__(self, phi: list[float], mu: list[float], cov: list[float]) -> None: ...
+    def __len__(self) -> int: ...
+    def eval(self, x: bytes, sigma: bytes) -> tuple[bytes, bytes, bytes]: ...
+
+def edm_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]: ...
+def step_plan(
+    steps: int,
+    sigma_min: float,
+    sigma_max: float,
+    rho: float,
+    churn: float = 0.0,
+    churn_min: float = 0.0,
+    churn_max: float = ...,
+    interval_lo: float = 0.0,
+    interval_hi: float = ...,
+) -> list[Step]: ...
+def std_to_exp(std: float) -> float: ...
+def exp_to_std(exp: float) -> float: ...
+def power_function_beta(std: float, t_next: float, t_delta: float) -> float: ...

@@ -1,0 +1,96 @@
+"""Guidance wrappers: a guided denoiser is ``D = D_guide.lerp(D_main, weight)``.
+
+- :class:`Autoguidance` (Karras et al. 2024): the guide is a weaker version of the main model
+  (smaller and/or trained for less time) evaluated with the *same* labels.
+- :class:`CFG` (Ho & Salimans 2022): the guide is the unconditional model, called without labels.
+
+Both take an optional guidance interval ``(sigma_lo, sigma_hi)`` (Kynkaanniemi et al. 2024,
+inclusive bounds): outside it, and whenever ``weight == 1``, the guide is not evaluated at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Denoiser = Callable[..., torch.Tensor]
+
+__all__ = ["CFG", "Autoguidance", "Denoiser", "Guidance"]
+
+
+def _check_interval(interval) -> tuple[float, float]:
+    if interval is None:
+        return (0.0, math.inf)
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise TypeError(f"interval must be None or a pair (sigma_lo, sigma_hi), got {interval!r}") from None
+    if math.isnan(lo) or lo < 0 or math.isinf(lo):
+        raise ValueError(f"interval[0] (sigma_lo) must be finite and >= 0, got {lo}")
+    if math.isnan(hi) or hi < lo:
+        raise ValueError(f"interval[1] (sigma_hi) must be >= interval[0] = {lo}, got {hi}")
+    return (lo, hi)
+
+
+class Guidance:
+    """Common part of the guidance methods; use :class:`Autoguidance` or :class:`CFG`.
+
+    Args:
+        guide: denoiser ``D0(x, sigma, labels=None) -> Tensor`` (same shape as the main model's).
+        weight: guidance weight ``w``; 1 means no guidance, the guide is then never called.
+        interval: ``None`` (guide at every noise level) or ``(sigma_lo, sigma_hi)``.
+    """
+
+    def __init__(self, guide: Denoiser, weight: float, interval: tuple[float, float] | None = None):
+        if not callable(guide):
+            raise TypeError(f"guide must be a denoiser callable D(x, sigma, labels=None), got {type(guide)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"weight must be a real number, got {weight!r}")
+        if not math.isfinite(weight):
+            raise ValueError(f"weight must be finite, got {weight}")
+        self.guide = guide
+        self.weight = float(weight)
+        self.interval = _check_interval(interval)
+
+    @property
+    def active(self) -> bool:
+        """Whether the guide can be evaluated at all (``weight != 1``)."""
+        return self.weight != 1.0
+
+    def guide_labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """The labels the guide is called with."""
+        raise NotImplementedError
+
+    def __call__(
+        self, net: Denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guided: bool
+    ) -> torch.Tensor:
+        """Guided denoiser output at ``x`` [N, ...], ``sigma`` [N]; ``guided`` comes from the step plan."""
+        d_main = net(x, sigma, labels)
+        if not (guided and self.active):
+            return d_main
+        d_guide = self.guide(x, sigma, self.guide_labels(labels))
+        if not isinstance(d_guide, torch.Tensor) or d_guide.shape != d_main.shape:
+            got = tuple(d_guide.shape) if isinstance(d_guide, torch.Tensor) else type(d_guide)
+            raise ValueError(
+                f"guide output must have the main model's shape {tuple(d_main.shape)}, got {got}"
+            )
+        return d_guide.to(d_main.dtype).lerp(d_main, self.weight)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight={self.weight}, interval={self.interval})"
+
+
+class Autoguidance(Guidance):
+    """Autoguidance: ``D = D0(x; c).lerp(D1(x; c), w)`` with a weaker guide ``D0`` of the same task."""
+
+    def guide_labels(self, labels):
+        return labels
+
+
+class CFG(Guidance):
+    """Classifier-free guidance: ``D = D_uncond(x).lerp(D(x; c), w)``; the guide gets no labels."""
+
+    def guide_labels(self, labels):
+        return None

@@ -1,0 +1,197 @@
+"""EDM sampler (Karras et al. 2022, Algorithm 2) over any denoiser, with guidance.
+
+A denoiser is any callable ``D(x, sigma, labels=None) -> Tensor`` in the EDM convention
+(``x = data + sigma * noise``, returns the denoised estimate). The schedule and the step plan
+(churned noise level, Heun correction or not, guided or not) come from the Rust core.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import _core
+from .guidance import Denoiser, Guidance
+
+__all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "step_plan"]
+
+edm_sigmas = _core.edm_sigmas
+step_plan = _core.step_plan
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What the sampler reports to ``callback`` after each step.
+
+    Attributes:
+        index: step index, 0-based.
+        sigma: noise level the first denoiser evaluation of the step saw (``t_hat``).
+        sigma_next: noise level at the end of the step.
+        x: state at ``sigma`` [N, ...].
+        denoised: guided denoiser output at ``(x, sigma)`` [N, ...].
+        x_next: state at ``sigma_next`` [N, ...].
+    """
+
+    index: int
+    sigma: float
+    sigma_next: float
+    x: torch.Tensor
+    denoised: torch.Tensor
+    x_next: torch.Tensor
+
+
+class PerSampleRNG:
+    """One ``torch.Generator`` per sample, so that a sample depends only on its seed.
+
+    Args:
+        seeds: one integer seed per sample.
+        device: device of the generators (and of the numbers they draw).
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ValueError("seeds must be a non-empty sequence of integers, got []")
+        if bad := [s for s in seeds if not 0 <= s < 2**63]:
+            raise ValueError(f"seeds must be in [0, 2**63), got {bad[:5]}")
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Unit normal numbers of shape ``[len(self), *shape]``; row i comes from seed i."""
+        return torch.stack(
+            [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        )
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != len(self):
+            raise ValueError(f"x has batch size {x.shape[0]} but the PerSampleRNG holds {len(self)} seeds")
+        return self.randn(x.shape[1:], dtype=x.dtype)
+
+
+def seeded_noise(
+    seeds: Sequence[int], shape: Sequence[int], device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, PerSampleRNG]:
+    """Initial noise ``[len(seeds), *shape]`` and the generator to pass to :func:`sample` as
+    ``generator`` (for churn noise), both drawn per seed."""
+    rng = PerSampleRNG(seeds, device)
+    return rng.randn(shape), rng
+
+
+def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, PerSampleRNG):
+        return generator.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _check_inputs(noise, labels, guidance, generator):
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise)}")
+    if noise.ndim < 1 or noise.shape[0] == 0:
+        raise ValueError(f"noise must have shape [N, ...] with N >= 1, got {tuple(noise.shape)}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise must be finite, got NaN or infinite values")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be None or a torch.Tensor, got {type(labels)}")
+        if labels.ndim != 2 or labels.shape[0] != noise.shape[0]:
+            raise ValueError(
+                f"labels must have shape [N, label_dim] with N = {noise.shape[0]}, got {tuple(labels.shape)}"
+            )
+    if guidance is not None and not isinstance(guidance, Guidance):
+        raise TypeError(f"guidance must be None, Autoguidance(...) or CFG(...), got {type(guidance)}")
+    if generator is not None and not isinstance(generator, (torch.Generator, PerSampleRNG)):
+        raise TypeError(f"generator must be None, a torch.Generator or a PerSampleRNG, got {type(generator)}")
+
+
+@torch.no_grad()
+def sample(
+    net: Denoiser,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    guidance: Guidance | None = None,
+    steps: int = 32,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    churn: float = 0.0,
+    churn_range: tuple[float, float] = (0.0, math.inf),
+    churn_noise: float = 1.0,
+    generator: torch.Generator | PerSampleRNG | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draws samples with the EDM Heun sampler (2nd order on every step but the last).
+
+    Args:
+        net: main denoiser ``D(x, sigma, labels=None)``; ``sigma`` is passed as an [N] tensor.
+        noise: unit normal [N, ...]; the first state is ``noise * sigma_max``.
+        labels: None or [N, label_dim] (one-hot or soft), passed to ``net`` (and to an
+            autoguidance guide).
+        guidance: None, :class:`Autoguidance` or :class:`CFG`.
+        steps, sigma_min, sigma_max, rho: the EDM schedule.
+        churn, churn_range, churn_noise: EDM's ``S_churn``, ``(S_min, S_max)`` and ``S_noise``.
+        generator: source of churn noise: None (global RNG), a ``torch.Generator`` or a
+            :class:`PerSampleRNG` (a sample then depends only on its seed).
+        callback: called with a :class:`StepInfo` after every step.
+        progress: show a tqdm progress bar over the steps.
+
+    Returns:
+        Samples [N, ...] in ``noise.dtype``.
+    """
+    _check_inputs(noise, labels, guidance, generator)
+    if not math.isfinite(churn_noise):
+        raise ValueError(f"churn_noise must be finite, got {churn_noise}")
+    try:
+        churn_min, churn_max = (float(v) for v in churn_range)
+    except (TypeError, ValueError):
+        raise TypeError(f"churn_range must be a pair (S_min, S_max), got {churn_range!r}") from None
+    lo, hi = guidance.interval if guidance is not None else (0.0, math.inf)
+    plan = _core.step_plan(
+        int(steps), float(sigma_min), float(sigma_max), float(rho), float(churn), churn_min, churn_max, lo, hi
+    )
+
+    n, dtype, device = noise.shape[0], noise.dtype, noise.device
+
+    def denoise(x: torch.Tensor, t: float, guided: bool) -> torch.Tensor:
+        sigma = torch.full((n,), t, dtype=dtype, device=device)
+        out = guidance(net, x, sigma, labels, guided) if guidance is not None else net(x, sigma, labels)
+        return out.to(dtype)
+
+    iterator = plan
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(plan, desc="sampling", unit="step", leave=False)
+
+    x_next = noise * plan[0].t_cur
+    for step in iterator:
+        x_cur = x_next
+        t_cur, t_hat, t_next = step.t_cur, step.t_hat, step.t_next
+        # Churn: raise the noise level to t_hat by adding fresh noise (EDM Alg. 2, lines 5-6).
+        if step.gamma > 0:
+            x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * churn_noise * _randn_like(x_cur, generator)
+        else:
+            x_hat = x_cur
+        # Euler step from t_hat to t_next.
+        denoised = denoise(x_hat, t_hat, step.guided)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        # Heun correction: average the slopes at both ends.
+        if step.second_order:
+            d_prime = (x_next - denoise(x_next, t_next, step.guided_next)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if callback is not None:
+            callback(StepInfo(step.index, t_hat, t_next, x_hat, denoised, x_next))
+    return x_next

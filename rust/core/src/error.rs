@@ -1,0 +1,40 @@
+//! Typed errors of the core crate. The PyO3 layer maps each variant to one Python exception.
+
+use thiserror::Error;
+
+/// Everything the core can refuse.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum Error {
+    /// A caller-supplied value is outside its domain (maps to `ValueError`).
+    #[error("{name} must be {requirement}, got {value}")]
+    InvalidParameter {
+        name: &'static str,
+        value: String,
+        requirement: &'static str,
+    },
+    /// Two inputs disagree in length or shape (maps to `ValueError`).
+    #[error("{what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    /// An iterative solver failed to converge (maps to the library's error class).
+    #[error("{what} did not converge for {value}")]
+    NoConvergence { what: &'static str, value: String },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Shorthand for an `InvalidParameter` error.
+pub(crate) fn invalid<T: std::fmt::Display>(
+    name: &'static str,
+    value: T,
+    requirement: &'static str,
+) -> Error {
+    Error::InvalidParameter {
+        name,
+        value: value.to_string(),
+        requirement,
+    }
+}

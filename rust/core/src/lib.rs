@@ -1,0 +1,13 @@
+//! Pure-Rust core of autoguide_fast (no Python types here).
+//!
+//! - [`schedule`]: the EDM sigma schedule and the per-step plan the samplers follow.
+//! - [`phema`]: power-function EMA math (EDM2, Karras et al. 2024, Eqs. 123-127).
+//! - [`mixture`]: exact log-density and score of 2D Gaussian mixtures under heat diffusion
+//!   (the ground truth of the autoguidance toy experiment).
+
+pub mod error;
+pub mod mixture;
+pub mod phema;
+pub mod schedule;
+
+pub use error::{Error, Result};

@@ -1,0 +1,213 @@
+//! `autoguide_fast._core`: thin PyO3 layer over `autoguide-core` (type and error conversion only).
+
+use autoguide_core::{mixture, phema, schedule, Error};
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+pyo3::create_exception!(
+    _core,
+    AutoguideError,
+    PyException,
+    "Base class of autoguide_fast errors that are not plain ValueErrors."
+);
+
+fn to_py(err: Error) -> PyErr {
+    match err {
+        Error::InvalidParameter { .. } | Error::ShapeMismatch { .. } => {
+            PyValueError::new_err(err.to_string())
+        }
+        Error::NoConvergence { .. } => AutoguideError::new_err(err.to_string()),
+    }
+}
+
+fn steps_arg(steps: i64) -> PyResult<usize> {
+    usize::try_from(steps)
+        .map_err(|_| PyValueError::new_err(format!("steps must be at least 1, got {steps}")))
+}
+
+/// One sampler step of the plan (see `autoguide_core::schedule::Step`).
+#[pyclass(frozen, get_all, module = "autoguide_fast._core")]
+#[derive(Clone)]
+struct Step {
+    index: usize,
+    t_cur: f64,
+    t_hat: f64,
+    t_next: f64,
+    gamma: f64,
+    second_order: bool,
+    guided: bool,
+    guided_next: bool,
+}
+
+#[pymethods]
+impl Step {
+    fn __repr__(&self) -> String {
+        format!(
+            "Step(index={}, t_cur={}, t_hat={}, t_next={}, gamma={}, second_order={}, guided={}, guided_next={})",
+            self.index, self.t_cur, self.t_hat, self.t_next, self.gamma,
+            py_bool(self.second_order), py_bool(self.guided), py_bool(self.guided_next)
+        )
+    }
+}
+
+fn py_bool(b: bool) -> &'static str {
+    if b {
+        "True"
+    } else {
+        "False"
+    }
+}
+
+impl From<schedule::Step> for Step {
+    fn from(s: schedule::Step) -> Self {
+        Step {
+            index: s.index,
+            t_cur: s.t_cur,
+            t_hat: s.t_hat,
+            t_next: s.t_next,
+            gamma: s.gamma,
+            second_order: s.second_order,
+            guided: s.guided,
+            guided_next: s.guided_next,
+        }
+    }
+}
+
+/// EDM noise levels, length steps + 1, the last one 0.
+#[pyfunction]
+fn edm_sigmas(steps: i64, sigma_min: f64, sigma_max: f64, rho: f64) -> PyResult<Vec<f64>> {
+    let s = schedule::Schedule {
+        steps: steps_arg(steps)?,
+        sigma_min,
+        sigma_max,
+        rho,
+    };
+    s.sigmas().map_err(to_py)
+}
+
+/// The per-step plan of the EDM Heun sampler with churn and a guidance interval.
+#[pyfunction]
+#[pyo3(signature = (steps, sigma_min, sigma_max, rho, churn=0.0, churn_min=0.0, churn_max=f64::INFINITY, interval_lo=0.0, interval_hi=f64::INFINITY))]
+#[allow(clippy::too_many_arguments)]
+fn step_plan(
+    steps: i64,
+    sigma_min: f64,
+    sigma_max: f64,
+    rho: f64,
+    churn: f64,
+    churn_min: f64,
+    churn_max: f64,
+    interval_lo: f64,
+    interval_hi: f64,
+) -> PyResult<Vec<Step>> {
+    let s = schedule::Schedule {
+        steps: steps_arg(steps)?,
+        sigma_min,
+        sigma_max,
+        rho,
+    };
+    let churn = schedule::Churn {
+        amount: churn,
+        min: churn_min,
+        max: churn_max,
+    };
+    let interval = schedule::Interval {
+        lo: interval_lo,
+        hi: interval_hi,
+    };
+    Ok(s.plan(churn, interval)
+        .map_err(to_py)?
+        .into_iter()
+        .map(Step::from)
+        .collect())
+}
+
+/// Power-function EMA exponent of relative std `std`.
+#[pyfunction]
+fn std_to_exp(std: f64) -> PyResult<f64> {
+    phema::std_to_exp(std).map_err(to_py)
+}
+
+/// Relative std of the power-function EMA profile with exponent `exp`.
+#[pyfunction]
+fn exp_to_std(exp: f64) -> PyResult<f64> {
+    phema::exp_to_std(exp).map_err(to_py)
+}
+
+/// Per-update EMA decay tracking relative std `std`.
+#[pyfunction]
+fn power_function_beta(std: f64, t_next: f64, t_delta: f64) -> PyResult<f64> {
+    phema::power_function_beta(std, t_next, t_delta).map_err(to_py)
+}
+
+fn f64s(name: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
+    if bytes.len() % 8 != 0 {
+        return Err(PyValueError::new_err(format!(
+            "{name} must hold float64 values, got {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_ne_bytes(c.try_into().expect("chunk of 8")))
+        .collect())
+}
+
+/// 2D Gaussian mixture with exact log-density and score under heat diffusion.
+#[pyclass(frozen, module = "autoguide_fast._core")]
+struct Mixture2D {
+    inner: mixture::Mixture2D,
+}
+
+#[pymethods]
+impl Mixture2D {
+    #[new]
+    fn new(phi: Vec<f64>, mu: Vec<f64>, cov: Vec<f64>) -> PyResult<Self> {
+        Ok(Self {
+            inner: mixture::Mixture2D::new(&phi, &mu, &cov).map_err(to_py)?,
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    /// x: float64 bytes [N, 2]; sigma: float64 bytes [N]. Returns (logp f64 [N], score f64
+    /// [N, 2], argmax u32 [N]) as native-endian bytes.
+    fn eval<'py>(
+        &self,
+        py: Python<'py>,
+        x: &[u8],
+        sigma: &[u8],
+    ) -> PyResult<(
+        Bound<'py, PyBytes>,
+        Bound<'py, PyBytes>,
+        Bound<'py, PyBytes>,
+    )> {
+        let x = f64s("x", x)?;
+        let sigma = f64s("sigma", sigma)?;
+        let e = py.detach(|| self.inner.eval(&x, &sigma)).map_err(to_py)?;
+        let bytes = |v: &[f64]| v.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>();
+        let am: Vec<u8> = e.argmax.iter().flat_map(|i| i.to_ne_bytes()).collect();
+        Ok((
+            PyBytes::new(py, &bytes(&e.logp)),
+            PyBytes::new(py, &bytes(&e.score)),
+            PyBytes::new(py, &am),
+        ))
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("AutoguideError", m.py().get_type::<AutoguideError>())?;
+    m.add("STD_MAX", phema::std_max())?;
+    m.add_class::<Step>()?;
+    m.add_class::<Mixture2D>()?;
+    m.add_function(wrap_pyfunction!(edm_sigmas, m)?)?;
+    m.add_function(wrap_pyfunction!(step_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(std_to_exp, m)?)?;
+    m.add_function(wrap_pyfunction!(exp_to_std, m)?)?;
+    m.add_function(wrap_pyfunction!(power_function_beta, m)?)?;
+    Ok(())
+}
