@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     toy.add_argument("--out", default="runs/toy", help="run directory (models are reused from it)")
     toy.add_argument("--quick", action="store_true", help="tiny sizes, for tests only")
-    toy.add_argument("--retrain", action="store_true", help="train the models even if the run directory has them")
+    toy.add_argument(
+        "--retrain", action="store_true", help="train the models even if the run directory has them"
+    )
     toy.add_argument("--no-progress", action="store_true", help="no progress bars")
     toy.set_defaults(func=_toy)
     return parser

@@ -10,7 +10,9 @@ __all__ = ["knn_precision_recall", "knn_radii"]
 def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
     """Distance from every row of ``features`` [N, D] to its k-th nearest other row: [N]."""
     if not 1 <= k < features.shape[0]:
-        raise ValueError(f"k must be in [1, {features.shape[0] - 1}] for {features.shape[0]} features, got {k}")
+        raise ValueError(
+            f"k must be in [1, {features.shape[0] - 1}] for {features.shape[0]} features, got {k}"
+        )
     out = []
     for rows in features.split(chunk):
         d = torch.cdist(rows, features)
@@ -32,7 +34,8 @@ def knn_precision_recall(
     share of real samples inside the fake k-NN manifold."""
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(
-            f"real and fake must be [N, D] and [M, D] with the same D, got {tuple(real.shape)}, {tuple(fake.shape)}"
+            "real and fake must be [N, D] and [M, D] with the same D, "
+            f"got {tuple(real.shape)} and {tuple(fake.shape)}"
         )
     real, fake = real.float(), fake.float()
     precision = _coverage(fake, real, knn_radii(real, k, chunk), chunk)

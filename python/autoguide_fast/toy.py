@@ -58,7 +58,9 @@ class GaussianMixture:
                 f"mu and Sigma must be [K, 2] and [K, 2, 2] for K = {len(phi)} weights, "
                 f"got {tuple(self.mu.shape)} and {tuple(self.Sigma.shape)}"
             )
-        self._mixture = _core.Mixture2D(phi.tolist(), self.mu.flatten().tolist(), self.Sigma.flatten().tolist())
+        self._mixture = _core.Mixture2D(
+            phi.tolist(), self.mu.flatten().tolist(), self.Sigma.flatten().tolist()
+        )
 
     def __len__(self) -> int:
         return len(self.phi)
@@ -115,7 +117,7 @@ class GaussianMixture:
         return self.phi.reshape(-1, COMPONENTS_PER_BRANCH).sum(-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ground_truth(classes: str = "A") -> GaussianMixture:
     """The paper's ground-truth distribution for ``classes`` in {"A", "B", "AB"}: each class a
     binary tree of depth 7 (127 branches) drawn as 8 elongated Gaussians per branch."""
@@ -284,7 +286,9 @@ def _models(out: Path, recipe: ToyRecipe, retrain: bool, progress: bool, log: Ca
             log(f"reusing {path}")
             continue
         t0 = time.perf_counter()
-        net = train(classes, recipe.num_layers, hidden, iters, recipe.batch_size, seed=seed, progress=progress)
+        net = train(
+            classes, recipe.num_layers, hidden, iters, recipe.batch_size, seed=seed, progress=progress
+        )
         seconds[name] = time.perf_counter() - t0
         log(f"trained {name} ({classes}, {recipe.num_layers}x{hidden}, {iters} it) in {seconds[name]:.1f} s")
         save(net, path, recipe=want, train_seconds=seconds[name])
@@ -328,7 +332,10 @@ def run(
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(methods, out / "figure.png", weight=recipe.weights[0])
     log(format_table(metrics))
-    log(f"training time: {sum(seconds.values()):.1f} s ({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})")
+    log(
+        f"training time: {sum(seconds.values()):.1f} s "
+        f"({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})"
+    )
     log(f"wrote {out / 'metrics.json'} and {out / 'figure.png'}")
     return metrics
 
@@ -351,8 +358,8 @@ def plot(methods: dict[str, torch.Tensor], path: str | Path, weight: float = 2.0
 
     weights = sorted({float(n.rsplit("_w", 1)[1]) for n in methods if n.startswith("cfg_w")}) or [weight]
     gt = ground_truth("A")
-    lo, hi = gt.mu.min(0).values - 0.12, gt.mu.max(0).values + 0.12
-    grid = [torch.linspace(float(lo[d]), float(hi[d]), 300, dtype=torch.float64) for d in range(2)]
+    lo, hi = (gt.mu.min(0).values - 0.12).tolist(), (gt.mu.max(0).values + 0.12).tolist()
+    grid = [torch.linspace(lo[d], hi[d], 300, dtype=torch.float64) for d in range(2)]
     gx, gy = torch.meshgrid(*grid, indexing="xy")
     logp = gt.logp(torch.stack([gx, gy], -1))
     _, threshold = _reference("A", 8192, 65536, 123)
@@ -360,22 +367,31 @@ def plot(methods: dict[str, torch.Tensor], path: str | Path, weight: float = 2.0
 
     panels = [[("ground_truth", "ground truth"), ("none", "no guidance")]]
     for w in weights:
-        panels.append([(_method_name("cfg", w), f"CFG w={w:g}"), (_method_name("autoguidance", w), f"autoguidance w={w:g}")])
+        panels.append(
+            [
+                (_method_name("cfg", w), f"CFG w={w:g}"),
+                (_method_name("autoguidance", w), f"autoguidance w={w:g}"),
+            ]
+        )
     fig, axes = plt.subplots(len(panels), 2, figsize=(8, 4 * len(panels)), squeeze=False)
     for row, pair in zip(axes, panels):
         for ax, (key, title) in zip(row, pair):
-            ax.imshow(density.numpy(), extent=(lo[0], hi[0], lo[1], hi[1]), origin="lower", cmap="Greys", alpha=0.35)
-            ax.contour(gx.numpy(), gy.numpy(), logp.numpy(), levels=[threshold], colors="black", linewidths=0.6)
+            ax.imshow(
+                density.numpy(), extent=(lo[0], hi[0], lo[1], hi[1]), origin="lower", cmap="Greys", alpha=0.35
+            )
+            ax.contour(
+                gx.numpy(), gy.numpy(), logp.numpy(), levels=[threshold], colors="black", linewidths=0.6
+            )
             if key in methods:
                 pts = methods[key].numpy()
                 ax.scatter(pts[:, 0], pts[:, 1], s=1.0, c="tab:red", alpha=0.5, linewidths=0)
             ax.set_title(title)
-            ax.set_xlim(float(lo[0]), float(hi[0]))
-            ax.set_ylim(float(lo[1]), float(hi[1]))
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(lo[1], hi[1])
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("2D toy (class A): samples over the ground-truth outline (1% log-density quantile)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)

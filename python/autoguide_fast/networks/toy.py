@@ -44,13 +44,18 @@ class ToyModel(torch.nn.Module):
     def config(self) -> dict:
         """Constructor arguments (JSON-serialisable)."""
         return dict(
-            in_dim=self.in_dim, num_layers=self.num_layers, hidden_dim=self.hidden_dim, sigma_data=self.sigma_data
+            in_dim=self.in_dim,
+            num_layers=self.num_layers,
+            hidden_dim=self.hidden_dim,
+            sigma_data=self.sigma_data,
         )
 
     def _inputs(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.in_dim:
             raise ValueError(f"x must have shape [..., {self.in_dim}], got {tuple(x.shape)}")
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).broadcast_to(x.shape[:-1]).unsqueeze(-1)
+        sigma = (
+            torch.as_tensor(sigma, dtype=x.dtype, device=x.device).broadcast_to(x.shape[:-1]).unsqueeze(-1)
+        )
         c_in = (self.sigma_data**2 + sigma**2).rsqrt()
         u = torch.cat([x * c_in, sigma.log() / 4, torch.ones_like(sigma)], dim=-1)
         return u, sigma, c_in

@@ -1,0 +1,105 @@
+"""Toy benchmarks: sampler overhead, and toy training speed against a straightforward eager
+implementation of the same recipe. Run with ``make bench``; ratios are measured in one process."""
+
+import math
+
+import numpy as np
+import torch
+
+from autoguide_fast import Autoguidance, sample, step_plan, toy
+from autoguide_fast.networks.toy import ToyModel
+from conftest import paired_times
+
+
+def test_sampler_overhead(benchmark):
+    """``sample()`` over the toy model vs the bare denoiser calls it makes (goal: ratio <= 1.05)."""
+    torch.manual_seed(0)
+    main, guide = ToyModel(hidden_dim=64).eval(), ToyModel(hidden_dim=32).eval()
+    noise = torch.randn(8192, 2)
+    guidance = Autoguidance(guide, 2.0)
+    plan = step_plan(32, 0.002, 5.0, 7.0)
+    evals = [(s.t_hat, s.guided) for s in plan] + [(s.t_next, s.guided_next) for s in plan if s.second_order]
+
+    def bare():
+        x = noise * 5.0
+        for t, _ in evals:
+            sigma = torch.full((len(x),), t)
+            guide(x, sigma)
+            main(x, sigma)
+
+    def sampler():
+        sample(main, noise, guidance=guidance, steps=32, sigma_max=5.0)
+
+    t_sampler, t_bare = paired_times(sampler, bare, rounds=5)
+    ratio = t_sampler / t_bare
+    benchmark.extra_info.update(sampler_s=t_sampler, bare_calls_s=t_bare, overhead_ratio=ratio)
+    print(f"\nsampler {t_sampler * 1e3:.1f} ms, bare denoiser calls {t_bare * 1e3:.1f} ms, ratio {ratio:.3f}")
+    benchmark.pedantic(sampler, rounds=3, iterations=1)
+    assert ratio <= 1.05
+
+
+class EagerRecipe:
+    """The paper's toy training step written plainly: eigendecomposition-based mixture score with
+    einsum over every (point, component) pair, and the model score by double backpropagation."""
+
+    def __init__(self, classes: str, hidden_dim: int, batch_size: int, seed: int = 0):
+        gt = toy.ground_truth(classes)
+        self.phi, self.mu, self.Sigma = gt.phi.float(), gt.mu.float(), gt.Sigma.float()
+        self.L, self.Q = torch.linalg.eigh(self.Sigma)
+        self.batch_size = batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.net = ToyModel(hidden_dim=hidden_dim).train()
+        self.opt = torch.optim.Adam(self.net.parameters(), betas=(0.9, 0.99))
+        self.it = 0
+
+    def gt_score(self, x, sigma):
+        L = self.L + sigma[..., None, None] ** 2
+        y = self.mu - x[..., None, :]
+        z = torch.einsum("...ij,...j,...kj,...k->...i", self.Q, 1 / L, self.Q, y)
+        c = self.phi / ((2 * np.pi) ** 2 * L.prod(-1)).sqrt()
+        w = (c * (-0.5 * torch.einsum("...i,...i->...", y, z)).exp())[..., None]
+        return (w * z).sum(-2) / w.sum(-2)
+
+    def sample(self, sigma):
+        i = torch.multinomial(self.phi, len(sigma), replacement=True, generator=self.gen)
+        L = self.L[i] + sigma[:, None] ** 2
+        z = torch.randn(L.shape, generator=self.gen)
+        return torch.einsum("...ij,...j,...kj,...k->...i", self.Q[i], L.sqrt(), self.Q[i], z) + self.mu[i]
+
+    def step(self):
+        self.opt.param_groups[0]["lr"] = 1e-2 / math.sqrt(max(self.it / 512, 1))
+        sigma = (torch.randn(self.batch_size, generator=self.gen) * 1.5 - 2.3).exp()
+        x = self.sample(sigma)
+        target = self.gt_score(x, sigma)
+        xg = x.detach().requires_grad_(True)
+        score = torch.autograd.grad(self.net.logp(xg, sigma).sum(), xg, create_graph=True)[0]
+        loss = (sigma**2 * (target - score).square().mean(-1)).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.it += 1
+
+
+def test_toy_training_speed(benchmark):
+    """Training iterations/s of ``toy.train`` (main model recipe, batch 4096) vs the eager
+    implementation above (goal: >= 3x)."""
+    iters = 6
+    eager = EagerRecipe("A", 64, 4096)
+
+    def ours():
+        toy.train("A", hidden_dim=64, iters=iters, batch_size=4096)
+
+    def plain():
+        for _ in range(iters):
+            eager.step()
+
+    t_ours, t_eager = paired_times(ours, plain, rounds=3)
+    speedup = t_eager / t_ours
+    benchmark.extra_info.update(ours_it_s=iters / t_ours, eager_it_s=iters / t_eager, speedup=speedup)
+    print(
+        f"\ntoy training: ours {iters / t_ours:.1f} it/s, eager {iters / t_eager:.1f} it/s, "
+        f"speedup {speedup:.2f}x"
+    )
+    benchmark.pedantic(ours, rounds=1, iterations=1)
+    assert speedup >= 3.0
