@@ -1,19 +1,23 @@
 //! Exact log-density, score and most responsible component of a 2D Gaussian mixture diffused
 //! by isotropic Gaussian noise: p(x; sigma) = sum_k phi_k N(x; mu_k, Sigma_k + sigma^2 I).
-//! Closed-form 2x2 algebra in float64, one fused pass per point, threads across points.
+//! Closed-form 2x2 algebra in float64; per point two branch-free passes over the components
+//! (laid out as structure-of-arrays so the compiler vectorises them), threads across points.
 
 use rayon::prelude::*;
 
 use crate::error::{invalid, Error, Result};
 
-/// A mixture of 2D Gaussians with normalised weights.
+/// A mixture of 2D Gaussians with normalised weights, stored one array per quantity.
 #[derive(Debug, Clone)]
 pub struct Mixture2D {
     /// phi_k / (2 pi), the Gaussian normaliser without the determinant.
     norm: Vec<f64>,
-    mu: Vec<[f64; 2]>,
-    /// Covariances as (a, b, c) for [[a, b], [b, c]].
-    cov: Vec<[f64; 3]>,
+    mu0: Vec<f64>,
+    mu1: Vec<f64>,
+    /// Covariance [[a, b], [b, c]] per component.
+    a: Vec<f64>,
+    b: Vec<f64>,
+    c: Vec<f64>,
 }
 
 /// Per-point results of [`Mixture2D::eval`].
@@ -27,8 +31,108 @@ pub struct Evaluation {
     pub argmax: Vec<u32>,
 }
 
-/// exp(x) underflows to 0 in float64 below this, so such terms add exactly nothing.
-const EXP_UNDERFLOW: f64 = -745.2;
+/// Per-thread buffers of one point's per-component terms.
+#[derive(Default)]
+struct Scratch {
+    exponent: Vec<f64>,
+    scale: Vec<f64>,
+    g0: Vec<f64>,
+    g1: Vec<f64>,
+}
+
+/// exp(x) for x <= 0 to about 1 ulp, inlined so that loops over it vectorise: x = n ln2 + r with
+/// |r| <= ln2 / 2, a degree-12 Taylor polynomial for e^r (truncation < 2e-16), and 2^n from the
+/// exponent bits. Below -600 it returns 0: such a weight is negligible next to the largest one
+/// (which is 1), and flushing it avoids slow subnormal arithmetic downstream.
+#[inline(always)]
+fn exp_nonpositive(x: f64) -> f64 {
+    // ln 2 split into a high part with trailing zero bits and the remainder (fdlibm).
+    const LN2_HI: f64 = f64::from_bits(0x3FE6_2E42_FEE0_0000);
+    const LN2_LO: f64 = f64::from_bits(0x3DEA_39EF_3579_3C76);
+    // Adding 1.5 * 2^52 rounds to an integer held in the low mantissa bits (no libm call).
+    const SHIFTER: f64 = 6_755_399_441_055_744.0;
+    let x = x.max(-708.0);
+    let t = x * std::f64::consts::LOG2_E + SHIFTER;
+    let n = t - SHIFTER;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Horner, coefficients 1/j! from j = 12 down to 0.
+    let mut p = 1.0 / 479_001_600.0;
+    p = p * r + 1.0 / 39_916_800.0;
+    p = p * r + 1.0 / 3_628_800.0;
+    p = p * r + 1.0 / 362_880.0;
+    p = p * r + 1.0 / 40_320.0;
+    p = p * r + 1.0 / 5_040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let two_n = (t
+        .to_bits()
+        .wrapping_sub(SHIFTER.to_bits())
+        .wrapping_add(1023))
+        << 52;
+    let y = p * f64::from_bits(two_n);
+    if x < -600.0 {
+        0.0
+    } else {
+        y
+    }
+}
+
+const LANES: usize = 8;
+
+/// Maximum of `v` in independent lanes (vectorises; no NaN is ever stored here).
+#[inline(always)]
+fn lane_max(v: &[f64]) -> f64 {
+    let mut acc = [f64::NEG_INFINITY; LANES];
+    let chunks = v.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f64::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |a, &x| if x > a { x } else { a })
+}
+
+/// `sum_j a_j b_j` (or `sum_j a_j` without `b`) in independent lanes, so that it vectorises.
+#[inline(always)]
+fn lane_dot(a: &[f64], b: Option<&[f64]>) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut tail = 0.0;
+    match b {
+        Some(b) => {
+            let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+            tail += ca
+                .remainder()
+                .iter()
+                .zip(cb.remainder())
+                .map(|(x, y)| x * y)
+                .sum::<f64>();
+            for (x, y) in ca.zip(cb) {
+                for l in 0..LANES {
+                    acc[l] += x[l] * y[l];
+                }
+            }
+        }
+        None => {
+            let ca = a.chunks_exact(LANES);
+            tail += ca.remainder().iter().sum::<f64>();
+            for x in ca {
+                for l in 0..LANES {
+                    acc[l] += x[l];
+                }
+            }
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
 
 impl Mixture2D {
     /// `phi`: K non-negative weights (normalised here), `mu`: 2K means, `cov`: 4K row-major
@@ -62,7 +166,6 @@ impl Mixture2D {
         if let Some(bad) = mu.iter().find(|m| !m.is_finite()) {
             return Err(invalid("mu", bad, "finite"));
         }
-        let mut covs = Vec::with_capacity(k);
         for c in cov.chunks_exact(4) {
             let (a, b, b2, d) = (c[0], c[1], c[2], c[3]);
             let sym = (b - b2).abs() <= 1e-6 * (a.abs() + d.abs());
@@ -74,26 +177,26 @@ impl Mixture2D {
                     "symmetric positive definite",
                 ));
             }
-            covs.push([a, 0.5 * (b + b2), d]);
         }
+        let two_pi = 2.0 * std::f64::consts::PI;
         Ok(Self {
-            norm: phi
-                .iter()
-                .map(|p| p / total / (2.0 * std::f64::consts::PI))
-                .collect(),
-            mu: mu.chunks_exact(2).map(|m| [m[0], m[1]]).collect(),
-            cov: covs,
+            norm: phi.iter().map(|p| p / total / two_pi).collect(),
+            mu0: mu.iter().step_by(2).copied().collect(),
+            mu1: mu.iter().skip(1).step_by(2).copied().collect(),
+            a: cov.iter().step_by(4).copied().collect(),
+            b: cov.chunks_exact(4).map(|c| 0.5 * (c[1] + c[2])).collect(),
+            c: cov.iter().skip(3).step_by(4).copied().collect(),
         })
     }
 
     /// Number of components.
     pub fn len(&self) -> usize {
-        self.mu.len()
+        self.norm.len()
     }
 
     /// Whether the mixture has no components (never true for a constructed mixture).
     pub fn is_empty(&self) -> bool {
-        self.mu.is_empty()
+        self.norm.is_empty()
     }
 
     /// Evaluates log-density, score and most responsible component at `x` ([N, 2] row-major)
@@ -110,6 +213,9 @@ impl Mixture2D {
         if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
             return Err(invalid("sigma", bad, "finite and >= 0"));
         }
+        if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
+            return Err(invalid("x", bad, "finite"));
+        }
         let mut out = Evaluation {
             logp: vec![0.0; n],
             score: vec![0.0; 2 * n],
@@ -121,60 +227,95 @@ impl Mixture2D {
             .zip(out.score.par_chunks_mut(2 * CHUNK))
             .zip(out.argmax.par_chunks_mut(CHUNK))
             .enumerate()
-            .for_each(|(chunk, ((logp, score), argmax))| {
-                let start = chunk * CHUNK;
-                for i in 0..logp.len() {
-                    let p = start + i;
-                    let (lp, sc, am) = self.eval_point([x[2 * p], x[2 * p + 1]], sigma[p]);
-                    logp[i] = lp;
-                    score[2 * i] = sc[0];
-                    score[2 * i + 1] = sc[1];
-                    argmax[i] = am;
-                }
-            });
+            .for_each_init(
+                Scratch::default,
+                |scratch, (chunk, ((logp, score), argmax))| {
+                    let start = chunk * CHUNK;
+                    for i in 0..logp.len() {
+                        let p = start + i;
+                        let (lp, sc, am) =
+                            self.eval_point([x[2 * p], x[2 * p + 1]], sigma[p], scratch);
+                        logp[i] = lp;
+                        score[2 * i] = sc[0];
+                        score[2 * i + 1] = sc[1];
+                        argmax[i] = am;
+                    }
+                },
+            );
         Ok(out)
     }
 
-    fn eval_point(&self, x: [f64; 2], sigma: f64) -> (f64, [f64; 2], u32) {
+    fn eval_point(&self, x: [f64; 2], sigma: f64, s: &mut Scratch) -> (f64, [f64; 2], u32) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { self.eval_point_avx2(x, sigma, s) };
+        }
+        self.eval_point_impl(x, sigma, s)
+    }
+
+    /// The same code compiled for 4-lane float64 vectors. Rust does not contract `a * b + c`
+    /// into FMAs, so results are bit-identical to the baseline build.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn eval_point_avx2(&self, x: [f64; 2], sigma: f64, s: &mut Scratch) -> (f64, [f64; 2], u32) {
+        self.eval_point_impl(x, sigma, s)
+    }
+
+    #[inline(always)]
+    fn eval_point_impl(&self, x: [f64; 2], sigma: f64, s: &mut Scratch) -> (f64, [f64; 2], u32) {
+        let k = self.len();
         let s2 = sigma * sigma;
-        // One pass with a running maximum `m` of the Gaussian exponents (online log-sum-exp):
-        // accumulators hold sums scaled by exp(-m) and are rescaled when `m` grows. The
-        // normalisers phi_k / (2 pi sqrt(det_k)) vary little across components, so scaling by the
-        // exponent alone keeps every sum in range.
-        let mut m = f64::NEG_INFINITY;
-        let (mut sum, mut z0, mut z1) = (0.0, 0.0, 0.0);
-        let mut best = (0u32, 0.0);
-        for k in 0..self.mu.len() {
-            let [a, b, c] = self.cov[k];
-            let (a, c) = (a + s2, c + s2);
+        for buf in [&mut s.exponent, &mut s.scale, &mut s.g0, &mut s.g1] {
+            buf.resize(k, 0.0);
+        }
+        // Pass 1: per component the Gaussian exponent, the normaliser and the component score
+        // g = (Sigma_k + s2 I)^-1 (mu_k - x).
+        let (mu0, mu1, ca, cb, cc, norm) = (
+            &self.mu0[..k],
+            &self.mu1[..k],
+            &self.a[..k],
+            &self.b[..k],
+            &self.c[..k],
+            &self.norm[..k],
+        );
+        let (ex, sc, g0s, g1s) = (
+            &mut s.exponent[..k],
+            &mut s.scale[..k],
+            &mut s.g0[..k],
+            &mut s.g1[..k],
+        );
+        for j in 0..k {
+            let (a, b, c) = (ca[j] + s2, cb[j], cc[j] + s2);
             let inv_det = 1.0 / (a * c - b * b);
-            let d0 = self.mu[k][0] - x[0];
-            let d1 = self.mu[k][1] - x[1];
-            // (Sigma_k + s2 I)^-1 (mu_k - x): the component's score.
+            let d0 = mu0[j] - x[0];
+            let d1 = mu1[j] - x[1];
             let g0 = (c * d0 - b * d1) * inv_det;
             let g1 = (a * d1 - b * d0) * inv_det;
-            let e = -0.5 * (d0 * g0 + d1 * g1);
-            if e > m {
-                let r = (m - e).exp();
-                sum *= r;
-                z0 *= r;
-                z1 *= r;
-                best.1 *= r;
-                m = e;
-            }
-            let rel = e - m;
-            if rel < EXP_UNDERFLOW {
-                continue;
-            }
-            let w = self.norm[k] * inv_det.sqrt() * rel.exp();
-            if w > best.1 {
-                best = (k as u32, w);
-            }
-            sum += w;
-            z0 += w * g0;
-            z1 += w * g1;
+            ex[j] = -0.5 * (d0 * g0 + d1 * g1);
+            sc[j] = norm[j] * inv_det.sqrt();
+            g0s[j] = g0;
+            g1s[j] = g1;
         }
-        (m + sum.ln(), [z0 / sum, z1 / sum], best.0)
+        // Scaling every weight by exp(-max exponent) keeps the sums in range: the normalisers
+        // vary little across components compared with the exponents.
+        let m = lane_max(ex);
+        // Pass 2: weights w_j = scale_j exp(e_j - m), stored in place of the exponents.
+        for (e, &scale) in ex.iter_mut().zip(sc.iter()) {
+            *e = scale * exp_nonpositive(*e - m);
+        }
+        let (sum, z0, z1) = (
+            lane_dot(ex, None),
+            lane_dot(ex, Some(g0s)),
+            lane_dot(ex, Some(g1s)),
+        );
+        let mut best = (0usize, f64::NEG_INFINITY);
+        for (j, &w) in ex.iter().enumerate() {
+            if w > best.1 {
+                best = (j, w);
+            }
+        }
+        (m + sum.ln(), [z0 / sum, z1 / sum], best.0 as u32)
     }
 }
 
@@ -219,6 +360,21 @@ mod tests {
     }
 
     #[test]
+    fn inline_exp_matches_std() {
+        let mut worst: f64 = 0.0;
+        for i in 0..200_000 {
+            let x = -(i as f64) * 0.003_7;
+            let (ours, want) = (exp_nonpositive(x), x.exp());
+            if x > -600.0 {
+                worst = worst.max((ours - want).abs() / want);
+            }
+        }
+        assert!(worst < 1e-15, "{worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert_eq!(exp_nonpositive(-1e4), 0.0);
+    }
+
+    #[test]
     fn far_points_stay_finite() {
         let e = two_components().eval(&[1e3, -1e3], &[0.0]).unwrap();
         assert!(e.logp[0].is_finite() && e.score.iter().all(|v| v.is_finite()));
@@ -231,5 +387,6 @@ mod tests {
         assert!(Mixture2D::new(&[-1.0], &[0.0, 0.0], &[1.0, 0.0, 0.0, 1.0]).is_err());
         assert!(two_components().eval(&[0.0, 0.0], &[-1.0]).is_err());
         assert!(two_components().eval(&[0.0], &[1.0]).is_err());
+        assert!(two_components().eval(&[f64::NAN, 0.0], &[1.0]).is_err());
     }
 }
