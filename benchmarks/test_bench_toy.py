@@ -30,7 +30,7 @@ def test_sampler_overhead(benchmark):
     def sampler():
         sample(main, noise, guidance=guidance, steps=32, sigma_max=5.0)
 
-    t_sampler, t_bare = paired_times(sampler, bare, rounds=5)
+    t_sampler, t_bare = paired_times(sampler, bare, rounds=9)
     ratio = t_sampler / t_bare
     benchmark.extra_info.update(sampler_s=t_sampler, bare_calls_s=t_bare, overhead_ratio=ratio)
     print(f"\nsampler {t_sampler * 1e3:.1f} ms, bare denoiser calls {t_bare * 1e3:.1f} ms, ratio {ratio:.3f}")
