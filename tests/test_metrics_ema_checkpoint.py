@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import autoguide_fast as ag
 from autoguide_fast import checkpoint
 from autoguide_fast.ema import PowerFunctionEMA, power_function_beta
 from autoguide_fast.metrics import knn_precision_recall, knn_radii
@@ -55,10 +56,10 @@ def test_snapshot_round_trip(tmp_path):
     with torch.no_grad():
         net.gain.fill_(0.7)
     path = tmp_path / "sub" / "net.safetensors"
-    checkpoint.save(net, path, nimg=1234, note="hello")
+    ag.save(net, path, nimg=1234, note="hello")
     meta = checkpoint.read_metadata(path)
     assert meta["arch"] == "toy" and meta["nimg"] == "1234" and meta["note"] == "hello"
-    back = checkpoint.load(path)
+    back = ag.load(path)
     assert not back.training and back.config == net.config
     x, s = torch.randn(16, 2), torch.rand(16) + 0.1
     torch.testing.assert_close(back.logp(x, s), net.eval().logp(x, s))
@@ -67,11 +68,25 @@ def test_snapshot_round_trip(tmp_path):
 
 def test_snapshot_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no snapshot file"):
-        checkpoint.load(tmp_path / "missing.safetensors")
+        ag.load(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
-    with pytest.raises(ValueError, match="not an autoguide_fast snapshot"):
-        checkpoint.load(tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not an autoguide_fast network snapshot"):
+        ag.load(tmp_path / "plain.safetensors")
     with pytest.raises(TypeError, match="module must be one of"):
-        checkpoint.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+        ag.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="metadata must map str to str"):
+        checkpoint.save({"w": torch.zeros(1)}, tmp_path / "y.safetensors", {"n": 1})
+
+
+def test_raw_tensors_interoperate_with_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half()}
+    checkpoint.save(tensors, tmp_path / "t.safetensors", {"k": "v"})
+    for got in (load_file(tmp_path / "t.safetensors"), checkpoint.load(tmp_path / "t.safetensors")):
+        assert set(got) == set(tensors)
+        for k in tensors:
+            torch.testing.assert_close(got[k], tensors[k], rtol=0, atol=0)
+    assert checkpoint.read_metadata(tmp_path / "t.safetensors") == {"k": "v"}

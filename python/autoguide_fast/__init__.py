@@ -5,6 +5,7 @@ Public API (see the README):
 - :func:`sample` -- EDM Heun sampler over any denoiser ``D(x, sigma, labels=None)``.
 - :class:`Autoguidance`, :class:`CFG` -- guidance wrappers, with an optional guidance interval.
 - :func:`seeded_noise`, :class:`PerSampleRNG` -- per-seed randomness, independent of batching.
+- :func:`save`, :func:`load` -- network snapshots (safetensors + config), nothing unpickled.
 - :func:`edm_sigmas`, :func:`step_plan` -- the schedule and step plan from the Rust core.
 - :mod:`autoguide_fast.toy` -- the 2D toy experiment of the autoguidance paper.
 """
@@ -13,6 +14,8 @@ from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
 from ._core import AutoguideError
+from .checkpoint import load_network as load
+from .checkpoint import save_network as save
 from .guidance import CFG, Autoguidance, Guidance
 from .sampling import PerSampleRNG, StepInfo, edm_sigmas, sample, seeded_noise, step_plan
 
@@ -29,7 +32,9 @@ __all__ = [
     "PerSampleRNG",
     "StepInfo",
     "edm_sigmas",
+    "load",
     "sample",
+    "save",
     "seeded_noise",
     "step_plan",
 ]

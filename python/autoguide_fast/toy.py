@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import _core
-from .checkpoint import load, read_metadata, save
+from .checkpoint import load_network, read_metadata, save_network
 from .ema import PowerFunctionEMA
 from .guidance import CFG, Autoguidance
 from .metrics import knn_precision_recall
@@ -281,7 +281,7 @@ def _models(out: Path, recipe: ToyRecipe, retrain: bool, progress: bool, log: Ca
         want = dict(classes=classes, layers=recipe.num_layers, hidden=hidden, iters=iters,
                     batch_size=recipe.batch_size, seed=seed)  # fmt: skip
         if path.is_file() and not retrain and read_metadata(path).get("recipe") == json.dumps(want):
-            models[name] = load(path)
+            models[name] = load_network(path)
             seconds[name] = float(read_metadata(path).get("train_seconds", "nan"))
             log(f"reusing {path}")
             continue
@@ -291,7 +291,7 @@ def _models(out: Path, recipe: ToyRecipe, retrain: bool, progress: bool, log: Ca
         )
         seconds[name] = time.perf_counter() - t0
         log(f"trained {name} ({classes}, {recipe.num_layers}x{hidden}, {iters} it) in {seconds[name]:.1f} s")
-        save(net, path, recipe=want, train_seconds=seconds[name])
+        save_network(net, path, recipe=want, train_seconds=seconds[name])
         models[name] = net
     return models, seconds
 
