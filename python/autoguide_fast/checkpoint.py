@@ -20,9 +20,10 @@ __all__ = ["atomic_write_bytes", "load", "load_network", "read_metadata", "save"
 
 
 def _architectures() -> dict[str, type[torch.nn.Module]]:
+    from .networks.edm2 import Precond
     from .networks.toy import ToyModel
 
-    return {"toy": ToyModel}
+    return {"edm2": Precond, "toy": ToyModel}
 
 
 def _arch_name(module: torch.nn.Module) -> str:

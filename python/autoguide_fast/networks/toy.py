@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .mp import MPLinear, MPSiLU
+from .mp import MPConv, MPSiLU
 
 __all__ = ["ToyModel"]
 
@@ -34,10 +34,10 @@ class ToyModel(torch.nn.Module):
             raise ValueError(f"sigma_data must be > 0, got {sigma_data!r}")
         self.in_dim, self.num_layers, self.hidden_dim = in_dim, num_layers, hidden_dim
         self.sigma_data = float(sigma_data)
-        self.layers = torch.nn.Sequential(MPLinear(in_dim + 2, hidden_dim))
+        self.layers = torch.nn.Sequential(MPConv(in_dim + 2, hidden_dim, kernel=()))
         for _ in range(num_layers):
             self.layers.append(MPSiLU())
-            self.layers.append(MPLinear(hidden_dim, hidden_dim))
+            self.layers.append(MPConv(hidden_dim, hidden_dim, kernel=()))
         self.gain = torch.nn.Parameter(torch.zeros([]))
 
     @property
