@@ -67,7 +67,7 @@ def test_snapshot_round_trip(tmp_path):
 
 
 def test_snapshot_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no snapshot file"):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         ag.load(tmp_path / "missing.safetensors")
     from safetensors.torch import save_file
 

@@ -1,5 +1,6 @@
 """Stubs of the Rust extension module (rust/py/src/lib.rs). Keep in step with the Rust signatures."""
 
+import os
 from typing import final
 
 STD_MAX: float
@@ -49,6 +50,14 @@ def step_plan(
     interval_lo: float = 0.0,
     interval_hi: float = ...,
 ) -> list[Step]: ...
+def read_header(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, str], list[tuple[str, str, list[int], int, int]]]: ...
+def write_snapshot(
+    path: str | os.PathLike[str],
+    tensors: list[tuple[str, str, list[int], int, int]],
+    metadata: dict[str, str],
+) -> None: ...
 def std_to_exp(std: float) -> float: ...
 def exp_to_std(exp: float) -> float: ...
 def power_function_beta(std: float, t_next: float, t_delta: float) -> float: ...

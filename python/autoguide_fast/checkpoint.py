@@ -1,22 +1,180 @@
-"""Snapshots as standard safetensors files. :func:`save` / :func:`load` move plain tensors;
-:func:`save_network` / :func:`load_network` (``autoguide_fast.save`` / ``load``) add string
-metadata with the architecture name and its constructor arguments (JSON), so that a ready
-denoiser can be rebuilt. Nothing
-is unpickled; writes are atomic (temporary file, fsync, rename), so a reader never sees half a file.
+"""Snapshots as standard safetensors files, through the Rust store (memory-mapped reads with full
+header validation, atomic writes). Nothing is ever unpickled.
+
+- :func:`save` / :func:`load` / :func:`open`: plain tensors and string metadata.
+- :func:`save_network` / :func:`load_network` (``autoguide_fast.save`` / ``load``): one of the
+  package's networks, with its architecture name and constructor arguments (JSON) in the
+  metadata, so that a ready denoiser can be rebuilt.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
+import mmap
 import os
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as st_save
 
-__all__ = ["atomic_write_bytes", "load", "load_network", "read_metadata", "save", "save_network"]
+from . import _core
+
+__all__ = [
+    "Snapshot",
+    "atomic_write_bytes",
+    "load",
+    "load_network",
+    "open",
+    "read_metadata",
+    "save",
+    "save_network",
+]
+
+_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}  # fmt: skip
+_FROM_ST = {v: k for k, v in _TO_ST.items()}
+
+
+class Snapshot(Mapping[str, torch.Tensor]):
+    """A validated safetensors file, memory-mapped. ``snap[name]`` is a zero-copy CPU tensor
+    (copy-on-write: writing to it never changes the file), read lazily on first touch.
+
+    Attributes:
+        path: the file.
+        metadata: its string metadata.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        for _attempt in range(3):
+            with builtins.open(self.path, "rb") as f:
+                before = os.fstat(f.fileno())
+                if before.st_size == 0:
+                    raise _core.AutoguideError(
+                        f"{self.path}: not a valid safetensors file: the file is empty"
+                    )
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            metadata, rows = _core.read_header(self.path)
+            now = os.stat(self.path)
+            # The header was validated on the file we mapped, not on one renamed over it since.
+            if (now.st_ino, now.st_size, now.st_mtime_ns) == (
+                before.st_ino,
+                before.st_size,
+                before.st_mtime_ns,
+            ):
+                break
+            self._map.close()
+        else:
+            raise OSError(f"{self.path}: the file kept changing while it was being opened")
+        self.metadata: dict[str, str] = dict(metadata)
+        self._entries = {name: (dtype, shape, begin, end) for name, dtype, shape, begin, end in rows}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._entries:
+            raise KeyError(f"{self.path} has no tensor named {name!r}")
+        dtype_name, shape, begin, end = self._entries[name]
+        if dtype_name not in _FROM_ST:
+            raise _core.AutoguideError(
+                f"{self.path}: tensor {name!r} has dtype {dtype_name}, which torch cannot hold"
+            )
+        dtype = _FROM_ST[dtype_name]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        count = (end - begin) // itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        if begin % itemsize:  # misaligned for its dtype: copy rather than view
+            return torch.frombuffer(bytearray(self._map[begin:end]), dtype=dtype).reshape(shape)
+        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=begin).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        """Unmaps the file, unless tensors of it are still alive (they keep the map)."""
+        try:
+            self._map.close()
+        except BufferError:
+            pass
+
+    def __enter__(self) -> Snapshot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open(path: str | os.PathLike) -> Snapshot:  # noqa: A001 - mirrors safetensors.safe_open
+    """Memory-maps and validates the safetensors file at ``path``. Raises FileNotFoundError, or
+    AutoguideError naming the file when it is damaged or not a safetensors file."""
+    return Snapshot(path)
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file: zero-copy views of the mapped file on the CPU,
+    copies on another ``device``."""
+    snap = Snapshot(path)
+    if torch.device(device).type == "cpu":
+        return dict(snap.items())
+    return {k: v.to(device) for k, v in snap.items()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (validated like :func:`open`)."""
+    return dict(_core.read_header(Path(path))[0])
+
+
+def save(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Writes ``tensors`` and string ``metadata`` as a standard safetensors file, atomically
+    (temporary file in the same directory, fsync, rename): never a half-written file under the
+    final name. Tensors on other devices are copied to the CPU first."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors)}")
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("metadata must map str to str")
+    rows, keep = [], []
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors must map str to torch.Tensor, got {name!r}: {type(t)}")
+        if t.dtype not in _TO_ST:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        c = t.detach().to("cpu").contiguous()
+        keep.append(c)  # every buffer stays alive while the Rust store reads it
+        rows.append((name, _TO_ST[c.dtype], list(c.shape), c.data_ptr(), c.numel() * c.element_size()))
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path must be a file path, got the directory {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _core.write_snapshot(path, rows, metadata)
+    del keep
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file in the same directory, fsync and
+    rename (for JSON and other small side files)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _architectures() -> dict[str, type[torch.nn.Module]]:
@@ -33,58 +191,6 @@ def _arch_name(module: torch.nn.Module) -> str:
     raise TypeError(f"module must be one of {sorted(_architectures())} networks, got {type(module).__name__}")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file in the same directory, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def save(
-    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
-) -> None:
-    """Writes ``tensors`` (name -> CPU-copyable tensor) and string ``metadata`` as a standard
-    safetensors file, atomically."""
-    if metadata is not None and not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise TypeError("metadata must map str to str")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata of a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no snapshot file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no snapshot file at {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
 def save_network(module: torch.nn.Module, path: str | os.PathLike, **metadata) -> None:
     """Saves one of the package's networks with its architecture and constructor arguments, so
     that :func:`load_network` rebuilds it. Extra ``metadata`` values are stored as strings
@@ -98,12 +204,12 @@ def save_network(module: torch.nn.Module, path: str | os.PathLike, **metadata) -
 def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuilds the network saved at ``path`` in eval mode, without gradients. Exported as
     ``autoguide_fast.load``."""
-    meta = read_metadata(path)
-    archs = _architectures()
-    if meta.get("arch") not in archs or "config" not in meta:
-        raise ValueError(
-            f"{path} is not an autoguide_fast network snapshot (metadata 'arch' and 'config' missing)"
-        )
-    net = archs[meta["arch"]](**json.loads(meta["config"]))
-    net.load_state_dict(load(path, device))
+    with Snapshot(path) as snap:
+        archs = _architectures()
+        if snap.metadata.get("arch") not in archs or "config" not in snap.metadata:
+            raise ValueError(
+                f"{path} is not an autoguide_fast network snapshot (metadata 'arch' and 'config' missing)"
+            )
+        net = archs[snap.metadata["arch"]](**json.loads(snap.metadata["config"]))
+        net.load_state_dict(dict(snap.items()))
     return net.to(device).eval().requires_grad_(False)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import _core
-from .checkpoint import load_network, read_metadata, save_network
+from .checkpoint import atomic_write_bytes, load_network, read_metadata, save_network
 from .ema import PowerFunctionEMA
 from .guidance import CFG, Autoguidance
 from .metrics import knn_precision_recall
@@ -329,7 +329,7 @@ def run(
         )  # fmt: skip
     metrics = {name: evaluate(x) for name, x in methods.items()}
     result = dict(recipe=asdict(recipe), train_seconds=seconds, metrics=metrics)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
     plot(methods, out / "figure.png", weight=recipe.weights[0])
     log(format_table(metrics))
     log(

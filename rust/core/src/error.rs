@@ -22,9 +22,32 @@ pub enum Error {
     /// An iterative solver failed to converge (maps to the library's error class).
     #[error("{what} did not converge for {value}")]
     NoConvergence { what: &'static str, value: String },
+    /// A file that should exist does not (maps to `FileNotFoundError`).
+    #[error("{path}: no such file")]
+    NotFound { path: String },
+    /// Reading or writing a file failed (maps to `OSError`).
+    #[error("{path}: {message}")]
+    Io { path: String, message: String },
+    /// A file is not a valid snapshot: damaged, truncated or of another format (maps to the
+    /// library's error class). Nothing of it is used.
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Format { path: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An I/O error on `path`, `NotFound` when the file is missing.
+pub(crate) fn io_error(path: &std::path::Path, err: std::io::Error) -> Error {
+    let path = path.display().to_string();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        Error::NotFound { path }
+    } else {
+        Error::Io {
+            path,
+            message: err.to_string(),
+        }
+    }
+}
 
 /// Shorthand for an `InvalidParameter` error.
 pub(crate) fn invalid<T: std::fmt::Display>(

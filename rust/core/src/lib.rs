@@ -4,10 +4,12 @@
 //! - [`phema`]: power-function EMA math (EDM2, Karras et al. 2024, Eqs. 123-127).
 //! - [`mixture`]: exact log-density and score of 2D Gaussian mixtures under heat diffusion
 //!   (the ground truth of the autoguidance toy experiment).
+//! - [`store`]: memory-mapped, validated safetensors snapshots and atomic writes.
 
 pub mod error;
 pub mod mixture;
 pub mod phema;
 pub mod schedule;
+pub mod store;
 
 pub use error::{Error, Result};

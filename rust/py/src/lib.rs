@@ -1,7 +1,9 @@
 //! `autoguide_fast._core`: thin PyO3 layer over `autoguide-core` (type and error conversion only).
 
-use autoguide_core::{mixture, phema, schedule, Error};
-use pyo3::exceptions::{PyException, PyValueError};
+use std::collections::BTreeMap;
+
+use autoguide_core::{mixture, phema, schedule, store, Error};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -17,7 +19,11 @@ fn to_py(err: Error) -> PyErr {
         Error::InvalidParameter { .. } | Error::ShapeMismatch { .. } => {
             PyValueError::new_err(err.to_string())
         }
-        Error::NoConvergence { .. } => AutoguideError::new_err(err.to_string()),
+        Error::NotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
+        Error::Io { .. } => PyOSError::new_err(err.to_string()),
+        Error::NoConvergence { .. } | Error::Format { .. } => {
+            AutoguideError::new_err(err.to_string())
+        }
     }
 }
 
@@ -198,6 +204,58 @@ impl Mixture2D {
     }
 }
 
+/// (name, dtype, shape, begin, end): one tensor of a snapshot header, byte range absolute.
+type TensorRow = (String, String, Vec<usize>, usize, usize);
+
+/// Validates the safetensors file at `path` (memory-mapped) and returns its string metadata
+/// and its tensors in file order.
+#[pyfunction]
+fn read_header(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+) -> PyResult<(BTreeMap<String, String>, Vec<TensorRow>)> {
+    let header = py
+        .detach(|| store::MappedSnapshot::open(&path).map(|s| s.header().clone()))
+        .map_err(to_py)?;
+    let rows = header
+        .tensors
+        .into_iter()
+        .map(|t| (t.name, t.dtype, t.shape, t.begin, t.end))
+        .collect();
+    Ok((header.metadata, rows))
+}
+
+/// Writes tensors given as (name, dtype, shape, address, nbytes) of live, contiguous CPU
+/// buffers, atomically. Internal: `autoguide_fast.checkpoint.save` is the public entry point and
+/// keeps the tensors alive for the duration of the call.
+#[pyfunction]
+fn write_snapshot(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    tensors: Vec<(String, String, Vec<usize>, usize, usize)>,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<()> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, addr, nbytes) in tensors {
+        let data: &[u8] = if nbytes == 0 {
+            &[]
+        } else {
+            // SAFETY: the caller (checkpoint.save) passes the address and byte size of
+            // contiguous CPU tensors that it keeps referenced until this call returns, and
+            // nothing writes to them meanwhile; the bytes are only read.
+            unsafe { std::slice::from_raw_parts(addr as *const u8, nbytes) }
+        };
+        views.push(store::TensorData {
+            name,
+            dtype: store::parse_dtype(&dtype).map_err(to_py)?,
+            shape,
+            data,
+        });
+    }
+    py.detach(|| store::write_atomic(&path, &views, &metadata))
+        .map_err(to_py)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AutoguideError", m.py().get_type::<AutoguideError>())?;
@@ -209,5 +267,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(std_to_exp, m)?)?;
     m.add_function(wrap_pyfunction!(exp_to_std, m)?)?;
     m.add_function(wrap_pyfunction!(power_function_beta, m)?)?;
+    m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     Ok(())
 }

@@ -1,0 +1,368 @@
+//! Snapshot store: standard safetensors files, memory-mapped for reading and written atomically.
+//!
+//! Reading validates the whole header before anything is used (header length in range, UTF-8
+//! JSON, known dtypes, shapes matching byte lengths, offsets contiguous and inside the file),
+//! so damaged or hostile files fail with an error naming the file. Nothing is ever unpickled.
+//! Writing goes to a temporary file in the same directory, is fsynced, then renamed over the
+//! final name: a reader sees the old file or the new one, never half of one.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensors, View};
+
+use crate::error::{io_error, Error, Result};
+
+/// One tensor of a snapshot: where its bytes are in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    /// safetensors dtype name: "F32", "F16", "BF16", "I64", ...
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    pub begin: usize,
+    pub end: usize,
+}
+
+/// The validated header of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Header {
+    /// String metadata (`__metadata__`).
+    pub metadata: BTreeMap<String, String>,
+    /// Tensors in file order.
+    pub tensors: Vec<TensorEntry>,
+}
+
+/// A memory-mapped, validated snapshot. Tensor bytes are borrowed from the map (no copies).
+pub struct MappedSnapshot {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+}
+
+fn format_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.display().to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// Names what a non-safetensors file most likely is, for a helpful message.
+fn sniff(bytes: &[u8]) -> Option<&'static str> {
+    if bytes.starts_with(b"PK\x03\x04") {
+        Some("it is a zip archive, as torch.save writes; autoguide_fast never unpickles")
+    } else if bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
+        Some("it is a Python pickle; autoguide_fast never unpickles")
+    } else {
+        None
+    }
+}
+
+/// Validates `bytes` as a whole safetensors file and returns its header.
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
+    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        let reason = match sniff(bytes) {
+            Some(what) => format!("{e} ({what})"),
+            None => e.to_string(),
+        };
+        format_error(path, reason)
+    })?;
+    let data_start = 8 + n;
+    let mut tensors = Vec::new();
+    for name in meta.offset_keys() {
+        let info = meta
+            .info(&name)
+            .ok_or_else(|| format_error(path, format!("tensor {name} listed twice")))?;
+        let (b, e) = info.data_offsets;
+        tensors.push(TensorEntry {
+            name,
+            dtype: info.dtype.to_string(),
+            shape: info.shape.clone(),
+            begin: data_start + b,
+            end: data_start + e,
+        });
+    }
+    let metadata = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    Ok(Header { metadata, tensors })
+}
+
+impl MappedSnapshot {
+    /// Maps `path` read-only and validates it.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| io_error(&path, e))?;
+        if file.metadata().map_err(|e| io_error(&path, e))?.len() == 0 {
+            return Err(format_error(&path, "the file is empty"));
+        }
+        // SAFETY: the map is read-only and we never write through it. Files are replaced by
+        // rename (a new inode), never rewritten in place, by this library; a third party
+        // truncating the file while it is mapped is outside what any mmap reader can guard.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| io_error(&path, e))?;
+        let header = parse_header(&path, &map)?;
+        Ok(Self { path, map, header })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Raw little-endian bytes of tensor `name`.
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let entry = self
+            .header
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| format_error(&self.path, format!("no tensor named {name:?}")))?;
+        Ok(&self.map[entry.begin..entry.end])
+    }
+}
+
+/// A borrowed tensor to write.
+#[derive(Debug, Clone)]
+pub struct TensorData<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+impl View for &TensorData<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Parses a safetensors dtype name ("F32", "BF16", ...).
+pub fn parse_dtype(name: &str) -> Result<Dtype> {
+    let dtype = match name {
+        "BOOL" => Dtype::BOOL,
+        "U8" => Dtype::U8,
+        "I8" => Dtype::I8,
+        "F8_E5M2" => Dtype::F8_E5M2,
+        "F8_E4M3" => Dtype::F8_E4M3,
+        "I16" => Dtype::I16,
+        "U16" => Dtype::U16,
+        "F16" => Dtype::F16,
+        "BF16" => Dtype::BF16,
+        "I32" => Dtype::I32,
+        "U32" => Dtype::U32,
+        "F32" => Dtype::F32,
+        "F64" => Dtype::F64,
+        "I64" => Dtype::I64,
+        "U64" => Dtype::U64,
+        _ => {
+            return Err(crate::error::invalid(
+                "dtype",
+                name,
+                "a safetensors dtype such as F32, F16, BF16, I64",
+            ))
+        }
+    };
+    Ok(dtype)
+}
+
+/// Writes `tensors` and `metadata` to `path` atomically (temporary file, fsync, rename, fsync
+/// of the directory). Shapes must match byte lengths; names must be unique.
+pub fn write_atomic(
+    path: impl AsRef<Path>,
+    tensors: &[TensorData<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut seen = std::collections::HashSet::new();
+    for t in tensors {
+        if !seen.insert(t.name.as_str()) {
+            return Err(crate::error::invalid("tensors", &t.name, "uniquely named"));
+        }
+        let want = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+            .map(|bits| bits.div_ceil(8));
+        if want != Some(t.data.len()) {
+            return Err(Error::ShapeMismatch {
+                what: "tensor bytes (shape x dtype size)",
+                expected: want.unwrap_or(usize::MAX),
+                got: t.data.len(),
+            });
+        }
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| crate::error::invalid("path", path.display(), "a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let info = if metadata.is_empty() {
+        None
+    } else {
+        Some(metadata.clone().into_iter().collect())
+    };
+    let result = (|| {
+        safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.as_str(), t)), info, &tmp)
+            .map_err(|e| Error::Io {
+                path: tmp.display().to_string(),
+                message: e.to_string(),
+            })?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io_error(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
+        // Make the rename itself durable.
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(&dir, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample_file(dir: &Path) -> PathBuf {
+        let a: Vec<u8> = (0..24u8).collect();
+        let b: Vec<u8> = vec![1, 2, 3, 4];
+        let tensors = [
+            TensorData {
+                name: "w".into(),
+                dtype: Dtype::F32,
+                shape: vec![2, 3],
+                data: &a,
+            },
+            TensorData {
+                name: "g".into(),
+                dtype: Dtype::F16,
+                shape: vec![2],
+                data: &b,
+            },
+        ];
+        let meta = BTreeMap::from([("nimg".to_string(), "42".to_string())]);
+        let path = dir.join("s.safetensors");
+        write_atomic(&path, &tensors, &meta).unwrap();
+        path
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("autoguide-store-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = tmpdir("rt");
+        let path = sample_file(&dir);
+        let snap = MappedSnapshot::open(&path).unwrap();
+        assert_eq!(snap.header().metadata["nimg"], "42");
+        assert_eq!(
+            snap.bytes("w").unwrap(),
+            (0..24u8).collect::<Vec<_>>().as_slice()
+        );
+        assert_eq!(snap.bytes("g").unwrap(), &[1, 2, 3, 4]);
+        assert_eq!(snap.header().tensors.len(), 2);
+        assert!(snap.bytes("missing").is_err());
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+    }
+
+    #[test]
+    fn rejects_wrong_sizes_and_duplicates() {
+        let dir = tmpdir("bad");
+        let d = [0u8; 8];
+        let t = TensorData {
+            name: "x".into(),
+            dtype: Dtype::F32,
+            shape: vec![3],
+            data: &d,
+        };
+        assert!(write_atomic(dir.join("a"), std::slice::from_ref(&t), &BTreeMap::new()).is_err());
+        let t = TensorData {
+            shape: vec![2],
+            ..t
+        };
+        assert!(write_atomic(dir.join("b"), &[t.clone(), t], &BTreeMap::new()).is_err());
+        assert!(!dir.join("a").exists() && !dir.join("b").exists());
+    }
+
+    #[test]
+    fn names_pickles_and_missing_files() {
+        let dir = tmpdir("pk");
+        let p = dir.join("model.safetensors");
+        std::fs::write(&p, b"\x80\x04\x95 pickle bytes here").unwrap();
+        let err = MappedSnapshot::open(&p).err().unwrap().to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("pickle"),
+            "{err}"
+        );
+        std::fs::write(&p, b"PK\x03\x04 zip").unwrap();
+        assert!(MappedSnapshot::open(&p)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("zip"));
+        assert!(matches!(
+            MappedSnapshot::open(dir.join("nope")),
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_header(Path::new("random"), &bytes);
+        }
+
+        #[test]
+        fn mutated_files_never_panic_and_stay_in_bounds(pos in 0usize..200, val in any::<u8>(), cut in 0usize..200) {
+            let dir = tmpdir("mut");
+            let good = std::fs::read(sample_file(&dir)).unwrap();
+            let mut bytes = good.clone();
+            let p = pos % bytes.len();
+            bytes[p] = val;
+            bytes.truncate(bytes.len() - cut % bytes.len());
+            if let Ok(h) = parse_header(Path::new("mutated"), &bytes) {
+                for t in &h.tensors {
+                    prop_assert!(t.begin <= t.end && t.end <= bytes.len());
+                }
+            }
+        }
+    }
+}
