@@ -1,13 +1,26 @@
-"""EDM2 training: the loss with learned uncertainty and the learning-rate schedule
-(Karras et al. 2024, Sections 2 and 5)."""
+"""EDM2 training (Karras et al. 2024): the loss with learned uncertainty, the learning-rate
+schedule, and the training loop (power-function EMA, snapshots, resumable checkpoints, torchrun)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
-__all__ = ["edm2_loss", "learning_rate"]
+from .ema import PowerFunctionEMA
+
+__all__ = ["TrainOptions", "edm2_loss", "learning_rate", "train"]
 
 
 def edm2_loss(
@@ -20,6 +33,7 @@ def edm2_loss(
     P_mean: float = -0.4,
     P_std: float = 1.0,
     generator: torch.Generator | None = None,
+    sigma_data: float | None = None,
 ) -> torch.Tensor:
     """Per-element EDM2 loss [N, C, H, W] with learned uncertainty ``u(sigma)`` (Eq. 21):
     ``(weight / exp(u)) * (D(y + n; sigma) - y)^2 + u`` with ``weight = (s^2 + sd^2) / (s sd)^2``.
@@ -31,6 +45,7 @@ def edm2_loss(
         sigma: noise levels [N]; default ``exp(N(P_mean, P_std^2))``.
         scaled_noise: noise already multiplied by sigma [N, C, H, W]; default drawn here.
         generator: source of the random sigma and noise.
+        sigma_data: defaults to ``net.sigma_data`` (pass it when ``net`` is wrapped, e.g. by DDP).
     """
     n = images.shape[0]
     if sigma is None:
@@ -38,7 +53,7 @@ def edm2_loss(
     sigma = sigma.reshape(-1, 1, 1, 1).to(images.dtype)
     if scaled_noise is None:
         scaled_noise = torch.randn(images.shape, generator=generator, device=images.device) * sigma
-    sd = net.sigma_data
+    sd = net.sigma_data if sigma_data is None else sigma_data
     weight = (sigma**2 + sd**2) / (sigma * sd) ** 2
     denoised, logvar = net(images + scaled_noise, sigma, labels, return_logvar=True)
     return (weight / logvar.exp()) * (denoised - images) ** 2 + logvar
@@ -53,3 +68,327 @@ def learning_rate(step_nimg: float, ref_lr: float, ref_nimg: float, rampup_nimg:
     if rampup_nimg > 0:
         lr *= min(step_nimg / rampup_nimg, 1.0)
     return lr
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop.
+
+STATE_PREFIX = "training-state-"
+SNAPSHOT_PREFIX = "network-snapshot-"
+_RNG_BLOCK = 16  # samples per random stream: results do not depend on batch_gpu or world size
+
+
+@dataclass
+class TrainOptions:
+    """Everything that defines a training run (stored in every training-state checkpoint)."""
+
+    preset: str = "digits-s"  # Network preset (networks.PRESETS); net_kwargs override it.
+    net_kwargs: dict = field(default_factory=dict)
+    cond: bool = True  # Class-conditional (needs labels); False trains an unconditional model.
+    kimg: float = 200.0  # Training length in thousands of images.
+    batch: int = 128  # Total batch size over all processes.
+    batch_gpu: int | None = None  # Per-process batch per accumulation round; None = no accumulation.
+    lr: float = 0.01  # Reference learning rate.
+    lr_decay_kimg: float = 50.0  # Inverse-sqrt decay starts after this many kimg; 0 disables it.
+    rampup_kimg: float = 2.0  # Linear learning-rate ramp-up.
+    ema_stds: tuple[float, ...] = (0.050, 0.100)  # Power-function EMA widths tracked.
+    snapshot_kimg: float = 25.0  # Network snapshots (one file per EMA width) every this many kimg.
+    checkpoint_kimg: float = 25.0  # Training-state checkpoints every this many kimg.
+    log_kimg: float = 1.0  # Stats line every this many kimg.
+    P_mean: float = -0.8  # log-sigma mean of the training noise distribution.
+    P_std: float = 1.6  # log-sigma std.
+    dropout: float | None = None  # Overrides the preset's dropout.
+    precision: str = "fp32"  # fp32, or fp16 / bf16 autocast on CUDA.
+    seed: int = 0
+
+    def validate(self) -> None:
+        from .networks.edm2 import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("kimg", "lr", "snapshot_kimg", "checkpoint_kimg", "log_kimg"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+        if not (isinstance(self.batch, int) and self.batch >= 1):
+            raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
+        if self.batch_gpu is not None and not (isinstance(self.batch_gpu, int) and self.batch_gpu >= 1):
+            raise ValueError(f"batch_gpu must be None or a positive integer, got {self.batch_gpu!r}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if not self.ema_stds:
+            raise ValueError("ema_stds must list at least one EMA width")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["ema_stds"] = list(self.ema_stds)
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainOptions:
+        d = json.loads(text)
+        d["ema_stds"] = tuple(d["ema_stds"])
+        return cls(**d)
+
+
+def _stream(seed: int, step: int, block: int, device: torch.device) -> torch.Generator:
+    # Independent, reproducible random stream per (seed, step, block of samples).
+    state = np.random.SeedSequence([seed, step, block]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
+
+
+def _draw(opts: TrainOptions, step: int, lo: int, hi: int, num_images: int, shape, device):
+    """Indices, sigmas and unit noise of global batch samples [lo, hi) of ``step``."""
+    idx, sig, noise = [], [], []
+    for block in range(lo // _RNG_BLOCK, (hi - 1) // _RNG_BLOCK + 1):
+        g = _stream(opts.seed, step, block, device)
+        idx.append(torch.randint(num_images, (_RNG_BLOCK,), generator=g, device=device))
+        sig.append((torch.randn(_RNG_BLOCK, generator=g, device=device) * opts.P_std + opts.P_mean).exp())
+        noise.append(torch.randn(_RNG_BLOCK, *shape, generator=g, device=device))
+    start = lo - (lo // _RNG_BLOCK) * _RNG_BLOCK
+    sl = slice(start, start + hi - lo)
+    return torch.cat(idx)[sl], torch.cat(sig)[sl], torch.cat(noise)[sl]
+
+
+def _states(out: Path) -> list[Path]:
+    return sorted(out.glob(f"{STATE_PREFIX}*.safetensors"))
+
+
+def _save_state(
+    out: Path, net, ema: PowerFunctionEMA, opt, nimg: int, step: int, opts: TrainOptions, data_info
+):
+    from .checkpoint import save
+
+    tensors = {f"net.{k}": v for k, v in net.state_dict().items()}
+    for i, e in enumerate(ema.emas):
+        tensors.update({f"ema{i}.{k}": v for k, v in e.state_dict().items()})
+    for j, p in enumerate(net.parameters()):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"optim.{j}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    meta = dict(nimg=str(nimg), step=str(step), options=opts.to_json(), config=json.dumps(net.config),
+                dataset=json.dumps(data_info), format="autoguide_fast.training-state/1")  # fmt: skip
+    path = out / f"{STATE_PREFIX}{nimg:09d}.safetensors"
+    save(tensors, path, meta)
+    for old in _states(out)[:-2]:  # keep the two newest
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _load_state(path: Path, net, ema: PowerFunctionEMA, opt, device) -> tuple[int, int]:
+    from .checkpoint import Snapshot
+
+    with Snapshot(path) as snap:
+        net.load_state_dict({k[4:]: v for k, v in snap.items() if k.startswith("net.")})
+        for i, e in enumerate(ema.emas):
+            e.load_state_dict({k[len(f"ema{i}.") :]: v for k, v in snap.items() if k.startswith(f"ema{i}.")})
+        state = {}
+        for k, v in snap.items():
+            if k.startswith("optim."):
+                _, j, name = k.split(".", 2)
+                state.setdefault(int(j), {})[name] = v.clone().to(device)
+        opt.load_state_dict(dict(state=state, param_groups=opt.state_dict()["param_groups"]))
+        return int(snap.metadata["nimg"]), int(snap.metadata["step"])
+
+
+def _plot_losses(stats_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["kimg"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("kimg")
+    ax.set_ylabel("EDM2 loss (with uncertainty)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop writes a checkpoint and returns."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train(data, out: str | Path, options: TrainOptions | None = None, *, progress: bool = True,
+          log: Callable[[str], None] = print, device: torch.device | str | None = None) -> dict:  # fmt: skip
+    """Trains an EDM2 network on ``data`` (an :class:`~autoguide_fast.data.ImageDataset` or a
+    source for :func:`~autoguide_fast.data.load_dataset`) into the run directory ``out``.
+
+    Resumes automatically from the newest training-state checkpoint in ``out``. Under
+    ``torchrun`` every process takes its share of each batch (DDP; NCCL on GPUs, gloo on CPUs).
+    Writes network snapshots per EMA width, training-state checkpoints, ``stats.jsonl`` and
+    ``loss.png``. Returns a summary (final nimg, status, files)."""
+    from .checkpoint import atomic_write_bytes, save_network
+    from .data import ImageDataset, load_dataset
+    from .networks.edm2 import PRESETS, Precond
+
+    opts = options or TrainOptions()
+    opts.validate()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out must be a directory, got the file {out}")
+    dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
+
+    # Distributed set-up.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device is None:
+        device = torch.device(
+            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        )
+    device = torch.device(device)
+    if opts.batch % world:
+        raise ValueError(f"batch ({opts.batch}) must be divisible by the number of processes ({world})")
+    per_rank = opts.batch // world
+    batch_gpu = min(opts.batch_gpu or per_rank, per_rank)
+    if per_rank % batch_gpu:
+        raise ValueError(f"batch per process ({per_rank}) must be a multiple of batch_gpu ({batch_gpu})")
+    rounds = per_rank // batch_gpu
+
+    # Network, checked against the data.
+    cfg = dict(PRESETS[opts.preset], **opts.net_kwargs)
+    label_dim = dataset.num_classes if opts.cond else 0
+    if opts.cond and dataset.labels is None:
+        raise ValueError(f"data set {dataset.name!r} has no labels: train with cond=False (--uncond)")
+    cfg.update(img_resolution=dataset.resolution, img_channels=dataset.channels, label_dim=label_dim)
+    if opts.dropout is not None:
+        cfg["dropout"] = opts.dropout
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(opts.seed)
+        net = Precond(**cfg).to(device).train().requires_grad_(True)
+    ema = PowerFunctionEMA(net, opts.ema_stds)
+    opt = torch.optim.Adam(net.parameters(), lr=opts.lr, betas=(0.9, 0.99), eps=1e-8)
+    ddp = torch.nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
+
+    nimg, step = 0, 0
+    states = _states(out) if out.is_dir() else []
+    if states:
+        saved = TrainOptions.from_json(_read_meta(states[-1])["options"])
+        if (saved.preset, saved.net_kwargs, saved.cond) != (opts.preset, opts.net_kwargs, opts.cond):
+            raise ValueError(
+                f"{out} holds a run of another network ({saved.preset}, cond={saved.cond}); use another out"
+            )
+        nimg, step = _load_state(states[-1], net, ema, opt, device)
+        log(f"resuming from {states[-1]} at {nimg / 1000:.1f} kimg")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for tmp in out.glob(".*.tmp"):  # left by a writer that was killed mid-write
+            tmp.unlink(missing_ok=True)
+    stats_path, total = out / "stats.jsonl", int(opts.kimg * 1000)
+    if rank == 0 and stats_path.exists():  # drop lines past the resumed state
+        keep = [
+            ln for ln in stats_path.read_text().splitlines() if ln.strip() and json.loads(ln)["nimg"] <= nimg
+        ]
+        atomic_write_bytes(stats_path, "".join(ln + "\n" for ln in keep).encode())
+
+    def every(kimg: float, before: int, after: int) -> bool:
+        k = max(1, int(kimg * 1000))
+        return after // k > before // k
+
+    shape = (dataset.channels, dataset.resolution, dataset.resolution)
+    images = dataset.images.to(device)
+    labels = dataset.labels.to(device) if (dataset.labels is not None and opts.cond) else None
+    autocast = (
+        dict(fp16=torch.float16, bf16=torch.bfloat16).get(opts.precision) if device.type == "cuda" else None
+    )
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total, initial=min(nimg, total), unit="img", unit_scale=True, desc=f"train {out.name}"
+        )
+    window, t_window, status = [], time.perf_counter(), "done"
+    with _StopRequest() as stop:
+        while nimg < total:
+            for g in opt.param_groups:
+                g["lr"] = learning_rate(nimg, opts.lr, opts.lr_decay_kimg * 1000, opts.rampup_kimg * 1000)
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for r in range(rounds):
+                lo = (r * world + rank) * batch_gpu
+                idx, sigma, noise = _draw(opts, step, lo, lo + batch_gpu, len(images), shape, device)
+                x = images[idx].to(torch.float32) / 127.5 - 1
+                y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).float()
+                sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
+                with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    loss = edm2_loss(ddp, x, y, sigma=sigma, scaled_noise=noise * sigma.reshape(-1, 1, 1, 1),
+                                     sigma_data=net.sigma_data)  # fmt: skip
+                    loss = loss.sum() / per_rank
+                    loss.backward()
+                loss_sum += loss.detach()
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+            opt.step()
+            before, nimg, step = nimg, nimg + opts.batch, step + 1
+            ema.update(nimg, opts.batch)
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            window.append(float(loss_sum) / (shape[0] * shape[1] * shape[2]))
+            if bar is not None:
+                bar.update(min(nimg, total) - min(before, total))
+                bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+            done = nimg >= total
+            if rank == 0 and (every(opts.log_kimg, before, nimg) or done):
+                dt = time.perf_counter() - t_window
+                row = dict(
+                    nimg=nimg, kimg=nimg / 1000, loss=sum(window) / len(window), lr=opt.param_groups[0]["lr"],
+                    img_per_s=len(window) * opts.batch / max(dt, 1e-9), time=time.time(),
+                )  # fmt: skip
+                with stats_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                window, t_window = [], time.perf_counter()
+            if rank == 0 and (every(opts.snapshot_kimg, before, nimg) or done):
+                for std, e in zip(ema.stds, ema.emas):
+                    save_network(e, out / f"{SNAPSHOT_PREFIX}{nimg:09d}-{std:.3f}.safetensors", nimg=nimg,
+                                 ema_std=std, dataset=dataset.info(), cond=opts.cond)  # fmt: skip
+            stopping = stop.signal is not None
+            if dist.is_initialized():  # every process stops at the same step
+                flag = torch.tensor([int(stopping)], device=device)
+                dist.all_reduce(flag)
+                stopping = bool(flag.item())
+            if rank == 0 and (every(opts.checkpoint_kimg, before, nimg) or done or stopping):
+                _save_state(out, net, ema, opt, nimg, step, opts, dataset.info())
+                _plot_losses(stats_path, out / "loss.png")
+            if stopping and not done:
+                status = "interrupted"
+                log(f"stopped by signal at {nimg / 1000:.1f} kimg; checkpoint written, run again to resume")
+                break
+    if bar is not None:
+        bar.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return dict(status=status, nimg=nimg, step=step, out=str(out))
+
+
+def _read_meta(path: Path) -> dict[str, str]:
+    from .checkpoint import read_metadata
+
+    return read_metadata(path)

@@ -1,0 +1,192 @@
+"""Training loop: falling loss, snapshots, exact resume, signals, SIGKILL at random moments,
+and torchrun with two CPU processes."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import autoguide_fast as ag
+from autoguide_fast import checkpoint
+from autoguide_fast.data import load_dataset
+from autoguide_fast.training import TrainOptions, train
+
+SMALL = dict(preset="digits-xs", batch=32, snapshot_kimg=0.128, checkpoint_kimg=0.128, log_kimg=0.064,
+             rampup_kimg=0.1, lr_decay_kimg=0.2)  # fmt: skip
+
+
+def opts(**kw):
+    return TrainOptions(**{**SMALL, **kw})
+
+
+def snapshot_tensors(out, nimg, std=0.05):
+    return checkpoint.load(out / f"network-snapshot-{nimg:09d}-{std:.3f}.safetensors")
+
+
+def test_train_writes_snapshots_and_the_loss_falls(tmp_path):
+    result = train("digits", tmp_path, opts(kimg=0.512, ema_stds=(0.05, 0.1)), progress=False)
+    assert result == dict(status="done", nimg=512, step=16, out=str(tmp_path))
+    rows = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in rows] == [64 * i for i in range(1, 9)]
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
+    assert (tmp_path / "loss.png").stat().st_size > 5000
+    meta = checkpoint.read_metadata(tmp_path / "network-snapshot-000000512-0.100.safetensors")
+    assert (
+        meta["nimg"] == "512"
+        and float(meta["ema_std"]) == 0.1
+        and json.loads(meta["dataset"])["name"] == "digits"
+    )
+    net = ag.load(tmp_path / "network-snapshot-000000512-0.050.safetensors")
+    assert not net.training and net.label_dim == 10 and net.img_resolution == 8
+    with torch.no_grad():
+        assert net(torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.eye(10)[:2]).shape == (2, 1, 8, 8)
+    assert len(list(tmp_path.glob("training-state-*.safetensors"))) == 2  # the two newest are kept
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path):
+    train("digits", tmp_path / "a", opts(kimg=0.384), progress=False)
+    train("digits", tmp_path / "b", opts(kimg=0.128), progress=False)
+    lines = []
+    result = train("digits", tmp_path / "b", opts(kimg=0.384), progress=False, log=lines.append)
+    assert result["nimg"] == 384 and any("resuming" in x for x in lines)
+    a, b = snapshot_tensors(tmp_path / "a", 384), snapshot_tensors(tmp_path / "b", 384)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    nimgs = [json.loads(x)["nimg"] for x in (tmp_path / "b" / "stats.jsonl").read_text().splitlines()]
+    assert nimgs == sorted(set(nimgs))  # no duplicated lines after the resume
+
+
+def test_batch_gpu_accumulation_matches_one_round(tmp_path):
+    train("digits", tmp_path / "a", opts(kimg=0.128), progress=False)
+    train("digits", tmp_path / "b", opts(kimg=0.128, batch_gpu=8), progress=False)
+    a, b = snapshot_tensors(tmp_path / "a", 128), snapshot_tensors(tmp_path / "b", 128)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_unconditional_and_bad_options(tmp_path):
+    train("digits", tmp_path / "u", opts(kimg=0.064, cond=False), progress=False)
+    assert ag.load(tmp_path / "u" / "network-snapshot-000000064-0.050.safetensors").label_dim == 0
+    with pytest.raises(ValueError, match="preset must be one of"):
+        train("digits", tmp_path / "x", opts(preset="huge"), progress=False)
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        train("digits", tmp_path / "x", opts(batch=0), progress=False)
+    with pytest.raises(ValueError, match="holds a run of another network"):
+        train("digits", tmp_path / "u", opts(kimg=0.128, cond=True), progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="out must be a directory"):
+        train("digits", tmp_path / "file", opts(), progress=False)
+
+
+def _cli(out, kimg, extra=()):
+    args = ["train", "--data", "digits", "--preset", "digits-xs", "--out", str(out), "--kimg", str(kimg),
+            "--batch", "32", "--snapshot-kimg", "0.064", "--log-kimg", "0.032", "--rampup-kimg", "0.1",
+            "--lr-decay-kimg", "0.2", "--no-progress", *extra]  # fmt: skip
+    return [sys.executable, "-m", "autoguide_fast.cli", *args]
+
+
+def test_sigterm_writes_a_checkpoint_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(out, 50), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("training-state-*.safetensors")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, output
+    assert "stopped by signal" in output
+    newest = sorted(out.glob("training-state-*.safetensors"))[-1]
+    stopped_at = int(checkpoint.read_metadata(newest)["nimg"])
+    assert 64 <= stopped_at < 50_000
+    done = subprocess.run(_cli(out, stopped_at / 1000 + 0.064), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming from {newest}" in done.stdout
+
+
+def test_sigkill_at_random_moments_never_corrupts_and_resume_is_exact(tmp_path):
+    rng = random.Random(1234)
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    kimg = 0.384
+    for _ in range(3):
+        proc = subprocess.Popen(_cli(out, kimg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 6.0))
+        proc.kill()
+        proc.wait()
+        for f in out.glob("*.safetensors"):  # every visible file is whole
+            checkpoint.open(f).close()
+    subprocess.run(_cli(out, kimg), check=True, capture_output=True, timeout=300)
+    subprocess.run(_cli(ref, kimg), check=True, capture_output=True, timeout=300)
+    a, b = snapshot_tensors(out, 384), snapshot_tensors(ref, 384)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert not list(out.glob(".*.tmp"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "autoguide_fast.cli",
+           *_cli(tmp_path / "ddp", 0.128)[3:]]  # fmt: skip
+    ran = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    subprocess.run(_cli(tmp_path / "one", 0.128), check=True, capture_output=True, timeout=300, env=env)
+    a, b = snapshot_tensors(tmp_path / "ddp", 128), snapshot_tensors(tmp_path / "one", 128)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _png_folder(root, sizes, labels=None):
+    from PIL import Image
+
+    root.mkdir()
+    for i, s in enumerate(sizes):
+        Image.fromarray(np.full((s, s, 3), i * 20, np.uint8)).save(root / f"img{i:03d}.png")
+    if labels is not None:
+        (root / "dataset.json").write_text(
+            json.dumps({"labels": [[f"img{i:03d}.png", c] for i, c in enumerate(labels)]})
+        )
+    return root
+
+
+def test_datasets(tmp_path):
+    d = load_dataset("digits")
+    assert d.images.shape == (1797, 1, 8, 8) and d.images.dtype == torch.uint8 and d.num_classes == 10
+    x, y = d.batch(torch.arange(4))
+    assert x.min() >= -1 and x.max() <= 1 and y.shape == (4, 10)
+    folder = _png_folder(tmp_path / "f", [4] * 5, labels=[0, 1, 2, 1, 0])
+    f = load_dataset(folder)
+    assert f.images.shape == (5, 3, 4, 4) and f.labels.tolist() == [0, 1, 2, 1, 0] and f.num_classes == 3
+    with zipfile.ZipFile(tmp_path / "f.zip", "w") as z:
+        for p in folder.iterdir():
+            z.write(p, p.name)
+    z = load_dataset(tmp_path / "f.zip")
+    assert torch.equal(z.images, f.images) and torch.equal(z.labels, f.labels)
+    np.savez(tmp_path / "a.npz", images=np.zeros((6, 4, 4, 3), np.uint8), labels=np.arange(6) % 2)
+    n = load_dataset(tmp_path / "a.npz")
+    assert n.images.shape == (6, 3, 4, 4) and n.num_classes == 2
+    with pytest.raises(FileNotFoundError, match="data set not found"):
+        load_dataset(tmp_path / "missing")
+    with pytest.raises(ValueError, match="same size"):
+        load_dataset(_png_folder(tmp_path / "mixed", [4, 4, 8]))
+    with pytest.raises(ValueError, match="no label for"):
+        load_dataset(_png_folder(tmp_path / "partial", [4, 4, 4], labels=[0, 1]))
+    np.savez(tmp_path / "bad.npz", images=np.zeros((6, 4, 4), np.uint8), labels=np.arange(5))
+    with pytest.raises(ValueError, match="labels must be"):
+        load_dataset(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="has no labels"):
+        train(_png_folder(tmp_path / "nolabels", [8] * 4), tmp_path / "o", opts(), progress=False)
