@@ -289,7 +289,7 @@ PRESETS: dict[str, dict] = {
         for k, c in dict(xxs=64, xs=128, s=192, m=256, l=320, xl=384, xxl=448).items()
     },
     **{f"edm2-img64-{k}": _img64(c) for k, c in dict(xs=128, s=192, m=256, l=320, xl=384).items()},
-    # 8x8 images (e.g. the digits set), 10 classes: main model and a guide a quarter of its size.
+    # 8x8 images (e.g. the digits set), 10 classes: 4.0 M parameters and a 0.7 M guide.
     "digits-s": dict(
         img_resolution=8,
         img_channels=1,
@@ -310,7 +310,7 @@ PRESETS: dict[str, dict] = {
         attn_resolutions=[4],
         use_fp16=False,
     ),  # fmt: skip
-    # 32x32 RGB images, 10 classes.
+    # 32x32 RGB images, 10 classes: 6.8 M and 1.2 M parameters.
     "img32-s": dict(
         img_resolution=32,
         img_channels=3,
