@@ -1,6 +1,7 @@
 """Stubs of the Rust extension module (rust/py/src/lib.rs). Keep in step with the Rust signatures."""
 
 import os
+from collections.abc import Callable
 from typing import final
 
 STD_MAX: float
@@ -57,6 +58,16 @@ def write_snapshot(
     path: str | os.PathLike[str],
     tensors: list[tuple[str, str, list[int], int, int]],
     metadata: dict[str, str],
+) -> None: ...
+def solve_coefficients(
+    in_nimg: list[float], in_std: list[float], out_nimg: list[float], out_std: list[float]
+) -> list[list[float]]: ...
+def reconstruct(
+    inputs: list[str | os.PathLike[str]],
+    coefs: list[list[float]],
+    outputs: list[tuple[str | os.PathLike[str], dict[str, str]]],
+    copy: list[str],
+    progress: Callable[[int], object] | None = None,
 ) -> None: ...
 def std_to_exp(std: float) -> float: ...
 def exp_to_std(exp: float) -> float: ...

@@ -197,7 +197,8 @@ def save_network(module: torch.nn.Module, path: str | os.PathLike, **metadata) -
     (non-strings as JSON). Exported as ``autoguide_fast.save``."""
     arch = _arch_name(module)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    meta.update(arch=arch, config=json.dumps(module.config))
+    buffers = sorted(name for name, _ in module.named_buffers())
+    meta.update(arch=arch, config=json.dumps(module.config), buffers=json.dumps(buffers))
     save(module.state_dict(), path, meta)
 
 

@@ -33,6 +33,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "done" else 3
 
 
+def _ema(args: argparse.Namespace) -> int:
+    from .ema import list_snapshots, reconstruct
+
+    if args.list:
+        rows = list_snapshots(args.list)
+        print(f"{len(rows)} snapshots in {args.list}")
+        for s in rows:
+            print(f"  nimg {s.nimg:>10d}  ({s.nimg / 1000:8.1f} kimg)  std {s.std:.3f}  {s.path.name}")
+        return 0
+    if not (args.snapshots and args.std and args.out):
+        raise ValueError("autoguide ema needs --snapshots, --std and --out (or --list DIR)")
+    paths = reconstruct(args.snapshots, args.std, args.nimg, args.out, progress=not args.no_progress)
+    for p in paths:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoguide", description="Autoguidance for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)
+
+    em = sub.add_parser("ema", help="post-hoc EMA: reconstruct EMA widths from a run's snapshots")
+    em.add_argument("--snapshots", help="run directory with network snapshots")
+    em.add_argument("--std", type=_floats, help="EMA widths to reconstruct, e.g. 0.05,0.07,0.10")
+    em.add_argument("--nimg", type=int, default=None, help="training time to reconstruct (default: newest)")
+    em.add_argument("--out", help="output directory")
+    em.add_argument("--list", metavar="DIR", help="list the snapshots of DIR (nimg, std) and exit")
+    em.add_argument("--no-progress", action="store_true")
+    em.set_defaults(func=_ema)
     return parser
 
 

@@ -1,20 +1,38 @@
-"""Power-function EMA (Karras et al. 2024, Section 3): the conversions live in the Rust core.
+"""Power-function EMA (Karras et al. 2024, Section 3); the math lives in the Rust core.
 
 - :func:`std_to_exp`, :func:`exp_to_std`: relative std <-> power-function exponent (Eqs. 123-126).
 - :func:`power_function_beta`: per-update decay tracking a profile (Eq. 127).
 - :class:`PowerFunctionEMA`: tracks several EMA widths of a network at once during training.
+- :func:`solve_coefficients`, :func:`reconstruct`: post-hoc EMA (Algorithm 3): any profile
+  from snapshots saved with other profiles, in one streaming pass over memory-mapped files.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import _core
 from ._core import STD_MAX, exp_to_std, power_function_beta, std_to_exp
 
-__all__ = ["STD_MAX", "PowerFunctionEMA", "exp_to_std", "power_function_beta", "std_to_exp"]
+__all__ = [
+    "STD_MAX",
+    "PowerFunctionEMA",
+    "SnapshotInfo",
+    "exp_to_std",
+    "list_snapshots",
+    "power_function_beta",
+    "reconstruct",
+    "solve_coefficients",
+    "std_to_exp",
+]
 
 
 class PowerFunctionEMA:
@@ -43,3 +61,107 @@ class PowerFunctionEMA:
             torch._foreach_lerp_(ema_params, params, 1.0 - beta)
             for b_net, b_ema in zip(self.net.buffers(), ema.buffers()):
                 b_ema.copy_(b_net)
+
+
+def solve_coefficients(in_nimg, in_std, out_nimg, out_std) -> np.ndarray:
+    """Post-hoc EMA coefficients ``X`` [in, out] (float64): output profile ``j`` (ending at
+    ``out_nimg[j]`` with relative std ``out_std[j]``) is ``sum_i X[i, j] * snapshot_i``; each
+    column sums to 1. Scalars broadcast against the other argument of their pair."""
+    in_nimg, in_std = np.broadcast_arrays(np.float64(in_nimg), np.float64(in_std))
+    out_nimg, out_std = np.broadcast_arrays(np.float64(out_nimg), np.float64(out_std))
+    rows = _core.solve_coefficients(
+        in_nimg.ravel().tolist(), in_std.ravel().tolist(), out_nimg.ravel().tolist(), out_std.ravel().tolist()
+    )
+    return np.array(rows, dtype=np.float64).reshape(in_nimg.size, out_nimg.size)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot file with the training time and EMA width read from its metadata."""
+
+    path: Path
+    nimg: int
+    std: float
+
+
+def list_snapshots(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[SnapshotInfo]:
+    """Snapshot files of a run directory (or the given files) that carry ``nimg`` and
+    ``ema_std`` metadata, sorted by (nimg, std). Training-state checkpoints are skipped."""
+    from .checkpoint import read_metadata
+
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if not root.is_dir():
+            raise FileNotFoundError(f"snapshots must be a directory of snapshot files, got {root}")
+        files = sorted(root.glob("*.safetensors"))
+    else:
+        files = [Path(p) for p in source]
+    found = []
+    for f in files:
+        meta = read_metadata(f)
+        if "nimg" in meta and "ema_std" in meta:
+            found.append(SnapshotInfo(f, int(meta["nimg"]), float(meta["ema_std"])))
+    return sorted(found, key=lambda s: (s.nimg, s.std))
+
+
+def reconstruct(
+    snapshots: str | os.PathLike | Sequence[str | os.PathLike],
+    out_std: float | Sequence[float],
+    out_nimg: int | None = None,
+    out_dir: str | os.PathLike = "phema",
+    *,
+    prefix: str = "phema",
+    progress: bool = True,
+) -> list[Path]:
+    """Reconstructs EMA profiles of widths ``out_std`` at training time ``out_nimg`` (default:
+    the newest snapshot) from the snapshots of a run, reading each input once.
+
+    Inputs are the snapshots with ``0 < nimg <= out_nimg``. Outputs are network snapshots
+    (float32; metadata ``nimg``, ``ema_std``, ``config``...) named
+    ``{prefix}-{nimg:09d}-{std:.3f}.safetensors`` in ``out_dir``, loadable with
+    ``autoguide_fast.load``. Nothing is written unless every input is valid and consistent.
+    """
+    from .checkpoint import read_metadata
+
+    stds = [float(out_std)] if isinstance(out_std, (int, float)) else sorted({float(s) for s in out_std})
+    if not stds:
+        raise ValueError("out_std must name at least one EMA width")
+    for s in stds:
+        std_to_exp(s)  # ValueError naming the bad width
+    found = list_snapshots(snapshots)
+    if not found:
+        raise ValueError(f"no snapshots with 'nimg' and 'ema_std' metadata in {snapshots}")
+    last = max(s.nimg for s in found)
+    out_nimg = last if out_nimg is None else int(out_nimg)
+    if not 0 < out_nimg <= last:
+        raise ValueError(f"out_nimg must be in (0, {last}] (the newest snapshot), got {out_nimg}")
+    inputs = [s for s in found if 0 < s.nimg <= out_nimg]
+    coefs = solve_coefficients([s.nimg for s in inputs], [s.std for s in inputs], out_nimg, stds)
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir must be a directory, got the file {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = read_metadata(inputs[-1].path)
+    copy_names = json.loads(base.get("buffers", "[]"))
+    posthoc = json.dumps(dict(inputs=len(inputs), in_std=sorted({s.std for s in inputs})))
+    outputs = []
+    for std in stds:
+        meta = dict(base, nimg=str(out_nimg), ema_std=str(std), posthoc=posthoc)
+        outputs.append((out_dir / f"{prefix}-{out_nimg:09d}-{std:.3f}.safetensors", meta))
+    callback = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(inputs), unit="snapshot", desc=f"post-hoc EMA x{len(stds)}")
+
+        def callback(i: int) -> None:
+            bar.update(1)
+
+    try:
+        _core.reconstruct([s.path for s in inputs], coefs.tolist(), outputs, copy_names, callback)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [p for p, _ in outputs]

@@ -28,6 +28,9 @@ pub enum Error {
     /// Reading or writing a file failed (maps to `OSError`).
     #[error("{path}: {message}")]
     Io { path: String, message: String },
+    /// A long operation was stopped by its progress callback.
+    #[error("cancelled")]
+    Cancelled,
     /// A file is not a valid snapshot: damaged, truncated or of another format (maps to the
     /// library's error class). Nothing of it is used.
     #[error("{path}: not a valid safetensors file: {reason}")]

@@ -2,6 +2,7 @@
 //!
 //! - [`schedule`]: the EDM sigma schedule and the per-step plan the samplers follow.
 //! - [`phema`]: power-function EMA math (EDM2, Karras et al. 2024, Eqs. 123-127).
+//! - [`posthoc`]: post-hoc EMA coefficients and streaming reconstruction over snapshots.
 //! - [`mixture`]: exact log-density and score of 2D Gaussian mixtures under heat diffusion
 //!   (the ground truth of the autoguidance toy experiment).
 //! - [`store`]: memory-mapped, validated safetensors snapshots and atomic writes.
@@ -9,6 +10,7 @@
 pub mod error;
 pub mod mixture;
 pub mod phema;
+pub mod posthoc;
 pub mod schedule;
 pub mod store;
 

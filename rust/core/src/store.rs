@@ -118,6 +118,11 @@ impl MappedSnapshot {
         &self.header
     }
 
+    /// The whole mapped file (tensor byte ranges in the header are absolute offsets into it).
+    pub fn bytes_all(&self) -> &[u8] {
+        &self.map
+    }
+
     /// Raw little-endian bytes of tensor `name`.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let entry = self

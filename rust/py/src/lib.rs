@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use autoguide_core::{mixture, phema, schedule, store, Error};
+use autoguide_core::{mixture, phema, posthoc, schedule, store, Error};
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -21,7 +21,7 @@ fn to_py(err: Error) -> PyErr {
         }
         Error::NotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
         Error::Io { .. } => PyOSError::new_err(err.to_string()),
-        Error::NoConvergence { .. } | Error::Format { .. } => {
+        Error::NoConvergence { .. } | Error::Format { .. } | Error::Cancelled => {
             AutoguideError::new_err(err.to_string())
         }
     }
@@ -256,6 +256,61 @@ fn write_snapshot(
         .map_err(to_py)
 }
 
+/// Post-hoc EMA coefficients, `[in][out]`, each column summing to 1.
+#[pyfunction]
+fn solve_coefficients(
+    in_nimg: Vec<f64>,
+    in_std: Vec<f64>,
+    out_nimg: Vec<f64>,
+    out_std: Vec<f64>,
+) -> PyResult<Vec<Vec<f64>>> {
+    let m = out_nimg.len();
+    let x = posthoc::solve_coefficients(&in_nimg, &in_std, &out_nimg, &out_std).map_err(to_py)?;
+    Ok(x.chunks(m.max(1)).map(|row| row.to_vec()).collect())
+}
+
+/// Streams once over `inputs` and writes every output (path, metadata) as
+/// `sum_i coefs[i][j] * inputs[i]` (float32); tensors named in `copy` come from the last input.
+/// `progress(i)` is called after each input; an exception raised there stops the work.
+#[pyfunction]
+#[pyo3(signature = (inputs, coefs, outputs, copy, progress=None))]
+fn reconstruct(
+    py: Python<'_>,
+    inputs: Vec<std::path::PathBuf>,
+    coefs: Vec<Vec<f64>>,
+    outputs: Vec<(std::path::PathBuf, BTreeMap<String, String>)>,
+    copy: Vec<String>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let m = outputs.len();
+    if coefs.len() != inputs.len() || coefs.iter().any(|r| r.len() != m) {
+        return Err(PyValueError::new_err(format!(
+            "coefs must be [inputs][outputs] = [{}][{m}]",
+            inputs.len()
+        )));
+    }
+    let flat: Vec<f64> = coefs.into_iter().flatten().collect();
+    let outputs: Vec<posthoc::Output> = outputs
+        .into_iter()
+        .map(|(path, metadata)| posthoc::Output { path, metadata })
+        .collect();
+    let copy = copy.into_iter().collect();
+    let mut failure: Option<PyErr> = None;
+    let result = py.detach(|| {
+        posthoc::reconstruct(&inputs, &flat, &outputs, &copy, |i| match &progress {
+            None => Ok(()),
+            Some(cb) => Python::attach(|py| cb.call1(py, (i,)).map(|_| ())).map_err(|e| {
+                failure = Some(e);
+                Error::Cancelled
+            }),
+        })
+    });
+    match (result, failure) {
+        (_, Some(e)) => Err(e),
+        (r, None) => r.map_err(to_py),
+    }
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AutoguideError", m.py().get_type::<AutoguideError>())?;
@@ -268,6 +323,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(exp_to_std, m)?)?;
     m.add_function(wrap_pyfunction!(power_function_beta, m)?)?;
     m.add_function(wrap_pyfunction!(read_header, m)?)?;
+    m.add_function(wrap_pyfunction!(solve_coefficients, m)?)?;
+    m.add_function(wrap_pyfunction!(reconstruct, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     Ok(())
 }

@@ -1,0 +1,452 @@
+//! Post-hoc EMA (Karras et al. 2024, Section 3.2 and Algorithm 3): any power-function EMA
+//! profile is reconstructed as a linear combination of snapshots saved with other profiles.
+//!
+//! [`solve_coefficients`] finds the combination (closed-form inner products of profiles, a
+//! linear solve, columns normalised to sum 1); [`reconstruct`] streams once over memory-mapped
+//! snapshot files and accumulates every requested output at the same time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use rayon::prelude::*;
+use safetensors::tensor::Dtype;
+
+use crate::error::{invalid, Error, Result};
+use crate::phema::std_to_exp;
+use crate::store::{write_atomic, MappedSnapshot, TensorData};
+
+/// Inner product of two power-function EMA profiles (Eq. 151): profile `a` ends at time
+/// `a_t` with exponent `a_e`, profile `b` likewise.
+fn correlation(a_t: f64, a_e: f64, b_t: f64, b_e: f64) -> f64 {
+    let (ratio, exp) = if a_t < b_t {
+        (a_t / b_t, b_e)
+    } else {
+        (a_t / b_t, -a_e)
+    };
+    (a_e + 1.0) * (b_e + 1.0) * ratio.powf(exp) / ((a_e + b_e + 1.0) * a_t.max(b_t))
+}
+
+/// LU factorisation with partial pivoting, solving `a x = b` for every column of `b`
+/// (`a` is n x n, `b` n x m, both row-major). Returns None when a pivot vanishes relative to
+/// the largest one (numerically singular).
+fn lu_solve(mut a: Vec<f64>, mut b: Vec<f64>, n: usize, m: usize) -> Option<Vec<f64>> {
+    let scale = a.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+    for k in 0..n {
+        let p = (k..n).max_by(|&i, &j| a[i * n + k].abs().total_cmp(&a[j * n + k].abs()))?;
+        let pivot = a[p * n + k].abs();
+        if pivot.is_nan() || pivot <= 1e-14 * scale {
+            return None;
+        }
+        if p != k {
+            for c in 0..n {
+                a.swap(k * n + c, p * n + c);
+            }
+            for c in 0..m {
+                b.swap(k * m + c, p * m + c);
+            }
+        }
+        for i in k + 1..n {
+            let f = a[i * n + k] / a[k * n + k];
+            a[i * n + k] = f;
+            for c in k + 1..n {
+                a[i * n + c] -= f * a[k * n + c];
+            }
+            for c in 0..m {
+                b[i * m + c] -= f * b[k * m + c];
+            }
+        }
+    }
+    for c in 0..m {
+        for i in (0..n).rev() {
+            let mut s = b[i * m + c];
+            for j in i + 1..n {
+                s -= a[i * n + j] * b[j * m + c];
+            }
+            b[i * m + c] = s / a[i * n + i];
+        }
+    }
+    Some(b)
+}
+
+/// Coefficients `X[i][j]` such that output profile `j` (ending at `out_nimg[j]` with relative
+/// std `out_std[j]`) is best approximated by `sum_i X[i][j] * snapshot_i`. Returned row-major,
+/// `in x out`; every column sums to 1.
+pub fn solve_coefficients(
+    in_nimg: &[f64],
+    in_std: &[f64],
+    out_nimg: &[f64],
+    out_std: &[f64],
+) -> Result<Vec<f64>> {
+    let (n, m) = (in_nimg.len(), out_nimg.len());
+    if n == 0 {
+        return Err(invalid("in_nimg", "[]", "at least one input snapshot"));
+    }
+    if in_std.len() != n {
+        return Err(Error::ShapeMismatch {
+            what: "in_std (one per input snapshot)",
+            expected: n,
+            got: in_std.len(),
+        });
+    }
+    if out_std.len() != m {
+        return Err(Error::ShapeMismatch {
+            what: "out_std (one per output)",
+            expected: m,
+            got: out_std.len(),
+        });
+    }
+    for &t in in_nimg.iter().chain(out_nimg) {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(invalid("nimg", t, "finite and > 0"));
+        }
+    }
+    let last = in_nimg.iter().fold(0.0f64, |a, &b| a.max(b));
+    if let Some(&t) = out_nimg.iter().find(|&&t| t > last) {
+        return Err(invalid(
+            "out_nimg",
+            t,
+            "at most the time of the last snapshot (no extrapolation)",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (&t, &s) in in_nimg.iter().zip(in_std) {
+        if !seen.insert((t.to_bits(), s.to_bits())) {
+            return Err(Error::InvalidParameter {
+                name: "snapshots",
+                value: format!("nimg={t}, std={s}"),
+                requirement: "distinct (the same snapshot was given twice)",
+            });
+        }
+    }
+    let in_exp = in_std
+        .iter()
+        .map(|&s| std_to_exp(s))
+        .collect::<Result<Vec<_>>>()?;
+    let out_exp = out_std
+        .iter()
+        .map(|&s| std_to_exp(s))
+        .collect::<Result<Vec<_>>>()?;
+    let mut a = vec![0.0; n * n];
+    let mut b = vec![0.0; n * m];
+    for i in 0..n {
+        for j in 0..n {
+            a[i * n + j] = correlation(in_nimg[i], in_exp[i], in_nimg[j], in_exp[j]);
+        }
+        for j in 0..m {
+            b[i * m + j] = correlation(in_nimg[i], in_exp[i], out_nimg[j], out_exp[j]);
+        }
+    }
+    let mut x = lu_solve(a, b, n, m).ok_or_else(|| Error::InvalidParameter {
+        name: "snapshots",
+        value: format!("{n} snapshots"),
+        requirement: "linearly independent profiles (the system is numerically singular)",
+    })?;
+    for j in 0..m {
+        let sum: f64 = (0..n).map(|i| x[i * m + j]).sum();
+        if !(sum.is_finite() && sum.abs() > 1e-12) {
+            return Err(invalid(
+                "out_std",
+                out_std[j],
+                "a profile the snapshots can represent",
+            ));
+        }
+        for i in 0..n {
+            x[i * m + j] /= sum;
+        }
+    }
+    Ok(x)
+}
+
+/// One requested output of [`reconstruct`].
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub path: PathBuf,
+    pub metadata: BTreeMap<String, String>,
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        Dtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16_to_f32(u16::from_le_bytes([c[0], c[1]]));
+            }
+        }
+        _ => unreachable!("checked before streaming"),
+    }
+}
+
+/// IEEE half to single precision, subnormals included.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let man = (h & 0x3ff) as u32;
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: value = man * 2^-24.
+            return f32::from_bits(sign)
+                + if sign != 0 { -(man as f32) } else { man as f32 } * 2f32.powi(-24);
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (man << 13),
+        _ => sign | ((exp + 112) << 23) | (man << 13),
+    };
+    f32::from_bits(bits)
+}
+
+const CHUNK: usize = 1 << 16; // elements per parallel work item
+
+/// Streams once over `inputs` (memory-mapped) and writes `outputs[j] = sum_i coefs[i][j] *
+/// inputs[i]` for every floating-point tensor not listed in `copy`, accumulating in float32;
+/// tensors in `copy` (and non-float tensors) are copied from the last input. All inputs are
+/// validated (same tensor names and shapes) before anything is written. `progress(i)` is called
+/// after input `i` has been accumulated.
+pub fn reconstruct(
+    inputs: &[PathBuf],
+    coefs: &[f64],
+    outputs: &[Output],
+    copy: &BTreeSet<String>,
+    mut progress: impl FnMut(usize) -> Result<()>,
+) -> Result<()> {
+    let (n, m) = (inputs.len(), outputs.len());
+    if coefs.len() != n * m {
+        return Err(Error::ShapeMismatch {
+            what: "coefs (inputs x outputs)",
+            expected: n * m,
+            got: coefs.len(),
+        });
+    }
+    if n == 0 || m == 0 {
+        return Err(invalid("inputs", n, "at least one input and one output"));
+    }
+    let is_float = |d: &str| matches!(d, "F32" | "F16" | "BF16");
+    // Validate every input header against the first before reading any data.
+    let first = MappedSnapshot::open(&inputs[0])?;
+    let layout: Vec<(String, String, Vec<usize>)> = first
+        .header()
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone()))
+        .collect();
+    for path in &inputs[1..] {
+        let snap = MappedSnapshot::open(path)?;
+        let names: BTreeMap<&str, (&Vec<usize>, &str)> = snap
+            .header()
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), (&t.shape, t.dtype.as_str())))
+            .collect();
+        for (name, dtype, shape) in &layout {
+            match names.get(name.as_str()) {
+                Some((s, d)) if *s == shape && is_float(d) == is_float(dtype) => {}
+                Some((s, d)) if *s == shape => {
+                    return Err(Error::Format {
+                        path: path.display().to_string(),
+                        reason: format!(
+                            "tensor {name} has dtype {d}, but {dtype} in {}",
+                            inputs[0].display()
+                        ),
+                    })
+                }
+                Some((s, _)) => {
+                    return Err(Error::Format {
+                        path: path.display().to_string(),
+                        reason: format!(
+                            "tensor {name} has shape {s:?}, but {shape:?} in {}",
+                            inputs[0].display()
+                        ),
+                    })
+                }
+                None => {
+                    return Err(Error::Format {
+                        path: path.display().to_string(),
+                        reason: format!(
+                            "tensor {name} is missing (present in {})",
+                            inputs[0].display()
+                        ),
+                    })
+                }
+            }
+        }
+        if names.len() != layout.len() {
+            return Err(Error::Format {
+                path: path.display().to_string(),
+                reason: format!(
+                    "has {} tensors, {} has {}",
+                    names.len(),
+                    inputs[0].display(),
+                    layout.len()
+                ),
+            });
+        }
+    }
+    drop(first);
+    let averaged: Vec<usize> = (0..layout.len())
+        .filter(|&t| is_float(&layout[t].1) && !copy.contains(&layout[t].0))
+        .collect();
+
+    // Output accumulators, float32, one buffer per (output, averaged tensor).
+    let numel = |t: usize| layout[t].2.iter().product::<usize>();
+    let mut acc: Vec<Vec<Vec<f32>>> = (0..m)
+        .map(|_| averaged.iter().map(|&t| vec![0.0f32; numel(t)]).collect())
+        .collect();
+    // Work items: (position in `averaged`, element range).
+    let items: Vec<(usize, usize, usize)> = averaged
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &t)| {
+            (0..numel(t))
+                .step_by(CHUNK)
+                .map(move |lo| (k, lo, (lo + CHUNK).min(numel(t))))
+        })
+        .collect();
+
+    for (i, path) in inputs.iter().enumerate() {
+        let snap = MappedSnapshot::open(path)?;
+        let entries: BTreeMap<&str, (&str, usize, usize)> = snap
+            .header()
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), (t.dtype.as_str(), t.begin, t.end)))
+            .collect();
+        let weights: Vec<f32> = (0..m).map(|j| coefs[i * m + j] as f32).collect();
+        // Each work item owns disjoint element ranges of every output: split the accumulators
+        // into per-item mutable slices up front.
+        let mut slices: Vec<Vec<&mut [f32]>> = Vec::with_capacity(items.len());
+        {
+            let mut rest: Vec<Vec<&mut [f32]>> = acc
+                .iter_mut()
+                .map(|o| o.iter_mut().map(|v| v.as_mut_slice()).collect())
+                .collect();
+            for &(k, lo, hi) in &items {
+                let mut per_output = Vec::with_capacity(m);
+                for o in rest.iter_mut() {
+                    let buf = std::mem::take(&mut o[k]);
+                    let (head, tail) = buf.split_at_mut(hi - lo);
+                    o[k] = tail;
+                    per_output.push(head);
+                }
+                slices.push(per_output);
+            }
+        }
+        let data = snap.bytes_all();
+        items.par_iter().zip(slices.par_iter_mut()).for_each_init(
+            || vec![0.0f32; CHUNK],
+            |scratch, (&(k, lo, hi), outs)| {
+                let name = layout[averaged[k]].0.as_str();
+                let (dtype, begin, _) = entries[name];
+                let dtype = crate::store::parse_dtype(dtype).expect("validated dtype");
+                let size = dtype.bitsize() / 8;
+                let src = &data[begin + lo * size..begin + hi * size];
+                let x = &mut scratch[..hi - lo];
+                to_f32(dtype, src, x);
+                for (out, &w) in outs.iter_mut().zip(&weights) {
+                    for (o, &v) in out.iter_mut().zip(x.iter()) {
+                        *o += w * v;
+                    }
+                }
+            },
+        );
+        progress(i)?;
+    }
+
+    // Write outputs: averaged tensors from the accumulators, the rest copied from the last input.
+    let last = MappedSnapshot::open(&inputs[n - 1])?;
+    for (j, out) in outputs.iter().enumerate() {
+        let mut tensors = Vec::with_capacity(layout.len());
+        let mut avg = acc[j].iter();
+        for (t, (name, dtype, shape)) in layout.iter().enumerate() {
+            if averaged.contains(&t) {
+                let v = avg.next().expect("one accumulator per averaged tensor");
+                tensors.push(TensorData {
+                    name: name.clone(),
+                    dtype: Dtype::F32,
+                    shape: shape.clone(),
+                    data: f32_bytes(v),
+                });
+            } else {
+                let dtype = crate::store::parse_dtype(dtype)?;
+                tensors.push(TensorData {
+                    name: name.clone(),
+                    dtype,
+                    shape: shape.clone(),
+                    data: last.bytes(name)?,
+                });
+            }
+        }
+        write_atomic(&out.path, &tensors, &out.metadata)?;
+    }
+    Ok(())
+}
+
+#[cfg(target_endian = "big")]
+compile_error!("safetensors data is little-endian; this crate assumes a little-endian host");
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and every byte pattern is a valid u8; the host is
+    // little-endian (checked at compile time), which is the safetensors byte order.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_conversion() {
+        for (h, want) in [
+            (0x3c00u16, 1.0f32),
+            (0xc000, -2.0),
+            (0x0001, 5.960_464_5e-8),
+            (0x7bff, 65504.0),
+            (0x0000, 0.0),
+        ] {
+            assert_eq!(f16_to_f32(h), want, "{h:#x}");
+        }
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(f16_to_f32(0xfc00), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn a_target_equal_to_an_input_selects_it() {
+        let nimg = [1e6, 1e6, 2e6, 2e6, 3e6, 3e6];
+        let std = [0.05, 0.1, 0.05, 0.1, 0.05, 0.1];
+        let x = solve_coefficients(&nimg, &std, &[2e6, 3e6], &[0.1, 0.05]).unwrap();
+        for i in 0..6 {
+            let want = [(i == 3) as u8 as f64, (i == 4) as u8 as f64];
+            for j in 0..2 {
+                assert!(
+                    (x[i * 2 + j] - want[j]).abs() < 1e-9,
+                    "{i} {j} {}",
+                    x[i * 2 + j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn columns_sum_to_one_and_errors_are_named() {
+        let nimg = [1e6, 1e6, 2e6, 2e6];
+        let std = [0.05, 0.1, 0.05, 0.1];
+        let x = solve_coefficients(&nimg, &std, &[2e6, 1.5e6], &[0.07, 0.08]).unwrap();
+        for j in 0..2 {
+            assert!(((0..4).map(|i| x[i * 2 + j]).sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+        let err = |r: Result<Vec<f64>>| r.unwrap_err().to_string();
+        assert!(err(solve_coefficients(&nimg, &std, &[3e6], &[0.1])).starts_with("out_nimg"));
+        assert!(
+            err(solve_coefficients(&[1e6, 1e6], &[0.1, 0.1], &[1e6], &[0.1]))
+                .contains("given twice")
+        );
+        assert!(err(solve_coefficients(&nimg, &std, &[2e6], &[0.4])).starts_with("std"));
+    }
+}

@@ -1,0 +1,164 @@
+"""Post-hoc EMA: coefficients against the reference, the streaming reconstruction against
+torch arithmetic, and against an EMA tracked online during training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import autoguide_fast as ag
+from autoguide_fast import AutoguideError, checkpoint
+from autoguide_fast.cli import main
+from autoguide_fast.ema import list_snapshots, reconstruct, solve_coefficients
+from autoguide_fast.networks import PRESETS, Precond
+from autoguide_fast.training import TrainOptions, train
+
+
+def test_coefficients_match_reference(reference):
+    r = reference("phema.json")["solve"]
+    x = solve_coefficients(r["in_nimg"], r["in_std"], r["out_nimg"], r["out_std"])
+    want = np.array(r["coefs"])
+    assert x.shape == want.shape == (len(r["in_nimg"]), len(r["out_nimg"]))
+    for j in range(x.shape[1]):
+        assert np.linalg.norm(x[:, j] - want[:, j]) <= 1e-7 * np.linalg.norm(want[:, j])
+    np.testing.assert_allclose(x.sum(0), 1.0, rtol=0, atol=1e-12)
+
+
+def test_coefficient_errors_say_why():
+    with pytest.raises(ValueError, match="given twice"):
+        solve_coefficients([1e6, 1e6, 2e6], [0.1, 0.1, 0.05], 2e6, 0.07)
+    with pytest.raises(ValueError, match="out_nimg.*no extrapolation"):
+        solve_coefficients([1e6, 2e6], [0.1, 0.1], 3e6, 0.07)
+    with pytest.raises(ValueError, match="std must be"):
+        solve_coefficients([1e6, 2e6], [0.1, 0.1], 2e6, 0.35)
+
+
+def make_run(
+    tmp_path, nimgs=(1000, 2000, 3000, 4000), stds=(0.05, 0.1), dtype=torch.float32, seed=0, name="run"
+):
+    """Snapshots of a small EDM2 network with random weights; returns {(nimg, std): state}."""
+    run = tmp_path / name
+    states = {}
+    torch.manual_seed(seed)
+    net = Precond(**PRESETS["digits-xs"])
+    for n in nimgs:
+        for s in stds:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.copy_(torch.randn_like(p))
+            ag.save(net.to(dtype), run / f"network-snapshot-{n:09d}-{s:.3f}.safetensors", nimg=n, ema_std=s)
+            net.float()
+            states[(n, s)] = {
+                k: v.clone()
+                for k, v in checkpoint.load(run / f"network-snapshot-{n:09d}-{s:.3f}.safetensors").items()
+            }
+    return run, states
+
+
+def test_a_profile_equal_to_an_input_reproduces_it(tmp_path):
+    run, states = make_run(tmp_path)
+    [path] = reconstruct(run, 0.1, out_nimg=3000, out_dir=tmp_path / "out", progress=False)
+    got = checkpoint.load(path)
+    for k, v in states[(3000, 0.1)].items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5)
+    meta = checkpoint.read_metadata(path)
+    assert meta["nimg"] == "3000" and float(meta["ema_std"]) == 0.1
+    assert json.loads(meta["posthoc"])["inputs"] == 6  # the snapshots up to nimg 3000
+
+
+def test_reconstruction_is_the_weighted_sum_and_copies_buffers(tmp_path):
+    run, states = make_run(tmp_path, dtype=torch.bfloat16)
+    paths = reconstruct(run, [0.07, 0.13], out_dir=tmp_path / "out", progress=False)
+    keys = sorted(states)
+    x = solve_coefficients([n for n, _ in keys], [s for _, s in keys], 4000, [0.07, 0.13])
+    buffers = {name for name, _ in Precond(**PRESETS["digits-xs"]).named_buffers()}
+    for j, path in enumerate(paths):
+        got = ag.load(path).state_dict()
+        for k in got:
+            if k in buffers:  # copied from the newest input, not averaged
+                assert torch.equal(got[k], states[keys[-1]][k].float())
+                continue
+            want = sum(float(x[i, j]) * states[key][k].double() for i, key in enumerate(keys))
+            torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reconstruction_is_linear(tmp_path):
+    run_y, ys = make_run(tmp_path, seed=1, name="y")
+    run_z, zs = make_run(tmp_path, seed=2, name="z")
+    run_x = tmp_path / "x"
+    for key in ys:
+        n, s = key
+        mix = {k: 2.0 * ys[key][k] - 0.5 * zs[key][k] for k in ys[key]}
+        checkpoint.save(mix, run_x / f"s-{n}-{s}.safetensors", dict(nimg=str(n), ema_std=str(s)))
+    [rx] = reconstruct(run_x, 0.08, out_dir=tmp_path / "ox", progress=False)
+    [ry] = reconstruct(run_y, 0.08, out_dir=tmp_path / "oy", progress=False)
+    [rz] = reconstruct(run_z, 0.08, out_dir=tmp_path / "oz", progress=False)
+    gx, gy, gz = (checkpoint.load(p) for p in (rx, ry, rz))
+    for k in gx:
+        torch.testing.assert_close(gx[k], 2.0 * gy[k] - 0.5 * gz[k], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_fail_before_any_output(tmp_path):
+    run, _ = make_run(tmp_path)
+    other = Precond(**PRESETS["digits-s"])
+    ag.save(other, run / "network-snapshot-000005000-0.050.safetensors", nimg=5000, ema_std=0.05)
+    out = tmp_path / "out"
+    with pytest.raises(AutoguideError, match="network-snapshot-000005000-0.050.safetensors.*shape"):
+        reconstruct(run, 0.07, out_dir=out, progress=False)
+    assert not out.exists() or not list(out.iterdir())
+    (run / "network-snapshot-000005000-0.050.safetensors").write_bytes(b"garbage!" * 10)
+    with pytest.raises(AutoguideError, match="not a valid safetensors file"):
+        reconstruct(run, 0.07, out_dir=out, progress=False)
+    (run / "network-snapshot-000005000-0.050.safetensors").unlink()
+    with pytest.raises(ValueError, match="out_nimg must be in"):
+        reconstruct(run, 0.07, out_nimg=9999, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match="std must be"):
+        reconstruct(run, 0.5, out_dir=out, progress=False)
+    with pytest.raises(FileNotFoundError):
+        reconstruct(tmp_path / "nothing", 0.07, out_dir=out, progress=False)
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_posthoc_matches_an_ema_tracked_online(tmp_path):
+    # Train with widths 0.05 and 0.10 saved often, and 0.07 tracked online as the answer.
+    opts = TrainOptions(preset="digits-xs", kimg=0.64, batch=32, ema_stds=(0.05, 0.07, 0.10),
+                        snapshot_kimg=0.064, checkpoint_kimg=0.64, log_kimg=0.64, rampup_kimg=0.1,
+                        lr_decay_kimg=0.2)  # fmt: skip
+    train("digits", tmp_path / "run", opts, progress=False)
+    inputs = [s.path for s in list_snapshots(tmp_path / "run") if s.std != 0.07]
+    [path] = reconstruct(inputs, 0.07, out_dir=tmp_path / "out", progress=False)
+    posthoc, online = (
+        checkpoint.load(path),
+        checkpoint.load(tmp_path / "run" / "network-snapshot-000000640-0.070.safetensors"),
+    )
+    narrow = checkpoint.load(tmp_path / "run" / "network-snapshot-000000640-0.050.safetensors")
+    params = [k for k in online if online[k].ndim > 0 and "fourier" not in k]
+    err = sum((posthoc[k] - online[k]).square().sum() for k in params).sqrt()
+    gap = sum((narrow[k] - online[k]).square().sum() for k in params).sqrt()
+    assert err < 0.2 * gap, (float(err), float(gap))
+
+
+def test_cli(tmp_path, capsys):
+    run, _ = make_run(tmp_path)
+    assert main(["ema", "--list", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "8 snapshots" in out and "std 0.100" in out
+    assert (
+        main(
+            [
+                "ema",
+                "--snapshots",
+                str(run),
+                "--std",
+                "0.06,0.09",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "phema-000004000-0.060.safetensors", "phema-000004000-0.090.safetensors"]  # fmt: skip
+    assert main(["ema", "--snapshots", str(run)]) == 2
