@@ -154,10 +154,11 @@ def reconstruct(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(inputs), unit="snapshot", desc=f"post-hoc EMA x{len(stds)}")
+        bar = tqdm(total=100, unit="%", desc=f"post-hoc EMA: {len(inputs)} snapshots -> {len(stds)}")
 
-        def callback(i: int) -> None:
-            bar.update(1)
+        def callback(done: int, total: int) -> None:
+            bar.n = round(100 * done / total)
+            bar.refresh()
 
     try:
         _core.reconstruct([s.path for s in inputs], coefs.tolist(), outputs, copy_names, callback)

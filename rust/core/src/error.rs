@@ -28,6 +28,10 @@ pub enum Error {
     /// Reading or writing a file failed (maps to `OSError`).
     #[error("{path}: {message}")]
     Io { path: String, message: String },
+    /// Files that must agree (e.g. snapshots of one network) do not (maps to the library's
+    /// error class).
+    #[error("{path}: does not match the other snapshots: {reason}")]
+    Inconsistent { path: String, reason: String },
     /// A long operation was stopped by its progress callback.
     #[error("cancelled")]
     Cancelled,

@@ -203,19 +203,24 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-const CHUNK: usize = 1 << 16; // elements per parallel work item
+const CHUNK: usize = 1 << 14; // elements per work item: m accumulators of it stay in cache
 
-/// Streams once over `inputs` (memory-mapped) and writes `outputs[j] = sum_i coefs[i][j] *
+/// Streams once over `inputs` (all memory-mapped) and writes `outputs[j] = sum_i coefs[i][j] *
 /// inputs[i]` for every floating-point tensor not listed in `copy`, accumulating in float32;
-/// tensors in `copy` (and non-float tensors) are copied from the last input. All inputs are
-/// validated (same tensor names and shapes) before anything is written. `progress(i)` is called
-/// after input `i` has been accumulated.
+/// tensors in `copy` (and non-float tensors) are copied from the last input.
+///
+/// Work is split into chunks of elements; a chunk of every output is accumulated in cache
+/// from the same chunk of every input and written once, so each input byte is read once and
+/// each output byte written once. Input pages are released as soon as their chunk is done,
+/// keeping resident memory to the outputs plus a few chunks per thread. All inputs are
+/// validated (same tensor names, shapes and kinds) before any data is read.
+/// `progress(done, total)` reports work items done; an error from it stops the work.
 pub fn reconstruct(
     inputs: &[PathBuf],
     coefs: &[f64],
     outputs: &[Output],
     copy: &BTreeSet<String>,
-    mut progress: impl FnMut(usize) -> Result<()>,
+    mut progress: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<()> {
     let (n, m) = (inputs.len(), outputs.len());
     if coefs.len() != n * m {
@@ -229,144 +234,142 @@ pub fn reconstruct(
         return Err(invalid("inputs", n, "at least one input and one output"));
     }
     let is_float = |d: &str| matches!(d, "F32" | "F16" | "BF16");
-    // Validate every input header against the first before reading any data.
-    let first = MappedSnapshot::open(&inputs[0])?;
-    let layout: Vec<(String, String, Vec<usize>)> = first
+    let snaps = inputs
+        .iter()
+        .map(MappedSnapshot::open)
+        .collect::<Result<Vec<_>>>()?;
+    let layout: Vec<(String, String, Vec<usize>)> = snaps[0]
         .header()
         .tensors
         .iter()
         .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone()))
         .collect();
-    for path in &inputs[1..] {
-        let snap = MappedSnapshot::open(path)?;
-        let names: BTreeMap<&str, (&Vec<usize>, &str)> = snap
+    // Per input, per layout tensor: (dtype, absolute byte offset).
+    let mut where_: Vec<Vec<(Dtype, usize)>> = Vec::with_capacity(n);
+    for (snap, path) in snaps.iter().zip(inputs) {
+        let names: BTreeMap<&str, &crate::store::TensorEntry> = snap
             .header()
             .tensors
             .iter()
-            .map(|t| (t.name.as_str(), (&t.shape, t.dtype.as_str())))
+            .map(|t| (t.name.as_str(), t))
             .collect();
-        for (name, dtype, shape) in &layout {
-            match names.get(name.as_str()) {
-                Some((s, d)) if *s == shape && is_float(d) == is_float(dtype) => {}
-                Some((s, d)) if *s == shape => {
-                    return Err(Error::Format {
-                        path: path.display().to_string(),
-                        reason: format!(
-                            "tensor {name} has dtype {d}, but {dtype} in {}",
-                            inputs[0].display()
-                        ),
-                    })
-                }
-                Some((s, _)) => {
-                    return Err(Error::Format {
-                        path: path.display().to_string(),
-                        reason: format!(
-                            "tensor {name} has shape {s:?}, but {shape:?} in {}",
-                            inputs[0].display()
-                        ),
-                    })
-                }
-                None => {
-                    return Err(Error::Format {
-                        path: path.display().to_string(),
-                        reason: format!(
-                            "tensor {name} is missing (present in {})",
-                            inputs[0].display()
-                        ),
-                    })
-                }
-            }
-        }
+        let fail = |reason: String| Error::Inconsistent {
+            path: path.display().to_string(),
+            reason,
+        };
         if names.len() != layout.len() {
-            return Err(Error::Format {
-                path: path.display().to_string(),
-                reason: format!(
-                    "has {} tensors, {} has {}",
-                    names.len(),
-                    inputs[0].display(),
-                    layout.len()
-                ),
-            });
+            return Err(fail(format!(
+                "has {} tensors, {} has {}",
+                names.len(),
+                inputs[0].display(),
+                layout.len()
+            )));
         }
+        let mut row = Vec::with_capacity(layout.len());
+        for (name, dtype, shape) in &layout {
+            let t = names.get(name.as_str()).ok_or_else(|| {
+                fail(format!(
+                    "tensor {name} is missing (present in {})",
+                    inputs[0].display()
+                ))
+            })?;
+            if &t.shape != shape {
+                return Err(fail(format!(
+                    "tensor {name} has shape {:?}, but {shape:?} in {}",
+                    t.shape,
+                    inputs[0].display()
+                )));
+            }
+            if is_float(&t.dtype) != is_float(dtype) {
+                return Err(fail(format!(
+                    "tensor {name} has dtype {}, but {dtype} in {}",
+                    t.dtype,
+                    inputs[0].display()
+                )));
+            }
+            row.push((crate::store::parse_dtype(&t.dtype)?, t.begin));
+        }
+        where_.push(row);
     }
-    drop(first);
     let averaged: Vec<usize> = (0..layout.len())
         .filter(|&t| is_float(&layout[t].1) && !copy.contains(&layout[t].0))
         .collect();
 
-    // Output accumulators, float32, one buffer per (output, averaged tensor).
+    // Output buffers, float32, one per (output, averaged tensor).
     let numel = |t: usize| layout[t].2.iter().product::<usize>();
     let mut acc: Vec<Vec<Vec<f32>>> = (0..m)
         .map(|_| averaged.iter().map(|&t| vec![0.0f32; numel(t)]).collect())
         .collect();
-    // Work items: (position in `averaged`, element range).
+    // Work items (tensor, element range), each owning disjoint slices of every output.
     let items: Vec<(usize, usize, usize)> = averaged
         .iter()
-        .enumerate()
-        .flat_map(|(k, &t)| {
+        .flat_map(|&t| {
             (0..numel(t))
                 .step_by(CHUNK)
-                .map(move |lo| (k, lo, (lo + CHUNK).min(numel(t))))
+                .map(move |lo| (t, lo, (lo + CHUNK).min(numel(t))))
         })
         .collect();
-
-    for (i, path) in inputs.iter().enumerate() {
-        let snap = MappedSnapshot::open(path)?;
-        let entries: BTreeMap<&str, (&str, usize, usize)> = snap
-            .header()
-            .tensors
-            .iter()
-            .map(|t| (t.name.as_str(), (t.dtype.as_str(), t.begin, t.end)))
+    let mut slices: Vec<Vec<&mut [f32]>> = Vec::with_capacity(items.len());
+    {
+        let mut rest: Vec<Vec<&mut [f32]>> = acc
+            .iter_mut()
+            .map(|o| o.iter_mut().map(|v| v.as_mut_slice()).collect())
             .collect();
-        let weights: Vec<f32> = (0..m).map(|j| coefs[i * m + j] as f32).collect();
-        // Each work item owns disjoint element ranges of every output: split the accumulators
-        // into per-item mutable slices up front.
-        let mut slices: Vec<Vec<&mut [f32]>> = Vec::with_capacity(items.len());
-        {
-            let mut rest: Vec<Vec<&mut [f32]>> = acc
-                .iter_mut()
-                .map(|o| o.iter_mut().map(|v| v.as_mut_slice()).collect())
-                .collect();
-            for &(k, lo, hi) in &items {
-                let mut per_output = Vec::with_capacity(m);
-                for o in rest.iter_mut() {
-                    let buf = std::mem::take(&mut o[k]);
-                    let (head, tail) = buf.split_at_mut(hi - lo);
-                    o[k] = tail;
-                    per_output.push(head);
-                }
-                slices.push(per_output);
-            }
+        let position: BTreeMap<usize, usize> =
+            averaged.iter().enumerate().map(|(k, &t)| (t, k)).collect();
+        for &(t, lo, hi) in &items {
+            let k = position[&t];
+            slices.push(
+                rest.iter_mut()
+                    .map(|o| {
+                        let (head, tail) = std::mem::take(&mut o[k]).split_at_mut(hi - lo);
+                        o[k] = tail;
+                        head
+                    })
+                    .collect(),
+            );
         }
-        let data = snap.bytes_all();
-        items.par_iter().zip(slices.par_iter_mut()).for_each_init(
-            || vec![0.0f32; CHUNK],
-            |scratch, (&(k, lo, hi), outs)| {
-                let name = layout[averaged[k]].0.as_str();
-                let (dtype, begin, _) = entries[name];
-                let dtype = crate::store::parse_dtype(dtype).expect("validated dtype");
-                let size = dtype.bitsize() / 8;
-                let src = &data[begin + lo * size..begin + hi * size];
-                let x = &mut scratch[..hi - lo];
-                to_f32(dtype, src, x);
-                for (out, &w) in outs.iter_mut().zip(&weights) {
-                    for (o, &v) in out.iter_mut().zip(x.iter()) {
-                        *o += w * v;
+    }
+    let weights: Vec<f32> = coefs.iter().map(|&c| c as f32).collect(); // [in][out]
+    let total = items.len();
+    let per_batch = total.div_ceil(100).max(1);
+    let mut done = 0;
+    for (batch, outs) in items.chunks(per_batch).zip(slices.chunks_mut(per_batch)) {
+        batch.par_iter().zip(outs.par_iter_mut()).for_each_init(
+            || (vec![0.0f32; CHUNK], vec![0.0f32; m * CHUNK]),
+            |(x, local), (&(t, lo, hi), outs)| {
+                let len = hi - lo;
+                local[..m * len].fill(0.0);
+                for i in 0..n {
+                    let (dtype, begin) = where_[i][t];
+                    let size = dtype.bitsize() / 8;
+                    let (start, end) = (begin + lo * size, begin + hi * size);
+                    to_f32(dtype, &snaps[i].bytes_all()[start..end], &mut x[..len]);
+                    for j in 0..m {
+                        let w = weights[i * m + j];
+                        for (o, &v) in local[j * len..(j + 1) * len].iter_mut().zip(&x[..len]) {
+                            *o += w * v;
+                        }
                     }
+                    snaps[i].release(start, end);
+                }
+                for (j, out) in outs.iter_mut().enumerate() {
+                    out.copy_from_slice(&local[j * len..(j + 1) * len]);
                 }
             },
         );
-        progress(i)?;
+        done += batch.len();
+        progress(done, total)?;
     }
 
-    // Write outputs: averaged tensors from the accumulators, the rest copied from the last input.
-    let last = MappedSnapshot::open(&inputs[n - 1])?;
+    // Write outputs: averaged tensors from the buffers, the rest copied from the last input.
+    let last = &snaps[n - 1];
     for (j, out) in outputs.iter().enumerate() {
         let mut tensors = Vec::with_capacity(layout.len());
         let mut avg = acc[j].iter();
         for (t, (name, dtype, shape)) in layout.iter().enumerate() {
             if averaged.contains(&t) {
-                let v = avg.next().expect("one accumulator per averaged tensor");
+                let v = avg.next().expect("one buffer per averaged tensor");
                 tensors.push(TensorData {
                     name: name.clone(),
                     dtype: Dtype::F32,

@@ -123,6 +123,24 @@ impl MappedSnapshot {
         &self.map
     }
 
+    /// Drops the resident pages of the byte range `[begin, end)` (rounded inwards to whole
+    /// pages) from this process; later reads fault them back from the page cache. Used by
+    /// streaming readers to keep resident memory small. Best effort: errors are ignored.
+    pub fn release(&self, begin: usize, end: usize) {
+        const PAGE: usize = 4096;
+        let (lo, hi) = (begin.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+        if hi > lo && hi <= self.map.len() {
+            // SAFETY: the map is a read-only file mapping; MADV_DONTNEED on it only drops
+            // resident pages, and later reads see the file's contents again. No Rust reference
+            // into the range is used across this call by the streaming caller.
+            #[cfg(unix)]
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
+            };
+        }
+    }
+
     /// Raw little-endian bytes of tensor `name`.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let entry = self

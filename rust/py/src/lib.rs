@@ -21,9 +21,10 @@ fn to_py(err: Error) -> PyErr {
         }
         Error::NotFound { .. } => PyFileNotFoundError::new_err(err.to_string()),
         Error::Io { .. } => PyOSError::new_err(err.to_string()),
-        Error::NoConvergence { .. } | Error::Format { .. } | Error::Cancelled => {
-            AutoguideError::new_err(err.to_string())
-        }
+        Error::NoConvergence { .. }
+        | Error::Format { .. }
+        | Error::Inconsistent { .. }
+        | Error::Cancelled => AutoguideError::new_err(err.to_string()),
     }
 }
 
@@ -271,7 +272,7 @@ fn solve_coefficients(
 
 /// Streams once over `inputs` and writes every output (path, metadata) as
 /// `sum_i coefs[i][j] * inputs[i]` (float32); tensors named in `copy` come from the last input.
-/// `progress(i)` is called after each input; an exception raised there stops the work.
+/// `progress(done, total)` reports work items; an exception raised there stops the work.
 #[pyfunction]
 #[pyo3(signature = (inputs, coefs, outputs, copy, progress=None))]
 fn reconstruct(
@@ -297,13 +298,21 @@ fn reconstruct(
     let copy = copy.into_iter().collect();
     let mut failure: Option<PyErr> = None;
     let result = py.detach(|| {
-        posthoc::reconstruct(&inputs, &flat, &outputs, &copy, |i| match &progress {
-            None => Ok(()),
-            Some(cb) => Python::attach(|py| cb.call1(py, (i,)).map(|_| ())).map_err(|e| {
-                failure = Some(e);
-                Error::Cancelled
-            }),
-        })
+        posthoc::reconstruct(
+            &inputs,
+            &flat,
+            &outputs,
+            &copy,
+            |done, total| match &progress {
+                None => Ok(()),
+                Some(cb) => {
+                    Python::attach(|py| cb.call1(py, (done, total)).map(|_| ())).map_err(|e| {
+                        failure = Some(e);
+                        Error::Cancelled
+                    })
+                }
+            },
+        )
     });
     match (result, failure) {
         (_, Some(e)) => Err(e),
