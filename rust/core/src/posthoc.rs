@@ -13,7 +13,7 @@ use safetensors::tensor::Dtype;
 
 use crate::error::{invalid, Error, Result};
 use crate::phema::std_to_exp;
-use crate::store::{write_atomic, MappedSnapshot, TensorData};
+use crate::store::{MappedOutput, MappedSnapshot};
 
 /// Inner product of two power-function EMA profiles (Eq. 151): profile `a` ends at time
 /// `a_t` with exponent `a_e`, profile `b` likewise.
@@ -203,6 +203,52 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Inputs accumulated per pass over an output chunk: each pass reads and writes the output
+/// chunk once for this many inputs.
+const GROUP: usize = 4;
+
+/// `y += sum_k w[k] * x[k]` over `N` inputs (same length as `y`).
+#[inline(always)]
+fn accumulate_n<const N: usize>(w: [f32; N], x: [&[f32]; N], y: &mut [f32]) {
+    let len = y.len();
+    let x: [&[f32]; N] = std::array::from_fn(|k| &x[k][..len]);
+    for e in 0..len {
+        let mut acc = y[e];
+        for k in 0..N {
+            acc += w[k] * x[k][e];
+        }
+        y[e] = acc;
+    }
+}
+
+#[inline(always)]
+fn accumulate_impl(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
+    match w.len() {
+        1 => accumulate_n([w[0]], [x[0]], y),
+        2 => accumulate_n([w[0], w[1]], [x[0], x[1]], y),
+        3 => accumulate_n([w[0], w[1], w[2]], [x[0], x[1], x[2]], y),
+        4 => accumulate_n([w[0], w[1], w[2], w[3]], [x[0], x[1], x[2], x[3]], y),
+        k => unreachable!("groups hold 1 to {GROUP} inputs, got {k}"),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn accumulate_avx2(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
+    accumulate_impl(w, x, y)
+}
+
+/// `y += sum_k w[k] * x[k]` for up to [`GROUP`] inputs; 8-lane code on CPUs with AVX2 (the
+/// same arithmetic, so the same results, as the baseline build).
+fn accumulate(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { accumulate_avx2(w, x, y) };
+    }
+    accumulate_impl(w, x, y)
+}
+
 const CHUNK: usize = 1 << 14; // elements per work item: m accumulators of it stay in cache
 
 /// Streams once over `inputs` (all memory-mapped) and writes `outputs[j] = sum_i coefs[i][j] *
@@ -211,8 +257,8 @@ const CHUNK: usize = 1 << 14; // elements per work item: m accumulators of it st
 ///
 /// Work is split into chunks of elements; a chunk of every output is accumulated in cache
 /// from the same chunk of every input and written once, so each input byte is read once and
-/// each output byte written once. Input pages are released as soon as their chunk is done,
-/// keeping resident memory to the outputs plus a few chunks per thread. All inputs are
+/// each output byte written once. Input pages are released after each 1% of the work,
+/// keeping resident memory to the outputs plus about 1% of the inputs. All inputs are
 /// validated (same tensor names, shapes and kinds) before any data is read.
 /// `progress(done, total)` reports work items done; an error from it stops the work.
 pub fn reconstruct(
@@ -295,11 +341,55 @@ pub fn reconstruct(
         .filter(|&t| is_float(&layout[t].1) && !copy.contains(&layout[t].0))
         .collect();
 
-    // Output buffers, float32, one per (output, averaged tensor).
+    // Outputs are written in place through writable maps of their temporary files: averaged
+    // tensors first (float32, so aligned), then the copied ones, which are filled right away.
+    let last = &snaps[n - 1];
     let numel = |t: usize| layout[t].2.iter().product::<usize>();
-    let mut acc: Vec<Vec<Vec<f32>>> = (0..m)
-        .map(|_| averaged.iter().map(|&t| vec![0.0f32; numel(t)]).collect())
+    let copied: Vec<usize> = (0..layout.len())
+        .filter(|t| !averaged.contains(t))
         .collect();
+    let mut spec: Vec<(String, Dtype, Vec<usize>)> = averaged
+        .iter()
+        .map(|&t| (layout[t].0.clone(), Dtype::F32, layout[t].2.clone()))
+        .collect();
+    for &t in &copied {
+        spec.push((layout[t].0.clone(), where_[n - 1][t].0, layout[t].2.clone()));
+    }
+    let mut files = outputs
+        .iter()
+        .map(|o| MappedOutput::create(&o.path, &spec, &o.metadata))
+        .collect::<Result<Vec<_>>>()?;
+    let region = match (files[0].entries().first(), averaged.len()) {
+        (Some(first), a) if a > 0 => (first.1, files[0].entries()[a - 1].2),
+        _ => (0, 0),
+    };
+    for file in files.iter_mut() {
+        let entries = file.entries().to_vec();
+        for (k, &t) in copied.iter().enumerate() {
+            let (_, b, e) = &entries[averaged.len() + k];
+            file.bytes_mut()[*b..*e].copy_from_slice(last.bytes(&layout[t].0)?);
+        }
+    }
+    // Float32 views of every output's averaged tensors.
+    let mut acc: Vec<Vec<&mut [f32]>> = Vec::with_capacity(m);
+    for file in files.iter_mut() {
+        let bytes = &mut file.bytes_mut()[region.0..region.1];
+        // SAFETY: every bit pattern is a valid f32, and the region starts 8-byte aligned (the
+        // map is page-aligned and the header is padded to a multiple of 8).
+        let (head, floats, _) = unsafe { bytes.align_to_mut::<f32>() };
+        assert!(
+            head.is_empty(),
+            "tensor data of a mapped output is 8-byte aligned"
+        );
+        let mut rest = floats;
+        let mut views = Vec::with_capacity(averaged.len());
+        for &t in &averaged {
+            let (v, tail) = std::mem::take(&mut rest).split_at_mut(numel(t));
+            views.push(v);
+            rest = tail;
+        }
+        acc.push(views);
+    }
     // Work items (tensor, element range), each owning disjoint slices of every output.
     let items: Vec<(usize, usize, usize)> = averaged
         .iter()
@@ -311,16 +401,12 @@ pub fn reconstruct(
         .collect();
     let mut slices: Vec<Vec<&mut [f32]>> = Vec::with_capacity(items.len());
     {
-        let mut rest: Vec<Vec<&mut [f32]>> = acc
-            .iter_mut()
-            .map(|o| o.iter_mut().map(|v| v.as_mut_slice()).collect())
-            .collect();
         let position: BTreeMap<usize, usize> =
             averaged.iter().enumerate().map(|(k, &t)| (t, k)).collect();
         for &(t, lo, hi) in &items {
             let k = position[&t];
             slices.push(
-                rest.iter_mut()
+                acc.iter_mut()
                     .map(|o| {
                         let (head, tail) = std::mem::take(&mut o[k]).split_at_mut(hi - lo);
                         o[k] = tail;
@@ -336,69 +422,80 @@ pub fn reconstruct(
     let mut done = 0;
     for (batch, outs) in items.chunks(per_batch).zip(slices.chunks_mut(per_batch)) {
         batch.par_iter().zip(outs.par_iter_mut()).for_each_init(
-            || (vec![0.0f32; CHUNK], vec![0.0f32; m * CHUNK]),
-            |(x, local), (&(t, lo, hi), outs)| {
+            || (vec![0.0f32; GROUP * CHUNK], vec![0.0f32; m * CHUNK]),
+            |(scratch, local), (&(t, lo, hi), outs)| {
                 let len = hi - lo;
                 local[..m * len].fill(0.0);
-                for i in 0..n {
-                    let (dtype, begin) = where_[i][t];
-                    let size = dtype.bitsize() / 8;
-                    let (start, end) = (begin + lo * size, begin + hi * size);
-                    to_f32(dtype, &snaps[i].bytes_all()[start..end], &mut x[..len]);
-                    for j in 0..m {
-                        let w = weights[i * m + j];
-                        for (o, &v) in local[j * len..(j + 1) * len].iter_mut().zip(&x[..len]) {
-                            *o += w * v;
+                for start in (0..n).step_by(GROUP) {
+                    let group = start..(start + GROUP).min(n);
+                    let mut srcs: Vec<&[f32]> = Vec::with_capacity(GROUP);
+                    let mut free = scratch.chunks_mut(CHUNK);
+                    for i in group.clone() {
+                        let (dtype, begin) = where_[i][t];
+                        let size = dtype.bitsize() / 8;
+                        let bytes = &snaps[i].bytes_all()[begin + lo * size..begin + hi * size];
+                        // SAFETY: every bit pattern is a valid f32; align_to only yields the
+                        // aligned middle part, used only when it covers the whole range.
+                        let (head, direct, _) = unsafe { bytes.align_to::<f32>() };
+                        if dtype == Dtype::F32 && head.is_empty() && direct.len() == len {
+                            srcs.push(direct);
+                        } else {
+                            let buf = &mut free.next().expect("one scratch chunk per group member")
+                                [..len];
+                            to_f32(dtype, bytes, buf);
+                            srcs.push(buf);
                         }
                     }
-                    snaps[i].release(start, end);
+                    let mut w = [0.0f32; GROUP];
+                    for j in 0..m {
+                        for (slot, i) in w.iter_mut().zip(group.clone()) {
+                            *slot = weights[i * m + j];
+                        }
+                        accumulate(&w[..group.len()], &srcs, &mut local[j * len..(j + 1) * len]);
+                    }
                 }
                 for (j, out) in outs.iter_mut().enumerate() {
                     out.copy_from_slice(&local[j * len..(j + 1) * len]);
                 }
             },
         );
+        // Release the input pages this batch has read, in few large calls: each call costs a
+        // TLB shootdown across threads, so per-chunk calls would dominate the run time.
+        for (i, snap) in snaps.iter().enumerate() {
+            let mut ranges: Vec<(usize, usize)> = batch
+                .iter()
+                .map(|&(t, lo, hi)| {
+                    let (dtype, begin) = where_[i][t];
+                    let size = dtype.bitsize() / 8;
+                    (begin + lo * size, begin + hi * size)
+                })
+                .collect();
+            ranges.sort_unstable();
+            let mut merged: Vec<(usize, usize)> = Vec::new();
+            for (a, b) in ranges {
+                match merged.last_mut() {
+                    Some(last) if last.1 == a => last.1 = b,
+                    _ => merged.push((a, b)),
+                }
+            }
+            for (a, b) in merged {
+                snap.release(a, b);
+            }
+        }
         done += batch.len();
         progress(done, total)?;
     }
 
-    // Write outputs: averaged tensors from the buffers, the rest copied from the last input.
-    let last = &snaps[n - 1];
-    for (j, out) in outputs.iter().enumerate() {
-        let mut tensors = Vec::with_capacity(layout.len());
-        let mut avg = acc[j].iter();
-        for (t, (name, dtype, shape)) in layout.iter().enumerate() {
-            if averaged.contains(&t) {
-                let v = avg.next().expect("one buffer per averaged tensor");
-                tensors.push(TensorData {
-                    name: name.clone(),
-                    dtype: Dtype::F32,
-                    shape: shape.clone(),
-                    data: f32_bytes(v),
-                });
-            } else {
-                let dtype = crate::store::parse_dtype(dtype)?;
-                tensors.push(TensorData {
-                    name: name.clone(),
-                    dtype,
-                    shape: shape.clone(),
-                    data: last.bytes(name)?,
-                });
-            }
-        }
-        write_atomic(&out.path, &tensors, &out.metadata)?;
+    drop(slices);
+    drop(acc);
+    for file in files {
+        file.commit()?;
     }
     Ok(())
 }
 
 #[cfg(target_endian = "big")]
 compile_error!("safetensors data is little-endian; this crate assumes a little-endian host");
-
-fn f32_bytes(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and every byte pattern is a valid u8; the host is
-    // little-endian (checked at compile time), which is the safetensors byte order.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
-}
 
 #[cfg(test)]
 mod tests {

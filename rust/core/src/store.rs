@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut};
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::error::{io_error, Error, Result};
@@ -270,6 +270,136 @@ pub fn write_atomic(
     result
 }
 
+/// A safetensors file being written in place through a writable memory map: the header is
+/// laid out first, callers fill tensor bytes directly (no intermediate buffers), and
+/// [`MappedOutput::commit`] validates, fsyncs and renames it into place. Dropped without a
+/// commit, the temporary file is removed.
+pub struct MappedOutput {
+    tmp: PathBuf,
+    path: PathBuf,
+    map: MmapMut,
+    /// (name, absolute begin, absolute end), in file order.
+    entries: Vec<(String, usize, usize)>,
+    committed: bool,
+}
+
+impl MappedOutput {
+    /// Creates the temporary file for `path` with room for `tensors` (name, dtype, shape), in
+    /// the given order, and writes the header. Tensor data starts 8-byte aligned; a tensor is
+    /// aligned to its element size when every tensor before it has a byte length that is a
+    /// multiple of that size (put float32 tensors first).
+    pub fn create(
+        path: impl AsRef<Path>,
+        tensors: &[(String, Dtype, Vec<usize>)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).expect("strings serialise"),
+            );
+        }
+        let mut offset = 0usize;
+        let mut rel = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape) in tensors {
+            let bytes = shape
+                .iter()
+                .try_fold(dtype.bitsize(), |a, &d| a.checked_mul(d))
+                .map(|b| b.div_ceil(8));
+            let bytes = bytes.ok_or_else(|| {
+                crate::error::invalid("shape", format!("{shape:?}"), "small enough to address")
+            })?;
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype.to_string(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
+            );
+            rel.push((name.clone(), offset, offset + bytes));
+            offset += bytes;
+        }
+        let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("valid JSON");
+        json.resize(json.len().div_ceil(8) * 8, b' ');
+        let data_start = 8 + json.len();
+        let total = data_start + offset;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| crate::error::invalid("path", path.display(), "a file path"))?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io_error(&tmp, e))?;
+        let cleanup = |e: Error| {
+            let _ = std::fs::remove_file(&tmp);
+            e
+        };
+        file.set_len(total as u64)
+            .map_err(|e| cleanup(io_error(&tmp, e)))?;
+        // SAFETY: the temporary file was just created by this process under a unique name and
+        // is only accessed through this map until it is committed.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| cleanup(io_error(&tmp, e)))?;
+        map[..8].copy_from_slice(&(json.len() as u64).to_le_bytes());
+        map[8..data_start].copy_from_slice(&json);
+        let entries = rel
+            .into_iter()
+            .map(|(n, b, e)| (n, data_start + b, data_start + e))
+            .collect();
+        Ok(Self {
+            tmp,
+            path,
+            map,
+            entries,
+            committed: false,
+        })
+    }
+
+    /// The tensors' byte ranges (absolute, file order).
+    pub fn entries(&self) -> &[(String, usize, usize)] {
+        &self.entries
+    }
+
+    /// The whole file, header included; callers write tensor bytes at their ranges.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
+    /// Validates the written file, flushes it to disk and renames it over the final path.
+    pub fn commit(mut self) -> Result<()> {
+        parse_header(&self.tmp, &self.map)?;
+        self.map.flush().map_err(|e| io_error(&self.tmp, e))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| io_error(&self.path, e))?;
+        self.committed = true;
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_error(dir, e))
+    }
+}
+
+impl Drop for MappedOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +493,36 @@ mod tests {
             MappedSnapshot::open(dir.join("nope")),
             Err(Error::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn mapped_output_round_trip() {
+        let dir = tmpdir("mo");
+        let path = dir.join("o.safetensors");
+        let spec = vec![
+            ("a".to_string(), Dtype::F32, vec![3]),
+            ("b".to_string(), Dtype::BF16, vec![1]),
+        ];
+        let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let mut out = MappedOutput::create(&path, &spec, &meta).unwrap();
+        let ranges = out.entries().to_vec();
+        assert_eq!(ranges[0].1 % 8, 0);
+        out.bytes_mut()[ranges[0].1..ranges[0].2]
+            .copy_from_slice(&[0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64]);
+        out.commit().unwrap();
+        let snap = MappedSnapshot::open(&path).unwrap();
+        assert_eq!(snap.header().metadata["k"], "v");
+        assert_eq!(
+            snap.bytes("a").unwrap(),
+            &[0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64]
+        );
+        // Dropped without commit: nothing is left behind.
+        drop(MappedOutput::create(dir.join("x.safetensors"), &spec, &meta).unwrap());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("o.safetensors")]);
     }
 
     proptest! {
