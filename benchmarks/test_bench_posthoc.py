@@ -76,7 +76,8 @@ def test_posthoc_reconstruction(benchmark, run, tmp_path):
     code = (
         "import json, re\n"
         "from autoguide_fast.ema import reconstruct\n"
-        "status = lambda key: int(re.search(key + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "text = lambda: open('/proc/self/status').read()\n"
+        "status = lambda key: int(re.search(key + r':\\s+(\\d+)', text()).group(1))\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = status('VmRSS')\n"
         f"reconstruct({str(run)!r}, {OUT_STD!r}, out_dir={str(tmp_path / 'rss')!r}, progress=False)\n"
