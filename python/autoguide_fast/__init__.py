@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._core import AutoguideError
 from .checkpoint import load_network as load
 from .checkpoint import save_network as save
-from .guidance import CFG, Autoguidance, Guidance
+from .guidance import CFG, Autoguidance, Combined, Guidance
 from .sampling import PerSampleRNG, StepInfo, edm_sigmas, sample, seeded_noise, step_plan
 
 try:
@@ -28,6 +28,7 @@ __all__ = [
     "CFG",
     "AutoguideError",
     "Autoguidance",
+    "Combined",
     "Guidance",
     "PerSampleRNG",
     "StepInfo",
@@ -39,7 +40,17 @@ __all__ = [
     "step_plan",
 ]
 
-_LAZY_SUBMODULES = {"toy", "metrics", "ema", "checkpoint", "networks"}
+_LAZY_SUBMODULES = {
+    "toy",
+    "metrics",
+    "ema",
+    "checkpoint",
+    "networks",
+    "generation",
+    "digits",
+    "training",
+    "data",
+}
 
 
 def __getattr__(name: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _toy(args: argparse.Namespace) -> int:
@@ -47,6 +48,136 @@ def _ema(args: argparse.Namespace) -> int:
     paths = reconstruct(args.snapshots, args.std, args.nimg, args.out, progress=not args.no_progress)
     for p in paths:
         print(p)
+    return 0
+
+
+def _load_model(path: str, what: str):
+    from .checkpoint import load_network
+
+    try:
+        return load_network(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: no such model file: {path}") from None
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .checkpoint import read_metadata
+    from .generation import compact_seeds, generate, parse_seeds, write_outputs
+    from .guidance import CFG, Autoguidance, Combined
+
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out)
+    if out.suffix != ".npz" and out.exists() and not out.is_dir():
+        raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
+    net = _load_model(args.net, "--net")
+    guide = _load_model(args.guide, "--guide") if args.guide else None
+    uncond = _load_model(args.cfg, "--cfg") if args.cfg else None
+    interval = _floats(args.interval) if args.interval else None
+    if guide is not None and uncond is not None:
+        guidance = Combined(guide, uncond, args.weight, alpha=args.alpha, interval=interval)
+    elif guide is not None:
+        guidance = Autoguidance(guide, args.weight, interval=interval)
+    elif uncond is not None:
+        guidance = CFG(uncond, args.weight, interval=interval)
+    else:
+        guidance = None
+    sources = (("net", args.net), ("guide", args.guide), ("cfg", args.cfg))
+    models = {}
+    for key, p in sources:
+        if p:
+            meta = read_metadata(p)
+            models[key] = dict(
+                path=str(Path(p).resolve()), nimg=meta.get("nimg"), ema_std=meta.get("ema_std")
+            )
+    guidance_info = None
+    if guidance is not None:
+        guidance_info = dict(kind=type(guidance).__name__, weight=guidance.weight, interval=guidance.interval,
+                             alpha=getattr(guidance, "alpha", None))  # fmt: skip
+    manifest = dict(
+        version=__version__, models=models, guidance=guidance_info, seeds=compact_seeds(seeds),
+        class_idx=args.class_idx,
+        sampler=dict(steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho),
+    )  # fmt: skip
+    batches = generate(
+        net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch, steps=args.steps,
+        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, progress=not args.no_progress,
+    )  # fmt: skip
+    write_outputs(batches, out, manifest, subdirs=args.subdirs)
+    return 0
+
+
+def _read_images(path: Path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            images = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()
+            classes = torch.from_numpy(z["labels"]) if "labels" in z else None
+        return images, classes
+    files = sorted(path.rglob("*.png"))
+    files = [f for f in files if f.name != "grid.png"]
+    if not files:
+        raise ValueError(f"no PNG images in {path}")
+    arrays, classes = [], []
+    for f in files:
+        img = Image.open(f)
+        arr = np.asarray(img)
+        arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
+        classes.append(img.text.get("class") if hasattr(img, "text") else None)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    known = None if any(c is None for c in classes) else torch.tensor([int(c) for c in classes])
+    return images, known
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from . import digits
+
+    if args.ref not in ("digits",) and not args.ref.endswith(".npz"):
+        raise ValueError(f"ref must be 'digits' or a reference .npz from --save-ref, got {args.ref!r}")
+    ref = digits.reference_stats() if args.ref == "digits" else dict(np.load(args.ref, allow_pickle=False))
+    if args.save_ref:
+        np.savez(args.save_ref, **ref)
+        print(f"wrote {args.save_ref}")
+    if not args.images:
+        return 0
+    images, classes = _read_images(Path(args.images))
+    result = digits.evaluate(images, classes, ref=ref)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _classifier(args: argparse.Namespace) -> int:
+    from .checkpoint import save
+    from .digits import train_classifier
+
+    net, acc = train_classifier(epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    save(net.state_dict(), args.out, dict(test_accuracy=str(acc)))
+    print(f"held-out accuracy {acc:.4f}; wrote {args.out}")
+    return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiment import digits_experiment
+
+    digits_experiment(args.out, quick=args.quick)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from .experiment import sweep
+    from .generation import parse_seeds
+
+    sweep(args.main, args.guide, args.weights, args.out, ema_main=args.ema_main, ema_guide=args.ema_guide,
+          seeds=parse_seeds(args.seeds), steps=args.steps, metric=args.metric)  # fmt: skip
     return 0
 
 
@@ -104,6 +235,59 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--list", metavar="DIR", help="list the snapshots of DIR (nimg, std) and exit")
     em.add_argument("--no-progress", action="store_true")
     em.set_defaults(func=_ema)
+
+    ge = sub.add_parser("generate", help="generate images from seeds (autoguidance, CFG or both)")
+    ge.add_argument("--net", required=True, help="main model snapshot (.safetensors)")
+    ge.add_argument("--guide", help="autoguidance guide snapshot")
+    ge.add_argument("--cfg", help="unconditional model for CFG (with --guide too: combined guidance)")
+    ge.add_argument("--weight", type=float, default=1.0, help="guidance weight (1 = none)")
+    ge.add_argument("--alpha", type=float, default=0.5, help="CFG share of the weight when combining")
+    ge.add_argument("--interval", help="guidance interval lo,hi in sigma units")
+    ge.add_argument("--steps", type=int, default=32)
+    ge.add_argument("--sigma-min", type=float, default=0.002)
+    ge.add_argument("--sigma-max", type=float, default=80.0)
+    ge.add_argument("--rho", type=float, default=7.0)
+    ge.add_argument("--seeds", default="0-63", help="e.g. 0-9999 or 1,5,7-9")
+    ge.add_argument(
+        "--class", dest="class_idx", type=int, default=None, help="class (default: random per seed)"
+    )
+    ge.add_argument("--batch", type=int, default=64)
+    ge.add_argument("--out", required=True, help="directory of PNGs, or a .npz file")
+    ge.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
+    ge.add_argument("--no-progress", action="store_true")
+    ge.set_defaults(func=_generate)
+
+    ev = sub.add_parser("eval", help="FD_digits, precision, recall and alignment of generated digits")
+    ev.add_argument("--images", help="directory of PNGs (from autoguide generate) or .npz")
+    ev.add_argument("--ref", default="digits", help="'digits' or reference statistics .npz")
+    ev.add_argument("--save-ref", help="write the reference statistics to this .npz")
+    ev.add_argument("--out", help="write the metrics as JSON")
+    ev.set_defaults(func=_eval)
+
+    cl = sub.add_parser("classifier", help="train the digits feature classifier (ships with the package)")
+    cl.add_argument("--out", required=True, help="where to save its weights (.safetensors)")
+    cl.add_argument("--epochs", type=int, default=40)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--no-progress", action="store_true")
+    cl.set_defaults(func=_classifier)
+
+    ex = sub.add_parser("experiment", help="the digits guidance experiment")
+    ex.add_argument("name", choices=["digits"])
+    ex.add_argument("--out", default="runs/digits")
+    ex.add_argument("--quick", action="store_true", help="tiny sizes, for tests only")
+    ex.set_defaults(func=_experiment)
+
+    sw = sub.add_parser("sweep", help="autoguidance weight x EMA length sweep (resumable)")
+    sw.add_argument("--main", required=True, help="main snapshot or run directory")
+    sw.add_argument("--guide", required=True, help="guide snapshot or run directory")
+    sw.add_argument("--weights", default="1.5:3.0:0.25", help="lo:hi:step or a comma list")
+    sw.add_argument("--ema-main", type=_floats, default=None, help="EMA lengths of the main model (post hoc)")
+    sw.add_argument("--ema-guide", type=_floats, default=None, help="EMA lengths of the guide (post hoc)")
+    sw.add_argument("--seeds", default="0-499")
+    sw.add_argument("--steps", type=int, default=16)
+    sw.add_argument("--metric", default="fd_digits", choices=["fd_digits"])
+    sw.add_argument("--out", required=True)
+    sw.set_defaults(func=_sweep)
     return parser
 
 

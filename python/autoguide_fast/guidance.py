@@ -17,7 +17,7 @@ import torch
 
 Denoiser = Callable[..., torch.Tensor]
 
-__all__ = ["CFG", "Autoguidance", "Denoiser", "Guidance"]
+__all__ = ["CFG", "Autoguidance", "Combined", "Denoiser", "Guidance"]
 
 
 def _check_interval(interval) -> tuple[float, float]:
@@ -94,3 +94,51 @@ class CFG(Guidance):
 
     def guide_labels(self, labels):
         return None
+
+
+class Combined(Guidance):
+    """CFG and autoguidance together (autoguidance paper, appendix): one total weight ``w`` split
+    by ``alpha`` between the unconditional model (``alpha``) and the weak guide (``1 - alpha``):
+    ``D = D1 + (w - 1) [(1 - alpha) (D1 - D0) + alpha (D1 - D_uncond)]``.
+    ``alpha = 0`` is autoguidance, ``alpha = 1`` is CFG."""
+
+    def __init__(
+        self,
+        guide: Denoiser,
+        uncond: Denoiser,
+        weight: float,
+        alpha: float = 0.5,
+        interval: tuple[float, float] | None = None,
+    ):
+        super().__init__(guide, weight, interval)
+        if not callable(uncond):
+            raise TypeError(
+                f"uncond must be a denoiser callable D(x, sigma, labels=None), got {type(uncond)}"
+            )
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        self.uncond = uncond
+        self.alpha = float(alpha)
+
+    def __call__(self, net, x, sigma, labels, guided):
+        d_main = net(x, sigma, labels)
+        if not (guided and self.active):
+            return d_main
+        out = d_main
+        for guide, share, guide_labels in (
+            (self.guide, 1 - self.alpha, labels),
+            (self.uncond, self.alpha, None),
+        ):
+            if share == 0:
+                continue  # not evaluated
+            d = guide(x, sigma, guide_labels)
+            if not isinstance(d, torch.Tensor) or d.shape != d_main.shape:
+                got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d)
+                raise ValueError(
+                    f"guide output must have the main model's shape {tuple(d_main.shape)}, got {got}"
+                )
+            out = out + (self.weight - 1) * share * (d_main - d.to(d_main.dtype))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Combined(weight={self.weight}, alpha={self.alpha}, interval={self.interval})"

@@ -69,6 +69,12 @@ class PerSampleRNG:
             [torch.randn(tuple(shape), generator=g, device=self.device, dtype=dtype) for g in self.generators]
         )
 
+    def randint(self, high: int) -> torch.Tensor:
+        """One integer in ``[0, high)`` per sample: int64 [len(self)]."""
+        return torch.cat(
+            [torch.randint(high, (1,), generator=g, device=self.device) for g in self.generators]
+        )
+
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] != len(self):
             raise ValueError(f"x has batch size {x.shape[0]} but the PerSampleRNG holds {len(self)} seeds")
