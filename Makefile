@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 DIST   := dist
 TOY    ?= runs/toy
 
-.PHONY: demo test bench wheel install lint rust-test py-test gpu-check clean
+.PHONY: demo test bench wheel install lint rust-test kernel-check py-test gpu-check clean
 
 $(BIN)/maturin:
 	$(PYTHON) -m venv $(VENV)
@@ -34,14 +34,22 @@ lint: install
 rust-test:
 	cd rust && cargo test --workspace
 
+kernel-check: install
+	$(BIN)/python -m autoguide_fast.kernels --check
+
 py-test: install
 	$(BIN)/python -m pytest tests
 
-test: install lint rust-test py-test
+test: install lint rust-test kernel-check py-test
 
 bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \
 		--benchmark-json=$(DIST)/bench.json -p no:cacheprovider -s
+
+# On a machine with an NVIDIA GPU and no Rust: installs dist/*.whl (build it here with `make wheel`),
+# runs the GPU tests and benchmarks, writes gpu-report/ (or $$OUT) with report.md and report.json.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(DIST) rust/target .pytest_cache .ruff_cache

@@ -34,6 +34,13 @@ def _check_interval(interval) -> tuple[float, float]:
     return (lo, hi)
 
 
+def _checked(d_guide, d_main: torch.Tensor) -> torch.Tensor:
+    if not isinstance(d_guide, torch.Tensor) or d_guide.shape != d_main.shape:
+        got = tuple(d_guide.shape) if isinstance(d_guide, torch.Tensor) else type(d_guide)
+        raise ValueError(f"guide output must have the main model's shape {tuple(d_main.shape)}, got {got}")
+    return d_guide.to(d_main.dtype)
+
+
 class Guidance:
     """Common part of the guidance methods; use :class:`Autoguidance` or :class:`CFG`.
 
@@ -63,20 +70,23 @@ class Guidance:
         """The labels the guide is called with."""
         raise NotImplementedError
 
+    def evaluate(
+        self, net: Denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guided: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(D_main, D_guide)`` at ``x`` [N, ...], ``sigma`` [N]; ``D_guide`` is None (and the guide
+        not evaluated) when ``guided`` (from the step plan) is false or the weight is 1. The
+        guided output is ``D_guide.lerp(D_main, weight)``."""
+        d_main = net(x, sigma, labels)
+        if not (guided and self.active):
+            return d_main, None
+        return d_main, _checked(self.guide(x, sigma, self.guide_labels(labels)), d_main)
+
     def __call__(
         self, net: Denoiser, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, guided: bool
     ) -> torch.Tensor:
         """Guided denoiser output at ``x`` [N, ...], ``sigma`` [N]; ``guided`` comes from the step plan."""
-        d_main = net(x, sigma, labels)
-        if not (guided and self.active):
-            return d_main
-        d_guide = self.guide(x, sigma, self.guide_labels(labels))
-        if not isinstance(d_guide, torch.Tensor) or d_guide.shape != d_main.shape:
-            got = tuple(d_guide.shape) if isinstance(d_guide, torch.Tensor) else type(d_guide)
-            raise ValueError(
-                f"guide output must have the main model's shape {tuple(d_main.shape)}, got {got}"
-            )
-        return d_guide.to(d_main.dtype).lerp(d_main, self.weight)
+        d_main, d_guide = self.evaluate(net, x, sigma, labels, guided)
+        return d_main if d_guide is None else d_guide.lerp(d_main, self.weight)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, interval={self.interval})"
@@ -120,25 +130,19 @@ class Combined(Guidance):
         self.uncond = uncond
         self.alpha = float(alpha)
 
-    def __call__(self, net, x, sigma, labels, guided):
+    def evaluate(self, net, x, sigma, labels, guided):
+        """``(D_main, G)`` with the effective guide ``G = (1 - alpha) D0 + alpha D_uncond``, so that
+        ``G.lerp(D_main, w)`` is the combined output; a guide with no share is not evaluated."""
         d_main = net(x, sigma, labels)
         if not (guided and self.active):
-            return d_main
-        out = d_main
-        for guide, share, guide_labels in (
-            (self.guide, 1 - self.alpha, labels),
-            (self.uncond, self.alpha, None),
-        ):
-            if share == 0:
-                continue  # not evaluated
-            d = guide(x, sigma, guide_labels)
-            if not isinstance(d, torch.Tensor) or d.shape != d_main.shape:
-                got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d)
-                raise ValueError(
-                    f"guide output must have the main model's shape {tuple(d_main.shape)}, got {got}"
-                )
-            out = out + (self.weight - 1) * share * (d_main - d.to(d_main.dtype))
-        return out
+            return d_main, None
+        if self.alpha == 0:
+            return d_main, _checked(self.guide(x, sigma, labels), d_main)
+        if self.alpha == 1:
+            return d_main, _checked(self.uncond(x, sigma, None), d_main)
+        d_guide = _checked(self.guide(x, sigma, labels), d_main)
+        d_uncond = _checked(self.uncond(x, sigma, None), d_main)
+        return d_main, d_guide.lerp(d_uncond, self.alpha)
 
     def __repr__(self) -> str:
         return f"Combined(weight={self.weight}, alpha={self.alpha}, interval={self.interval})"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _core
+from . import _core, kernels
 from .guidance import Denoiser, Guidance
 
 __all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "step_plan"]
@@ -169,11 +169,15 @@ def sample(
     )
 
     n, dtype, device = noise.shape[0], noise.dtype, noise.device
+    weight = guidance.weight if guidance is not None else 1.0
 
-    def denoise(x: torch.Tensor, t: float, guided: bool) -> torch.Tensor:
+    def evaluate(x: torch.Tensor, t: float, guided: bool):
+        # Raw main and guide outputs; the guided combination happens inside the fused step.
         sigma = torch.full((n,), t, dtype=dtype, device=device)
-        out = guidance(net, x, sigma, labels, guided) if guidance is not None else net(x, sigma, labels)
-        return out.to(dtype)
+        if guidance is None:
+            return net(x, sigma, labels).to(dtype), None
+        d_main, d_guide = guidance.evaluate(net, x, sigma, labels, guided)
+        return d_main.to(dtype), None if d_guide is None else d_guide.to(dtype)
 
     iterator = plan
     if progress:
@@ -190,14 +194,13 @@ def sample(
             x_hat = x_cur + math.sqrt(t_hat**2 - t_cur**2) * churn_noise * _randn_like(x_cur, generator)
         else:
             x_hat = x_cur
-        # Euler step from t_hat to t_next.
-        denoised = denoise(x_hat, t_hat, step.guided)
-        d_cur = (x_hat - denoised) / t_hat
-        x_next = x_hat + (t_next - t_hat) * d_cur
-        # Heun correction: average the slopes at both ends.
+        # Euler step from t_hat to t_next, then the Heun correction averaging both slopes.
+        d_main, d_guide = evaluate(x_hat, t_hat, step.guided)
+        x_next, d_cur = kernels.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
         if step.second_order:
-            d_prime = (x_next - denoise(x_next, t_next, step.guided_next)) / t_next
-            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+            m2, g2 = evaluate(x_next, t_next, step.guided_next)
+            x_next = kernels.guided_heun(x_hat, x_next, d_cur, m2, g2, weight, t_hat, t_next)
         if callback is not None:
+            denoised = kernels.reference.guided_denoised(d_main, d_guide, weight)
             callback(StepInfo(step.index, t_hat, t_next, x_hat, denoised, x_next))
     return x_next

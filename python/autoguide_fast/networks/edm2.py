@@ -9,23 +9,17 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import kernels
 from .mp import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ["PRESETS", "Block", "Precond", "UNet", "mp_attention"]
 
 
 # Self-attention with pixel-normalised q, k, v read from the qkv convolution output [N, 3C, H, W]
-# viewed as [N, heads, C/heads, 3, H*W]; returns [N, C, H, W] (Figure 21, "attention").
+# viewed as [N, heads, C/heads, 3, H*W]; returns [N, C, H, W] (Figure 21, "attention"). Dispatches
+# to the fused CUDA kernel on GPUs and to the torch reference elsewhere (autoguide_fast.kernels).
 def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    n, c3, h, w = qkv.shape
-    if c3 % (3 * num_heads) != 0:
-        raise ValueError(f"qkv channels ({c3}) must be divisible by 3 * num_heads ({3 * num_heads})")
-    y = qkv.reshape(n, num_heads, -1, 3, h * w)
-    q, k, v = normalize(y, dim=2).unbind(3)  # each [N, heads, C/heads, HW]
-    out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
-    )
-    return out.transpose(-1, -2).reshape(n, c3 // 3, h, w)
+    return kernels.mp_attention(qkv, num_heads)
 
 
 class Block(torch.nn.Module):

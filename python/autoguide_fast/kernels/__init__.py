@@ -1,0 +1,78 @@
+"""Fused operations with a CUDA implementation (``csrc/``, NVRTC through CuPy) and a pure-torch
+reference. The sampler and the network call these functions; the dispatcher picks CUDA for
+CUDA tensors when CuPy is installed (``pip install autoguide_fast[cuda]``), the reference
+otherwise. ``AUTOGUIDE_KERNELS=reference|cuda|auto`` (default ``auto``) forces a path;
+``auto`` logs its choice once.
+
+- :func:`guided_euler`, :func:`guided_heun`: the arithmetic of a guided Heun sampler step.
+- :func:`mp_attention`: magnitude-preserving self-attention from the qkv convolution output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from . import reference
+
+__all__ = ["guided_euler", "guided_heun", "mode", "mp_attention", "reference"]
+
+_log = logging.getLogger(__name__)
+_announced: set[str] = set()
+
+
+def mode() -> str:
+    """The requested path: ``AUTOGUIDE_KERNELS`` (reference, cuda or auto)."""
+    value = os.environ.get("AUTOGUIDE_KERNELS", "auto").strip().lower()
+    if value not in ("reference", "cuda", "auto"):
+        raise ValueError(f"AUTOGUIDE_KERNELS must be reference, cuda or auto, got {value!r}")
+    return value
+
+
+def _use_cuda(t: torch.Tensor, what: str) -> bool:
+    m = mode()
+    if m == "reference" or t.device.type != "cuda":
+        return False
+    from . import cuda
+
+    ok = cuda.available()
+    if m == "cuda" and not ok:
+        raise RuntimeError(
+            "AUTOGUIDE_KERNELS=cuda, but CuPy is not installed (pip install autoguide_fast[cuda])"
+        )
+    if m == "auto" and what not in _announced:
+        _announced.add(what)
+        _log.info("autoguide_fast: %s uses the %s path", what, "CUDA kernel" if ok else "torch reference")
+    return ok
+
+
+def guided_euler(x_hat, d_main, d_guide, weight: float, t_hat: float, t_next: float):
+    """``(x_next, d)``: Euler step from ``t_hat`` to ``t_next`` with ``D = D_guide.lerp(D_main, w)``
+    (``D_main`` when ``d_guide`` is None); ``d`` (float32 on CUDA) feeds :func:`guided_heun`."""
+    if _use_cuda(x_hat, "guided step"):
+        from . import cuda
+
+        return cuda.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
+    return reference.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
+
+
+def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: float, t_next: float):
+    """Heun-corrected state at ``t_next``, from the Euler result and the guided denoiser there."""
+    if _use_cuda(x_hat, "guided step"):
+        from . import cuda
+
+        return cuda.guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next)
+    return reference.guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next)
+
+
+def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Attention of the EDM2 block: qkv [N, 3C, H, W] -> [N, C, H, W] (see ``reference``). The
+    CUDA kernel serves head dims 32, 64 and 128; other shapes use the reference."""
+    if _use_cuda(qkv, "attention"):
+        from . import cuda
+
+        if cuda.supports_attention(qkv, num_heads):
+            return cuda.mp_attention(qkv, num_heads)
+    return reference.mp_attention(qkv, num_heads)

@@ -1,0 +1,190 @@
+"""CUDA implementations: the kernels in ``csrc/`` compiled at first use by NVRTC through CuPy
+(``cupy.RawModule``; CuPy caches the binaries on disk per GPU architecture), launched on
+PyTorch's current stream with the tensors' own pointers, and registered as torch custom ops
+with fake implementations (``torch.compile``, CUDA graphs). This module imports CuPy lazily;
+nothing here queries a GPU at import time."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["available", "guided_euler", "guided_heun", "kernel_source", "mp_attention"]
+
+CSRC = Path(__file__).parent / "csrc"
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+HEAD_DIMS = (32, 64, 128)
+EPS = 1e-4  # networks.mp.normalize
+
+
+def kernel_source(name: str) -> str:
+    """A kernel file with ``common.cuh`` inlined (so that NVRTC needs no include path)."""
+    common = (CSRC / "common.cuh").read_text()
+    return (CSRC / name).read_text().replace('#include "common.cuh"', common)
+
+
+@functools.cache
+def available() -> bool:
+    """CuPy importable and a CUDA device visible to torch."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _module(name: str, device_index: int):
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=kernel_source(name), options=("--std=c++17",))
+
+
+def _launch(module: str, kernel: str, device: torch.device, grid, block, args) -> None:
+    import cupy
+
+    fn = _module(module, device.index or 0).get_function(kernel)
+    with (
+        cupy.cuda.Device(device.index or 0),
+        cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream),
+    ):
+        fn(grid, block, args)
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _check(name: str, t: torch.Tensor, like: torch.Tensor, dtype=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, expected {like.device}")
+    if t.dtype != (dtype or like.dtype):
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype or like.dtype}")
+    if t.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(like.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_step(x_hat: torch.Tensor, tensors: dict) -> None:
+    if x_hat.device.type != "cuda":
+        raise ValueError(f"x_hat must be a CUDA tensor, got one on {x_hat.device}")
+    if x_hat.dtype not in _SUFFIX:
+        raise TypeError(f"x_hat must be float32, float16 or bfloat16, got {x_hat.dtype}")
+    _check("x_hat", x_hat, x_hat)
+    for name, (t, dtype) in tensors.items():
+        if t is not None:
+            _check(name, t, x_hat, dtype)
+
+
+def _grid(n: int, per_thread: int) -> tuple[tuple[int], tuple[int]]:
+    threads = 256
+    blocks = max(1, min((n // per_thread + threads - 1) // threads, 65535))
+    return (blocks,), (threads,)
+
+
+def _aligned(*tensors) -> np.int32:
+    return np.int32(all(t is None or t.data_ptr() % 16 == 0 for t in tensors))
+
+
+@torch.library.custom_op("autoguide_fast::guided_euler", mutates_args=())
+def _guided_euler_op(
+    x_hat: torch.Tensor, d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float, t_hat: float,
+    t_next: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    x_next = torch.empty_like(x_hat)
+    d = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)
+    n = x_hat.numel()
+    if n:
+        grid, block = _grid(n, 16 // x_hat.element_size())
+        args = (_ptr(x_hat), _ptr(d_main), _ptr(d_guide), _ptr(x_next), _ptr(d), np.int64(n),
+                np.float32(weight), np.float32(t_hat), np.float32(t_next),
+                _aligned(x_hat, d_main, d_guide, x_next))  # fmt: skip
+        _launch("guided_step.cu", f"guided_euler_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
+    return x_next, d
+
+
+@_guided_euler_op.register_fake
+def _(x_hat, d_main, d_guide, weight, t_hat, t_next):
+    return torch.empty_like(x_hat), torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)
+
+
+@torch.library.custom_op("autoguide_fast::guided_heun", mutates_args=())
+def _guided_heun_op(
+    x_hat: torch.Tensor, x_next: torch.Tensor, d_cur: torch.Tensor, d_main: torch.Tensor,
+    d_guide: torch.Tensor | None, weight: float, t_hat: float, t_next: float,
+) -> torch.Tensor:  # fmt: skip
+    out = torch.empty_like(x_hat)
+    n = x_hat.numel()
+    if n:
+        grid, block = _grid(n, 16 // x_hat.element_size())
+        args = (_ptr(x_hat), _ptr(x_next), _ptr(d_cur), _ptr(d_main), _ptr(d_guide), _ptr(out), np.int64(n),
+                np.float32(weight), np.float32(t_hat), np.float32(t_next),
+                _aligned(x_hat, x_next, d_main, d_guide, out))  # fmt: skip
+        _launch("guided_step.cu", f"guided_heun_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
+    return out
+
+
+@_guided_heun_op.register_fake
+def _(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
+    return torch.empty_like(x_hat)
+
+
+@torch.library.custom_op("autoguide_fast::mp_attention", mutates_args=())
+def _mp_attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    n, c3, h, w = qkv.shape
+    c = c3 // 3
+    d = c // num_heads
+    y = torch.empty(n, c, h, w, dtype=qkv.dtype, device=qkv.device)
+    tile = 16 if d == 128 else 32
+    grid = ((h * w + tile - 1) // tile, num_heads, n)
+    args = (_ptr(qkv), _ptr(y), np.int32(num_heads), np.int32(h * w), np.float32(EPS))
+    _launch("mp_attention.cu", f"mp_attention_{_SUFFIX[qkv.dtype]}_d{d}", qkv.device, grid, (128,), args)
+    return y
+
+
+@_mp_attention_op.register_fake
+def _(qkv, num_heads):
+    n, c3, h, w = qkv.shape
+    return qkv.new_empty(n, c3 // 3, h, w)
+
+
+def guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next):
+    """Fused Euler step on CUDA; validates every input first."""
+    _check_step(x_hat, dict(d_main=(d_main, None), d_guide=(d_guide, None)))
+    return _guided_euler_op(x_hat, d_main, d_guide, float(weight), float(t_hat), float(t_next))
+
+
+def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
+    """Fused Heun correction on CUDA; validates every input first."""
+    _check_step(x_hat, dict(x_next=(x_next, None), d_cur=(d_cur, torch.float32), d_main=(d_main, None),
+                            d_guide=(d_guide, None)))  # fmt: skip
+    return _guided_heun_op(x_hat, x_next, d_cur, d_main, d_guide, float(weight), float(t_hat), float(t_next))
+
+
+def supports_attention(qkv: torch.Tensor, num_heads: int) -> bool:
+    n, c3, h, w = qkv.shape
+    return (
+        qkv.device.type == "cuda" and qkv.dtype in _SUFFIX and qkv.is_contiguous() and num_heads >= 1
+        and c3 % (3 * num_heads) == 0 and c3 // 3 // num_heads in HEAD_DIMS
+    )  # fmt: skip
+
+
+def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Fused attention on CUDA for head dims 32, 64, 128; validates every input first."""
+    if qkv.ndim != 4:
+        raise ValueError(f"qkv must be [N, 3C, H, W], got {tuple(qkv.shape)}")
+    if not supports_attention(qkv, num_heads):
+        raise ValueError(
+            f"qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} with {num_heads} heads is not supported "
+            f"by the CUDA kernel (contiguous CUDA float32/float16/bfloat16, head dim in {HEAD_DIMS})"
+        )
+    return _mp_attention_op(qkv, int(num_heads))

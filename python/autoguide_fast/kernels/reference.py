@@ -1,0 +1,40 @@
+"""Pure-torch references of the fused kernels (used on CPUs and whenever CUDA kernels are off)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..networks.mp import normalize
+
+__all__ = ["guided_euler", "guided_heun", "guided_denoised", "mp_attention"]
+
+
+def guided_denoised(d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """``D = D_guide + w (D_main - D_guide)``, or ``D_main`` without a guide."""
+    return d_main if d_guide is None else d_guide.lerp(d_main, weight)
+
+
+def guided_euler(x_hat, d_main, d_guide, weight: float, t_hat: float, t_next: float):
+    """Euler step of the guided ODE: returns ``(x_next, d)`` with ``d = (x_hat - D) / t_hat``."""
+    d = (x_hat - guided_denoised(d_main, d_guide, weight)) / t_hat
+    return x_hat + (t_next - t_hat) * d, d
+
+
+def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: float, t_next: float):
+    """Heun correction: averages ``d_cur`` with the slope at ``(x_next, t_next)``."""
+    d_prime = (x_next - guided_denoised(d_main, d_guide, weight)) / t_next
+    return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+
+
+def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Self-attention with pixel-normalised q, k, v read from the qkv convolution output
+    [N, 3C, H, W] viewed as [N, heads, C/heads, 3, H*W]; returns [N, C, H, W]."""
+    n, c3, h, w = qkv.shape
+    if num_heads < 1 or c3 % (3 * num_heads) != 0:
+        raise ValueError(f"qkv channels ({c3}) must be divisible by 3 * num_heads ({3 * num_heads})")
+    y = qkv.reshape(n, num_heads, -1, 3, h * w)
+    q, k, v = normalize(y, dim=2).unbind(3)  # each [N, heads, C/heads, HW]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
+    )
+    return out.transpose(-1, -2).reshape(n, c3 // 3, h, w)

@@ -1,0 +1,178 @@
+"""Fused kernels: NVRTC compilation (no GPU needed), the torch references against float64,
+dispatch, fake implementations, and, on a CUDA machine, the kernels against float64 references
+(skipped cleanly elsewhere; nothing queries the GPU at import time)."""
+
+import math
+
+import pytest
+import torch
+
+from autoguide_fast import kernels
+from autoguide_fast.kernels import reference
+
+
+def _has_cuda_kernels() -> bool:
+    from autoguide_fast.kernels import cuda
+
+    return cuda.available()
+
+
+gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("name", ["guided_step.cu", "mp_attention.cu"])
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernels_compile_with_nvrtc(name, arch):
+    from autoguide_fast.kernels.__main__ import compile_source
+
+    ok, log, cubin = compile_source(name, arch)
+    assert ok, log
+    assert cubin > 10_000
+
+
+def step_inputs(n, dtype, device="cpu", seed=0, guide=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 3
+    m = torch.randn(n, generator=g)
+    d = torch.randn(n, generator=g) if guide else None
+    return [t if t is None else t.to(device, dtype) for t in (x, m, d)]
+
+
+def euler64(x, m, d, w, t_hat, t_next):
+    x, m = x.double(), m.double()
+    D = m if d is None else d.double() + w * (m - d.double())
+    dd = (x - D) / t_hat
+    return x + (t_next - t_hat) * dd, dd
+
+
+@pytest.mark.parametrize("guide", [True, False])
+def test_reference_step_matches_float64(guide):
+    x, m, d = step_inputs(1001, torch.float32, guide=guide)
+    xn, dc = reference.guided_euler(x, m, d, 2.5, 3.0, 2.0)
+    want_xn, want_d = euler64(x, m, d, 2.5, 3.0, 2.0)
+    torch.testing.assert_close(xn.double(), want_xn, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dc.double(), want_d, rtol=1e-6, atol=1e-6)
+    m2 = torch.randn(1001)
+    out = reference.guided_heun(x, xn, dc, m2, None if d is None else d * 0.5, 2.5, 3.0, 2.0)
+    D2 = m2.double() if d is None else (0.5 * d.double()) + 2.5 * (m2.double() - 0.5 * d.double())
+    want = x.double() + (2.0 - 3.0) * (0.5 * dc.double() + 0.5 * (xn.double() - D2) / 2.0)
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_dispatch_mode(monkeypatch):
+    x, m, d = step_inputs(10, torch.float32)
+    qkv = torch.randn(1, 6, 2, 3)
+    for mode in ("reference", "auto", "cuda"):  # CPU tensors always take the reference
+        monkeypatch.setenv("AUTOGUIDE_KERNELS", mode)
+        assert kernels.mode() == mode
+        got = kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0]
+        torch.testing.assert_close(got, reference.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0], rtol=0, atol=0)
+        torch.testing.assert_close(
+            kernels.mp_attention(qkv, 1), reference.mp_attention(qkv, 1), rtol=0, atol=0
+        )
+    monkeypatch.setenv("AUTOGUIDE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="AUTOGUIDE_KERNELS must be"):
+        kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)
+
+
+def test_fake_implementations_give_shapes_for_compile():
+    from autoguide_fast.kernels import cuda
+
+    x = torch.empty(2, 4, 8, 8, device="meta", dtype=torch.float16)
+    xn, d = cuda._guided_euler_op(x, x, None, 2.0, 1.0, 0.5)
+    assert xn.shape == x.shape and xn.dtype == torch.float16 and d.dtype == torch.float32
+    assert cuda._guided_heun_op(x, x, d, x, x, 2.0, 1.0, 0.5).shape == x.shape
+    y = cuda._mp_attention_op(torch.empty(2, 3 * 64, 8, 8, device="meta"), 2)
+    assert y.shape == (2, 64, 8, 8)
+
+
+def test_cuda_layer_validates_inputs():
+    from autoguide_fast.kernels import cuda
+
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="x_hat must be a CUDA tensor"):
+        cuda.guided_euler(x, x, None, 2.0, 1.0, 0.5)
+    with pytest.raises(ValueError, match="not supported by the CUDA kernel"):
+        cuda.mp_attention(torch.zeros(1, 9, 2, 2), 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernels against float64 references, pass when the kernel's error is at most 2x that of
+# the torch reference at the same precision; outputs are poisoned first; NaN never passes.
+
+
+def _poison():
+    # Fill freed cached blocks with NaN so that an unwritten output element cannot look right.
+    junk = torch.full((1 << 24,), float("nan"), device="cuda")
+    del junk
+
+
+def _err(a, b):
+    return float((a.double() - b).abs().max())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 1000, 4099, 64 * 4 * 64 * 64 + 3])
+@pytest.mark.parametrize("guide", [True, False])
+def test_gpu_guided_step(dtype, n, guide):
+    if not _has_cuda_kernels():
+        pytest.skip("CuPy not installed")
+    from autoguide_fast.kernels import cuda
+
+    x, m, d = step_inputs(n, dtype, "cuda", guide=guide)
+    want_xn, want_d = euler64(x, m, d, 2.5, 3.0, 2.0)
+    _poison()
+    xn, dc = cuda.guided_euler(x, m, d, 2.5, 3.0, 2.0)
+    ref_xn, _ = reference.guided_euler(x, m, d, 2.5, 3.0, 2.0)
+    assert not torch.isnan(xn).any() and not torch.isnan(dc).any()
+    assert _err(xn, want_xn) <= 2 * _err(ref_xn, want_xn) + 1e-6
+    # Unaligned views (offset by one element) take the scalar path.
+    if n > 8:
+        xs, ms, ds = x[1:], m[1:], None if d is None else d[1:]
+        want_s = euler64(xs, ms, ds, 2.5, 3.0, 2.0)[0]
+        got = cuda.guided_euler(xs, ms, ds, 2.5, 3.0, 2.0)[0]
+        assert (
+            _err(got, want_s) <= 2 * _err(reference.guided_euler(xs, ms, ds, 2.5, 3.0, 2.0)[0], want_s) + 1e-6
+        )
+    m2 = torch.randn_like(m)
+    _poison()
+    out = cuda.guided_heun(x, xn, dc, m2, d, 2.5, 3.0, 2.0)
+    ref_out = reference.guided_heun(x, xn, dc, m2, d, 2.5, 3.0, 2.0)
+    D2 = m2.double() if d is None else d.double() + 2.5 * (m2.double() - d.double())
+    want = x.double() + (2.0 - 3.0) * (0.5 * dc.double() + 0.5 * (xn.double() - D2) / 2.0)
+    assert not torch.isnan(out).any()
+    assert _err(out, want) <= 2 * _err(ref_out, want) + 1e-6
+
+
+def attention64(qkv, heads):
+    n, c3, h, w = qkv.shape
+    y = qkv.double().reshape(n, heads, -1, 3, h * w)
+    d = y.shape[2]
+    y = y / (1e-4 + y.norm(dim=2, keepdim=True) / math.sqrt(d))
+    q, k, v = y.unbind(3)
+    a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(d)).softmax(dim=3)
+    return torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c3 // 3, h, w)
+
+
+ATTENTION_SHAPES = [(2, 64, (8, 8)), (3, 32, (7, 9)), (5, 64, (16, 16)), (1, 128, (1, 63)), (4, 64, (1, 257)),
+                    (2, 32, (32, 32))]  # fmt: skip
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, d, hw", ATTENTION_SHAPES)
+def test_gpu_attention(dtype, heads, d, hw):
+    if not _has_cuda_kernels():
+        pytest.skip("CuPy not installed")
+    from autoguide_fast.kernels import cuda
+
+    qkv = torch.randn(2, 3 * heads * d, *hw, device="cuda").to(dtype)
+    want = attention64(qkv, heads)
+    _poison()
+    got = cuda.mp_attention(qkv, heads)
+    ref = reference.mp_attention(qkv, heads)
+    assert not torch.isnan(got).any()
+    assert _err(got, want) <= 2 * _err(ref, want) + 1e-6
