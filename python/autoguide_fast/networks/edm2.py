@@ -275,6 +275,11 @@ def _img64(model_channels: int) -> dict:
     return dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=model_channels)
 
 
+def _small(res: int, channels: int, **unet) -> dict:
+    # CPU-sized networks: 10 classes, float32.
+    return dict(img_resolution=res, img_channels=channels, label_dim=10, use_fp16=False, **unet)
+
+
 # Constructor arguments of Precond by name. The published EDM2 models (ImageNet-512 on 64x64x4
 # latents, ImageNet-64 on pixels) and small CPU-sized presets for 8x8 (digits) and 32x32 images.
 PRESETS: dict[str, dict] = {
@@ -284,45 +289,9 @@ PRESETS: dict[str, dict] = {
     },
     **{f"edm2-img64-{k}": _img64(c) for k, c in dict(xs=128, s=192, m=256, l=320, xl=384).items()},
     # 8x8 images (e.g. the digits set), 10 classes: 4.0 M parameters and a 0.7 M guide.
-    "digits-s": dict(
-        img_resolution=8,
-        img_channels=1,
-        label_dim=10,
-        model_channels=64,
-        channel_mult=[1, 2],
-        num_blocks=2,
-        attn_resolutions=[4],
-        use_fp16=False,
-    ),  # fmt: skip
-    "digits-xs": dict(
-        img_resolution=8,
-        img_channels=1,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[4],
-        use_fp16=False,
-    ),  # fmt: skip
+    "digits-s": _small(8, 1, model_channels=64, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4]),
+    "digits-xs": _small(8, 1, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
     # 32x32 RGB images, 10 classes: 6.8 M and 1.2 M parameters.
-    "img32-s": dict(
-        img_resolution=32,
-        img_channels=3,
-        label_dim=10,
-        model_channels=64,
-        channel_mult=[1, 2, 2],
-        num_blocks=2,
-        attn_resolutions=[8],
-        use_fp16=False,
-    ),  # fmt: skip
-    "img32-xs": dict(
-        img_resolution=32,
-        img_channels=3,
-        label_dim=10,
-        model_channels=32,
-        channel_mult=[1, 2, 2],
-        num_blocks=1,
-        attn_resolutions=[8],
-        use_fp16=False,
-    ),  # fmt: skip
+    "img32-s": _small(32, 3, model_channels=64, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[8]),
+    "img32-xs": _small(32, 3, model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8]),
 }

@@ -153,6 +153,38 @@ impl MappedSnapshot {
     }
 }
 
+/// Byte length of a tensor of `dtype` and `shape`, None on overflow.
+fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(dtype.bitsize(), |acc, &d| acc.checked_mul(d))
+        .map(|bits| bits.div_ceil(8))
+}
+
+/// The directory of `path` and a temporary file name next to it, unique to this process.
+fn temp_path(path: &Path) -> Result<(PathBuf, PathBuf)> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| crate::error::invalid("path", path.display(), "a file path"))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    Ok((dir, tmp))
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error(dir, e))
+}
+
 /// A borrowed tensor to write.
 #[derive(Debug, Clone)]
 pub struct TensorData<'a> {
@@ -219,11 +251,7 @@ pub fn write_atomic(
         if !seen.insert(t.name.as_str()) {
             return Err(crate::error::invalid("tensors", &t.name, "uniquely named"));
         }
-        let want = t
-            .shape
-            .iter()
-            .try_fold(t.dtype.bitsize(), |acc, &d| acc.checked_mul(d))
-            .map(|bits| bits.div_ceil(8));
+        let want = byte_len(t.dtype, &t.shape);
         if want != Some(t.data.len()) {
             return Err(Error::ShapeMismatch {
                 what: "tensor bytes (shape x dtype size)",
@@ -232,18 +260,7 @@ pub fn write_atomic(
             });
         }
     }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| crate::error::invalid("path", path.display(), "a file path"))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    let (dir, tmp) = temp_path(path)?;
     let info = if metadata.is_empty() {
         None
     } else {
@@ -259,10 +276,7 @@ pub fn write_atomic(
             .and_then(|f| f.sync_all())
             .map_err(|e| io_error(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
-        // Make the rename itself durable.
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(&dir, e))
+        sync_dir(&dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -304,11 +318,7 @@ impl MappedOutput {
         let mut offset = 0usize;
         let mut rel = Vec::with_capacity(tensors.len());
         for (name, dtype, shape) in tensors {
-            let bytes = shape
-                .iter()
-                .try_fold(dtype.bitsize(), |a, &d| a.checked_mul(d))
-                .map(|b| b.div_ceil(8));
-            let bytes = bytes.ok_or_else(|| {
+            let bytes = byte_len(*dtype, shape).ok_or_else(|| {
                 crate::error::invalid("shape", format!("{shape:?}"), "small enough to address")
             })?;
             header.insert(
@@ -322,18 +332,7 @@ impl MappedOutput {
         json.resize(json.len().div_ceil(8) * 8, b' ');
         let data_start = 8 + json.len();
         let total = data_start + offset;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .ok_or_else(|| crate::error::invalid("path", path.display(), "a file path"))?;
-        let tmp = dir.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
+        let (_, tmp) = temp_path(&path)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -381,14 +380,7 @@ impl MappedOutput {
         self.map.flush().map_err(|e| io_error(&self.tmp, e))?;
         std::fs::rename(&self.tmp, &self.path).map_err(|e| io_error(&self.path, e))?;
         self.committed = true;
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_error(dir, e))
+        sync_dir(&temp_path(&self.path)?.0)
     }
 }
 
