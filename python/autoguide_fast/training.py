@@ -241,7 +241,7 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
     ``torchrun`` every process takes its share of each batch (DDP; NCCL on GPUs, gloo on CPUs).
     Writes network snapshots per EMA width, training-state checkpoints, ``stats.jsonl`` and
     ``loss.png``. Returns a summary (final nimg, status, files)."""
-    from .checkpoint import atomic_write_bytes, save_network
+    from .checkpoint import atomic_write_bytes, read_metadata, save_network
     from .data import ImageDataset, load_dataset
     from .networks.edm2 import PRESETS, Precond
 
@@ -288,7 +288,7 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
     nimg, step = 0, 0
     states = _states(out) if out.is_dir() else []
     if states:
-        saved = TrainOptions.from_json(_read_meta(states[-1])["options"])
+        saved = TrainOptions.from_json(read_metadata(states[-1])["options"])
         if (saved.preset, saved.net_kwargs, saved.cond) != (opts.preset, opts.net_kwargs, opts.cond):
             raise ValueError(
                 f"{out} holds a run of another network ({saved.preset}, cond={saved.cond}); use another out"
@@ -386,9 +386,3 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
     if dist.is_initialized():
         dist.barrier()
     return dict(status=status, nimg=nimg, step=step, out=str(out))
-
-
-def _read_meta(path: Path) -> dict[str, str]:
-    from .checkpoint import read_metadata
-
-    return read_metadata(path)
