@@ -128,17 +128,21 @@ def generate(
         yield Batch(chunk, to_uint8(x).cpu(), None if classes is None else classes.cpu())
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, columns: int | None = None) -> None:
-    """Writes uint8 images [N, C, H, W] as one PNG grid (nearest-neighbour upscaled when tiny)."""
+def save_grid(
+    images: torch.Tensor, path: str | os.PathLike, columns: int | None = None, pad: int = 1
+) -> None:
+    """Writes uint8 images [N, C, H, W] as one PNG grid with ``pad``-pixel grey separators
+    (nearest-neighbour upscaled when tiny)."""
     from PIL import Image
 
     n, c, h, w = images.shape
     cols = columns or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = torch.zeros(rows * h, cols * w, c, dtype=torch.uint8)
+    grid = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 96, dtype=torch.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[r * h : (r + 1) * h, q * w : (q + 1) * w] = images[i].permute(1, 2, 0)
+        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y0 : y0 + h, x0 : x0 + w] = images[i].permute(1, 2, 0)
     arr = grid.numpy()
     img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
     scale = max(1, 256 // max(h, w))
