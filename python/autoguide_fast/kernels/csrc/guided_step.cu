@@ -12,93 +12,81 @@
 
 template <typename T> struct Vec16 { T v[16 / sizeof(T)]; };
 
-template <typename T>
-__device__ __forceinline__ float guided(const T* dm, const T* dg, long long i, float w) {
-    float m = to_float(dm[i]);
-    if (dg == nullptr) return m;
-    float g = to_float(dg[i]);
-    return g + w * (m - g);
+// The arithmetic of one element, shared by the vector and the scalar paths.
+__device__ __forceinline__ float guided_value(float m, float g, bool has_guide, float w) {
+    return has_guide ? g + w * (m - g) : m;
 }
 
-template <typename T>
-__device__ __forceinline__ void euler_one(const T* x_hat, const T* dm, const T* dg, T* x_next, float* d_out,
-                                          long long i, float w, float t_hat, float t_next) {
-    float x = to_float(x_hat[i]);
-    float d = (x - guided(dm, dg, i, w)) / t_hat;
-    x_next[i] = from_float<T>(x + (t_next - t_hat) * d);
-    d_out[i] = d;
+__device__ __forceinline__ float euler_elem(float x, float D, float t_hat, float t_next, float* d) {
+    *d = (x - D) / t_hat;
+    return x + (t_next - t_hat) * *d;
 }
 
-template <typename T>
-__device__ __forceinline__ void heun_one(const T* x_hat, const T* x_next, const float* d_cur, const T* dm,
-                                         const T* dg, T* x_out, long long i, float w, float t_hat, float t_next) {
-    float xn = to_float(x_next[i]);
-    float d2 = (xn - guided(dm, dg, i, w)) / t_next;
-    x_out[i] = from_float<T>(to_float(x_hat[i]) + (t_next - t_hat) * (0.5f * d_cur[i] + 0.5f * d2));
+__device__ __forceinline__ float heun_elem(float x_hat, float x_next, float d_cur, float D, float t_hat, float t_next) {
+    float d2 = (x_next - D) / t_next;
+    return x_hat + (t_next - t_hat) * (0.5f * d_cur + 0.5f * d2);
 }
 
 template <typename T>
 __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float* d_out, long long n, float w,
                       float t_hat, float t_next, int vec) {
     const long long stride = (long long)gridDim.x * blockDim.x;
-    long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool has_guide = dg != nullptr;
     long long done = 0;
     if (vec) {
         const int V = 16 / sizeof(T);
-        long long groups = n / V;
+        const long long groups = n / V;
         for (long long g = start; g < groups; g += stride) {
             Vec16<T> xv = reinterpret_cast<const Vec16<T>*>(x_hat)[g];
             Vec16<T> mv = reinterpret_cast<const Vec16<T>*>(dm)[g];
-            Vec16<T> gv;
-            if (dg != nullptr) gv = reinterpret_cast<const Vec16<T>*>(dg)[g];
+            Vec16<T> gv = has_guide ? reinterpret_cast<const Vec16<T>*>(dg)[g] : mv;
             Vec16<T> out;
-            float d[16 / sizeof(T)];
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                float m = to_float(mv.v[k]);
-                float D = dg == nullptr ? m : to_float(gv.v[k]) + w * (m - to_float(gv.v[k]));
-                float x = to_float(xv.v[k]);
-                d[k] = (x - D) / t_hat;
-                out.v[k] = from_float<T>(x + (t_next - t_hat) * d[k]);
+                float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
+                out.v[k] = from_float<T>(euler_elem(to_float(xv.v[k]), D, t_hat, t_next, &d_out[g * V + k]));
             }
             reinterpret_cast<Vec16<T>*>(x_next)[g] = out;
-#pragma unroll
-            for (int k = 0; k < V; ++k) d_out[g * V + k] = d[k];
         }
         done = groups * V;
     }
-    for (long long i = done + start; i < n; i += stride) euler_one(x_hat, dm, dg, x_next, d_out, i, w, t_hat, t_next);
+    for (long long i = done + start; i < n; i += stride) {
+        float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
+        x_next[i] = from_float<T>(euler_elem(to_float(x_hat[i]), D, t_hat, t_next, &d_out[i]));
+    }
 }
 
 template <typename T>
 __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const T* dm, const T* dg, T* x_out,
                      long long n, float w, float t_hat, float t_next, int vec) {
     const long long stride = (long long)gridDim.x * blockDim.x;
-    long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool has_guide = dg != nullptr;
     long long done = 0;
     if (vec) {
         const int V = 16 / sizeof(T);
-        long long groups = n / V;
+        const long long groups = n / V;
         for (long long g = start; g < groups; g += stride) {
             Vec16<T> hv = reinterpret_cast<const Vec16<T>*>(x_hat)[g];
             Vec16<T> nv = reinterpret_cast<const Vec16<T>*>(x_next)[g];
             Vec16<T> mv = reinterpret_cast<const Vec16<T>*>(dm)[g];
-            Vec16<T> gv;
-            if (dg != nullptr) gv = reinterpret_cast<const Vec16<T>*>(dg)[g];
+            Vec16<T> gv = has_guide ? reinterpret_cast<const Vec16<T>*>(dg)[g] : mv;
             Vec16<T> out;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
-                float m = to_float(mv.v[k]);
-                float D = dg == nullptr ? m : to_float(gv.v[k]) + w * (m - to_float(gv.v[k]));
-                float d2 = (to_float(nv.v[k]) - D) / t_next;
-                out.v[k] = from_float<T>(to_float(hv.v[k]) + (t_next - t_hat) * (0.5f * d_cur[g * V + k] + 0.5f * d2));
+                float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
+                out.v[k] = from_float<T>(
+                    heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), d_cur[g * V + k], D, t_hat, t_next));
             }
             reinterpret_cast<Vec16<T>*>(x_out)[g] = out;
         }
         done = groups * V;
     }
-    for (long long i = done + start; i < n; i += stride)
-        heun_one(x_hat, x_next, d_cur, dm, dg, x_out, i, w, t_hat, t_next);
+    for (long long i = done + start; i < n; i += stride) {
+        float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
+        x_out[i] = from_float<T>(heun_elem(to_float(x_hat[i]), to_float(x_next[i]), d_cur[i], D, t_hat, t_next));
+    }
 }
 
 #define ENTRY(NAME, T)                                                                                     \
