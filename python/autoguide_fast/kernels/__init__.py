@@ -48,10 +48,19 @@ def _use_cuda(t: torch.Tensor, what: str) -> bool:
     return ok
 
 
+def _fusable(*tensors) -> bool:
+    # The fused step takes contiguous tensors of one shape and dtype; anything else uses the reference.
+    first = tensors[0]
+    return all(
+        t is None or (t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype)
+        for t in tensors
+    )
+
+
 def guided_euler(x_hat, d_main, d_guide, weight: float, t_hat: float, t_next: float):
     """``(x_next, d)``: Euler step from ``t_hat`` to ``t_next`` with ``D = D_guide.lerp(D_main, w)``
     (``D_main`` when ``d_guide`` is None); ``d`` (float32 on CUDA) feeds :func:`guided_heun`."""
-    if _use_cuda(x_hat, "guided step"):
+    if _use_cuda(x_hat, "guided step") and _fusable(x_hat, d_main, d_guide):
         from . import cuda
 
         return cuda.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
@@ -60,7 +69,12 @@ def guided_euler(x_hat, d_main, d_guide, weight: float, t_hat: float, t_next: fl
 
 def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: float, t_next: float):
     """Heun-corrected state at ``t_next``, from the Euler result and the guided denoiser there."""
-    if _use_cuda(x_hat, "guided step"):
+    if (
+        _use_cuda(x_hat, "guided step")
+        and _fusable(x_hat, x_next, d_main, d_guide)
+        and d_cur.dtype == torch.float32
+        and d_cur.is_contiguous()
+    ):
         from . import cuda
 
         return cuda.guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next)

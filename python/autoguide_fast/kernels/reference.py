@@ -23,7 +23,8 @@ def guided_euler(x_hat, d_main, d_guide, weight: float, t_hat: float, t_next: fl
 def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: float, t_next: float):
     """Heun correction: averages ``d_cur`` with the slope at ``(x_next, t_next)``."""
     d_prime = (x_next - guided_denoised(d_main, d_guide, weight)) / t_next
-    return x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    # d_cur may be float32 from the fused Euler step while the state is half precision.
+    return (x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)).to(x_hat.dtype)
 
 
 def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
