@@ -150,5 +150,10 @@ def test_mutated_files_fail_cleanly(tmp_path, data):
 def test_random_bytes_fail_cleanly(tmp_path_factory, blob):
     path = tmp_path_factory.mktemp("rand") / "random.safetensors"
     path.write_bytes(blob)
-    with pytest.raises(AutoguideError, match="random.safetensors"):
-        checkpoint.open(path)
+    try:
+        snap = checkpoint.open(path)
+    except AutoguideError as e:
+        assert "random.safetensors" in str(e)
+        return
+    for name in snap:  # a blob that happens to be valid must read back without a crash
+        snap[name]
