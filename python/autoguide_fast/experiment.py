@@ -230,7 +230,16 @@ def _heatmap(rows, ws, path):
     for i in range(len(pairs)):
         for j in range(len(ws)):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+                light = grid[i, j] < np.nanmin(grid) + 0.5 * (np.nanmax(grid) - np.nanmin(grid))
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="k" if light else "w",
+                    fontsize=8,
+                )
     fig.colorbar(im, label="FD_digits")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
