@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from autoguide_fast.cli import main
 from autoguide_fast.generation import compact_seeds, generate, parse_seeds
 from autoguide_fast.metrics import feature_stats, frechet_distance
 from autoguide_fast.networks import PRESETS, Precond
+from conftest import free_port
 
 
 def tiny(tmp_path, name="net", seed=0, **kw):
@@ -149,12 +149,6 @@ def test_cli_generate_and_eval(tmp_path, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_generation_matches_one_process(tmp_path):
     _, net = tiny(tmp_path)
     common = [
@@ -171,7 +165,7 @@ def test_torchrun_generation_matches_one_process(tmp_path):
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "autoguide_fast.cli",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "autoguide_fast.cli",
            *common, "--out", str(tmp_path / "ddp")]  # fmt: skip
     ran = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert ran.returncode == 0, ran.stderr[-3000:]

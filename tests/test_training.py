@@ -5,7 +5,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import autoguide_fast as ag
 from autoguide_fast import checkpoint
 from autoguide_fast.data import load_dataset
 from autoguide_fast.training import TrainOptions, train
+from conftest import free_port
 
 SMALL = dict(preset="digits-xs", batch=32, snapshot_kimg=0.128, checkpoint_kimg=0.128, log_kimg=0.064,
              rampup_kimg=0.1, lr_decay_kimg=0.2)  # fmt: skip
@@ -131,16 +131,10 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_is_exact(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "autoguide_fast.cli",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "autoguide_fast.cli",
            *_cli(tmp_path / "ddp", 0.128)[3:]]  # fmt: skip
     ran = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]

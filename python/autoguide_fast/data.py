@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageDataset", "load_dataset"]
+__all__ = ["ImageDataset", "load_dataset", "to_float"]
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (inverse of ``generation.to_uint8`` up to rounding)."""
+    return images.to(torch.float32) / 127.5 - 1
+
 
 _IMAGE_SUFFIXES = (".png",)
 
@@ -74,7 +80,7 @@ class ImageDataset:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images in [-1, 1] float32 [B, C, H, W] and one-hot labels [B, label_dim] (None when
         ``label_dim`` is 0 or the data set is unlabelled)."""
-        x = self.images[indices].to(torch.float32) / 127.5 - 1
+        x = to_float(self.images[indices])
         label_dim = self.label_dim if label_dim is None else label_dim
         if label_dim == 0 or self.labels is None:
             return x, None

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data import to_float
 from .metrics import feature_stats, frechet_distance, knn_precision_recall
 
 __all__ = ["DigitsClassifier", "evaluate", "load_classifier", "reference_stats", "train_classifier"]
@@ -43,7 +44,7 @@ def _split(seed: int = 0):
     d = load_dataset("digits")
     perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed))
     n_test = len(d) // 5
-    x = d.images.float() / 127.5 - 1
+    x = to_float(d.images)
     return (x[perm[n_test:]], d.labels[perm[n_test:]]), (x[perm[:n_test]], d.labels[perm[:n_test]])
 
 
@@ -93,7 +94,7 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"images must be uint8 [N, 1, 8, 8] digits, got {images.dtype} {tuple(images.shape)}"
         )
-    return images.float() / 127.5 - 1
+    return to_float(images)
 
 
 @torch.no_grad()

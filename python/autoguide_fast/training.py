@@ -242,7 +242,7 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
     Writes network snapshots per EMA width, training-state checkpoints, ``stats.jsonl`` and
     ``loss.png``. Returns a summary (final nimg, status, files)."""
     from .checkpoint import atomic_write_bytes, read_metadata, save_network
-    from .data import ImageDataset, load_dataset
+    from .data import ImageDataset, load_dataset, to_float
     from .networks.edm2 import PRESETS, Precond
 
     opts = options or TrainOptions()
@@ -333,7 +333,7 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             for r in range(rounds):
                 lo = (r * world + rank) * batch_gpu
                 idx, sigma, noise = _draw(opts, step, lo, lo + batch_gpu, len(images), shape, device)
-                x = images[idx].to(torch.float32) / 127.5 - 1
+                x = to_float(images[idx])
                 y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).float()
                 sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
