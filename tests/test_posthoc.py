@@ -83,6 +83,37 @@ def test_reconstruction_is_the_weighted_sum_and_copies_buffers(tmp_path):
             torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_mixed_dtypes_orders_and_counts(tmp_path):
+    """9 inputs (a group of 8 and 1) with a different dtype per tensor and file (so tensors sit
+    in a different order in each file), 11 outputs (blocks of 8, 2 and 1), odd sizes and a
+    tensor spanning several work chunks: every output is the float64 weighted sum."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"big": (70001,), "odd": (5, 7), "scalar": (), "w": (3, 1, 3, 3)}
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    run, states = tmp_path / "run", []
+    nimgs = [1000 * (k // 3 + 1) for k in range(9)]
+    in_stds = [0.04, 0.09, 0.15] * 3
+    for k, (n, s) in enumerate(zip(nimgs, in_stds)):
+        state = {
+            name: torch.randn(shape, generator=g).to(dtypes[(k + i) % 3])
+            for i, (name, shape) in enumerate(shapes.items())
+        }
+        states.append(state)
+        checkpoint.save(state, run / f"s-{k}.safetensors", dict(nimg=str(n), ema_std=str(s)))
+    orders = {tuple(checkpoint.open(run / f"s-{k}.safetensors").keys()) for k in range(9)}
+    assert len(orders) > 1  # the files really differ in tensor order
+    out_std = [0.05 + 0.01 * j for j in range(11)]
+    paths = reconstruct(run, out_std, out_dir=tmp_path / "out", progress=False)
+    x = solve_coefficients(nimgs, in_stds, max(nimgs), out_std)
+    for j, path in enumerate(paths):
+        got = checkpoint.load(path)
+        assert sorted(got) == sorted(shapes)
+        for name in shapes:
+            want = sum(float(x[i, j]) * states[i][name].double() for i in range(9))
+            assert got[name].dtype == torch.float32
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_reconstruction_is_linear(tmp_path):
     run_y, ys = make_run(tmp_path, seed=1, name="y")
     run_z, zs = make_run(tmp_path, seed=2, name="z")

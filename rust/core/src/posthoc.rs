@@ -13,7 +13,7 @@ use safetensors::tensor::Dtype;
 
 use crate::error::{invalid, Error, Result};
 use crate::phema::std_to_exp;
-use crate::store::{MappedOutput, MappedSnapshot};
+use crate::store::{MappedSnapshot, OutputFile};
 
 /// Inner product of two power-function EMA profiles (Eq. 151): profile `a` ends at time
 /// `a_t` with exponent `a_e`, profile `b` likewise.
@@ -203,44 +203,84 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-/// Inputs accumulated per pass over an output chunk: each pass reads and writes the output
-/// chunk once for this many inputs.
-const GROUP: usize = 4;
+/// Inputs accumulated per pass over the accumulators.
+const GROUP: usize = 8;
 
-/// `y += sum_k w[k] * x[k]` over `N` inputs (same length as `y`).
+/// `y[j][e] += sum_k w[k][j] * x[k][e]` for `G` inputs and `B` outputs of the same length:
+/// each input element is loaded once for all `B` outputs, whose partial sums stay in
+/// registers. Sums run over the inputs in order, so the result does not depend on `G`, `B`
+/// or the instruction set.
 #[inline(always)]
-fn accumulate_n<const N: usize>(w: [f32; N], x: [&[f32]; N], y: &mut [f32]) {
-    let len = y.len();
-    let x: [&[f32]; N] = std::array::from_fn(|k| &x[k][..len]);
+fn accumulate_block<const G: usize, const B: usize>(
+    w: &[[f32; B]; G],
+    x: &[&[f32]],
+    y: &mut [&mut [f32]],
+) {
+    let len = y[0].len();
+    let x: [&[f32]; G] = std::array::from_fn(|k| &x[k][..len]);
+    let mut rows = y.iter_mut();
+    let y: [&mut [f32]; B] = std::array::from_fn(|_| &mut rows.next().expect("B outputs")[..len]);
     for e in 0..len {
-        let mut acc = y[e];
-        for k in 0..N {
-            acc += w[k] * x[k][e];
+        let mut acc: [f32; B] = std::array::from_fn(|j| y[j][e]);
+        for k in 0..G {
+            let v = x[k][e];
+            for j in 0..B {
+                acc[j] += w[k][j] * v;
+            }
         }
-        y[e] = acc;
+        for j in 0..B {
+            y[j][e] = acc[j];
+        }
     }
 }
 
+/// Largest of 8, 4, 2, 1 that is at most `n` (n >= 1).
+fn block_size(n: usize) -> usize {
+    [8, 4, 2, 1].into_iter().find(|&b| b <= n).unwrap_or(1)
+}
+
+macro_rules! dispatch_block {
+    ($g:expr, $b:expr, $w:expr, $x:expr, $y:expr; $(($G:literal, $B:literal)),*) => {
+        match ($g, $b) {
+            $(($G, $B) => {
+                let w: [[f32; $B]; $G] = std::array::from_fn(|k| std::array::from_fn(|j| $w(k, j)));
+                accumulate_block::<$G, $B>(&w, $x, $y)
+            })*
+            (g, b) => unreachable!("blocks of 1, 2, 4 or 8, got {g} x {b}"),
+        }
+    };
+}
+
+/// `y[j] += sum_k w[k * m + j] * x[k]` for every output `j < m = y.len()` and input
+/// `k < x.len()` (at most [`GROUP`]), in blocks of up to 8 x 8.
 #[inline(always)]
-fn accumulate_impl(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
-    match w.len() {
-        1 => accumulate_n([w[0]], [x[0]], y),
-        2 => accumulate_n([w[0], w[1]], [x[0], x[1]], y),
-        3 => accumulate_n([w[0], w[1], w[2]], [x[0], x[1], x[2]], y),
-        4 => accumulate_n([w[0], w[1], w[2], w[3]], [x[0], x[1], x[2], x[3]], y),
-        k => unreachable!("groups hold 1 to {GROUP} inputs, got {k}"),
+fn accumulate_impl(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
+    let m = y.len();
+    let mut j0 = 0;
+    while j0 < m {
+        let b = block_size(m - j0);
+        let mut k0 = 0;
+        while k0 < x.len() {
+            let g = block_size(x.len() - k0);
+            let wk = |k: usize, j: usize| w[(k0 + k) * m + j0 + j];
+            dispatch_block!(g, b, wk, &x[k0..k0 + g], &mut y[j0..j0 + b];
+                (8, 8), (8, 4), (8, 2), (8, 1), (4, 8), (4, 4), (4, 2), (4, 1),
+                (2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1));
+            k0 += g;
+        }
+        j0 += b;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn accumulate_avx2(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
+fn accumulate_avx2(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
     accumulate_impl(w, x, y)
 }
 
-/// `y += sum_k w[k] * x[k]` for up to [`GROUP`] inputs; 8-lane code on CPUs with AVX2 (the
-/// same arithmetic, so the same results, as the baseline build).
-fn accumulate(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
+/// `y[j] += sum_k w[k * m + j] * x[k]` (see [`accumulate_impl`]); 8-lane code on CPUs with
+/// AVX2, with the same arithmetic, so the same results, as the portable build.
+fn accumulate(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2, checked just above.
@@ -249,17 +289,134 @@ fn accumulate(w: &[f32], x: &[&[f32]], y: &mut [f32]) {
     accumulate_impl(w, x, y)
 }
 
+/// The little-endian bytes of `x` (safetensors byte order; the crate requires a little-endian
+/// host).
+fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and u8 has alignment 1; the length covers exactly `x`.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+/// Granularity of input page release.
+const PAGE: usize = 4096;
+
+/// Disjoint half-open byte ranges, merged as they are added.
+#[derive(Default)]
+struct Intervals(BTreeMap<usize, usize>);
+
+impl Intervals {
+    /// Adds `[a, b)` and returns the merged range that now contains it.
+    fn insert(&mut self, mut a: usize, mut b: usize) -> (usize, usize) {
+        if let Some((&s, &e)) = self.0.range(..=a).next_back() {
+            if e >= a {
+                self.0.remove(&s);
+                a = s;
+                b = b.max(e);
+            }
+        }
+        while let Some((&s, &e)) = self.0.range(a..=b).next() {
+            self.0.remove(&s);
+            b = b.max(e);
+        }
+        self.0.insert(a, b);
+        (a, b)
+    }
+
+    /// The range that contains `a` (which must have been inserted).
+    fn containing(&self, a: usize) -> (usize, usize) {
+        let (&s, &e) = self
+            .0
+            .range(..=a)
+            .next_back()
+            .expect("an inserted position");
+        (s, e)
+    }
+
+    /// The parts of `[a, b)` not covered.
+    fn gaps(&self, a: usize, b: usize) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        if a >= b {
+            return out;
+        }
+        let mut at = a;
+        let first = self.0.range(..=a).next_back().map(|(&s, &e)| (s, e));
+        for (s, e) in first
+            .into_iter()
+            .chain(self.0.range(a + 1..b).map(|(&s, &e)| (s, e)))
+        {
+            if s > at {
+                out.push((at, s.min(b)));
+            }
+            at = at.max(e);
+            if at >= b {
+                break;
+            }
+        }
+        if at < b {
+            out.push((at, b));
+        }
+        out
+    }
+}
+
 const CHUNK: usize = 1 << 14; // elements per work item: m accumulators of it stay in cache
+
+/// One work item of [`reconstruct`]: elements `lo..hi` of layout tensor `t`, combined from every
+/// input into every output (written at byte offset `at` of each). `scratch` holds [`GROUP`]
+/// converted chunks, `local` the `m` accumulators. `at` is relative to the start of tensor data.
+fn combine_item(
+    snaps: &[MappedSnapshot],
+    where_: &[Vec<(Dtype, usize)>],
+    weights: &[f32],
+    (t, lo, hi, at): (usize, usize, usize, usize),
+    scratch: &mut [f32],
+    local: &mut [f32],
+    files: &[OutputFile],
+) -> Result<()> {
+    let (n, m, len) = (snaps.len(), files.len(), hi - lo);
+    local[..m * len].fill(0.0);
+    for start in (0..n).step_by(GROUP) {
+        let group = start..(start + GROUP).min(n);
+        let mut srcs: Vec<&[f32]> = Vec::with_capacity(GROUP);
+        let mut free = scratch.chunks_mut(CHUNK);
+        for i in group.clone() {
+            let (dtype, begin) = where_[i][t];
+            let size = dtype.bitsize() / 8;
+            let bytes = &snaps[i].bytes_all()[begin + lo * size..begin + hi * size];
+            // SAFETY: every bit pattern is a valid f32; align_to only yields the aligned
+            // middle part, used only when it covers the whole range.
+            let (head, direct, _) = unsafe { bytes.align_to::<f32>() };
+            if dtype == Dtype::F32 && head.is_empty() && direct.len() == len {
+                srcs.push(direct);
+            } else {
+                let buf = &mut free.next().expect("one scratch chunk per group member")[..len];
+                to_f32(dtype, bytes, buf);
+                srcs.push(buf);
+            }
+        }
+        let mut outs: Vec<&mut [f32]> = local[..m * len].chunks_mut(len).collect();
+        accumulate(&weights[start * m..group.end * m], &srcs, &mut outs);
+    }
+    for (j, file) in files.iter().enumerate() {
+        file.write_at(
+            file.data_start() + at,
+            f32_bytes(&local[j * len..(j + 1) * len]),
+        )?;
+    }
+    Ok(())
+}
 
 /// Streams once over `inputs` (all memory-mapped) and writes `outputs[j] = sum_i coefs[i][j] *
 /// inputs[i]` for every floating-point tensor not listed in `copy`, accumulating in float32;
 /// tensors in `copy` (and non-float tensors) are copied from the last input.
 ///
 /// Work is split into chunks of elements; a chunk of every output is accumulated in cache
-/// from the same chunk of every input and written once, so each input byte is read once and
-/// each output byte written once. Input pages are released after each 1% of the work,
-/// keeping resident memory to the outputs plus about 1% of the inputs. All inputs are
-/// validated (same tensor names, shapes and kinds) before any data is read.
+/// from the same chunk of every input and written once (positional writes into the outputs'
+/// temporary files), so each input byte is read once and each output byte written once.
+/// Work runs in batches of 1%; while one batch is computed, the previous one's output ranges
+/// start their writeback to disk and its input pages are released (whole 2 MiB blocks), so
+/// resident memory stays near 1% of the inputs plus 2 MiB per input, and the final fsync
+/// has little left to do. All inputs are validated (same tensor names, shapes and kinds)
+/// before any data is read; outputs are fsynced together, then renamed into place.
 /// `progress(done, total)` reports work items done; an error from it stops the work.
 pub fn reconstruct(
     inputs: &[PathBuf],
@@ -282,7 +439,11 @@ pub fn reconstruct(
     let is_float = |d: &str| matches!(d, "F32" | "F16" | "BF16");
     let snaps = inputs
         .iter()
-        .map(MappedSnapshot::open)
+        .map(|p| {
+            let snap = MappedSnapshot::open(p)?;
+            snap.prepare_streaming();
+            Ok(snap)
+        })
         .collect::<Result<Vec<_>>>()?;
     let layout: Vec<(String, String, Vec<usize>)> = snaps[0]
         .header()
@@ -341,8 +502,9 @@ pub fn reconstruct(
         .filter(|&t| is_float(&layout[t].1) && !copy.contains(&layout[t].0))
         .collect();
 
-    // Outputs are written in place through writable maps of their temporary files: averaged
-    // tensors first (float32, so aligned), then the copied ones, which are filled right away.
+    // Outputs are written with positional writes into their temporary files: averaged
+    // tensors first (float32, in `averaged` order, so a run of work items is one contiguous
+    // byte range of every output), then the copied ones, written right away.
     let last = &snaps[n - 1];
     let numel = |t: usize| layout[t].2.iter().product::<usize>();
     let copied: Vec<usize> = (0..layout.len())
@@ -355,142 +517,114 @@ pub fn reconstruct(
     for &t in &copied {
         spec.push((layout[t].0.clone(), where_[n - 1][t].0, layout[t].2.clone()));
     }
-    let mut files = outputs
+    let files = outputs
         .iter()
-        .map(|o| MappedOutput::create(&o.path, &spec, &o.metadata))
+        .map(|o| OutputFile::create(&o.path, &spec, &o.metadata))
         .collect::<Result<Vec<_>>>()?;
-    let region = match (files[0].entries().first(), averaged.len()) {
-        (Some(first), a) if a > 0 => (first.1, files[0].entries()[a - 1].2),
-        _ => (0, 0),
-    };
-    for file in files.iter_mut() {
-        let entries = file.entries().to_vec();
+    for file in &files {
+        let entries = file.entries();
         for (k, &t) in copied.iter().enumerate() {
-            let (_, b, e) = &entries[averaged.len() + k];
-            file.bytes_mut()[*b..*e].copy_from_slice(last.bytes(&layout[t].0)?);
+            file.write_at(entries[averaged.len() + k].1, last.bytes(&layout[t].0)?)?;
         }
     }
-    // Float32 views of every output's averaged tensors.
-    let mut acc: Vec<Vec<&mut [f32]>> = Vec::with_capacity(m);
-    for file in files.iter_mut() {
-        let bytes = &mut file.bytes_mut()[region.0..region.1];
-        // SAFETY: every bit pattern is a valid f32, and the region starts 8-byte aligned (the
-        // map is page-aligned and the header is padded to a multiple of 8).
-        let (head, floats, _) = unsafe { bytes.align_to_mut::<f32>() };
-        assert!(
-            head.is_empty(),
-            "tensor data of a mapped output is 8-byte aligned"
-        );
-        let mut rest = floats;
-        let mut views = Vec::with_capacity(averaged.len());
-        for &t in &averaged {
-            let (v, tail) = std::mem::take(&mut rest).split_at_mut(numel(t));
-            views.push(v);
-            rest = tail;
-        }
-        acc.push(views);
-    }
-    // Work items (tensor, element range), each owning disjoint slices of every output.
-    let items: Vec<(usize, usize, usize)> = averaged
+    // Work items (tensor, element range, byte offset of the range from the start of tensor
+    // data: the same in every output, whose headers may differ in length).
+    let entries: Vec<(String, usize, usize)> = files[0]
+        .entries()
         .iter()
-        .flat_map(|&t| {
-            (0..numel(t))
-                .step_by(CHUNK)
-                .map(move |lo| (t, lo, (lo + CHUNK).min(numel(t))))
+        .map(|(name, b, e)| {
+            (
+                name.clone(),
+                b - files[0].data_start(),
+                e - files[0].data_start(),
+            )
         })
         .collect();
-    let mut slices: Vec<Vec<&mut [f32]>> = Vec::with_capacity(items.len());
-    {
-        let position: BTreeMap<usize, usize> =
-            averaged.iter().enumerate().map(|(k, &t)| (t, k)).collect();
-        for &(t, lo, hi) in &items {
-            let k = position[&t];
-            slices.push(
-                acc.iter_mut()
-                    .map(|o| {
-                        let (head, tail) = std::mem::take(&mut o[k]).split_at_mut(hi - lo);
-                        o[k] = tail;
-                        head
-                    })
-                    .collect(),
-            );
-        }
-    }
+    let items: Vec<(usize, usize, usize, usize)> = averaged
+        .iter()
+        .enumerate()
+        .flat_map(|(k, &t)| {
+            let begin = entries[k].1;
+            (0..numel(t))
+                .step_by(CHUNK)
+                .map(move |lo| (t, lo, (lo + CHUNK).min(numel(t)), begin + 4 * lo))
+        })
+        .collect();
     let weights: Vec<f32> = coefs.iter().map(|&c| c as f32).collect(); // [in][out]
     let total = items.len();
     let per_batch = total.div_ceil(100).max(1);
     let mut done = 0;
-    for (batch, outs) in items.chunks(per_batch).zip(slices.chunks_mut(per_batch)) {
-        batch.par_iter().zip(outs.par_iter_mut()).for_each_init(
-            || (vec![0.0f32; GROUP * CHUNK], vec![0.0f32; m * CHUNK]),
-            |(scratch, local), (&(t, lo, hi), outs)| {
-                let len = hi - lo;
-                local[..m * len].fill(0.0);
-                for start in (0..n).step_by(GROUP) {
-                    let group = start..(start + GROUP).min(n);
-                    let mut srcs: Vec<&[f32]> = Vec::with_capacity(GROUP);
-                    let mut free = scratch.chunks_mut(CHUNK);
-                    for i in group.clone() {
-                        let (dtype, begin) = where_[i][t];
-                        let size = dtype.bitsize() / 8;
-                        let bytes = &snaps[i].bytes_all()[begin + lo * size..begin + hi * size];
-                        // SAFETY: every bit pattern is a valid f32; align_to only yields the
-                        // aligned middle part, used only when it covers the whole range.
-                        let (head, direct, _) = unsafe { bytes.align_to::<f32>() };
-                        if dtype == Dtype::F32 && head.is_empty() && direct.len() == len {
-                            srcs.push(direct);
-                        } else {
-                            let buf = &mut free.next().expect("one scratch chunk per group member")
-                                [..len];
-                            to_f32(dtype, bytes, buf);
-                            srcs.push(buf);
-                        }
-                    }
-                    let mut w = [0.0f32; GROUP];
-                    for j in 0..m {
-                        for (slot, i) in w.iter_mut().zip(group.clone()) {
-                            *slot = weights[i * m + j];
-                        }
-                        accumulate(&w[..group.len()], &srcs, &mut local[j * len..(j + 1) * len]);
-                    }
-                }
-                for (j, out) in outs.iter_mut().enumerate() {
-                    out.copy_from_slice(&local[j * len..(j + 1) * len]);
-                }
-            },
-        );
-        // Release the input pages this batch has read, in few large calls: each call costs a
-        // TLB shootdown across threads, so per-chunk calls would dominate the run time.
-        for (i, snap) in snaps.iter().enumerate() {
-            let mut ranges: Vec<(usize, usize)> = batch
+    // Scratch (conversions from 16-bit inputs) and accumulators, one pair per worker thread,
+    // allocated once.
+    let buffers: Vec<std::sync::Mutex<(Vec<f32>, Vec<f32>)>> = (0..rayon::current_num_threads()
+        .max(1))
+        .map(|_| std::sync::Mutex::new((vec![0.0f32; GROUP * CHUNK], vec![0.0f32; m * CHUNK])))
+        .collect();
+    // Per input: byte ranges read so far, and the part of them already released.
+    let mut consumed: Vec<(Intervals, Intervals)> = (0..n).map(|_| Default::default()).collect();
+    // Each batch is computed while the previous one's housekeeping runs next to it: its part
+    // of every output is final, so its writeback to disk starts (and the fsync at the end
+    // finds little left to do), and the input pages it read are released.
+    let housekeeping = |batch: &[(usize, usize, usize, usize)],
+                        consumed: &mut [(Intervals, Intervals)]| {
+        let (first, end) = (batch[0], batch[batch.len() - 1]);
+        for file in &files {
+            let base = file.data_start();
+            file.start_writeback(base + first.3, base + end.3 + 4 * (end.2 - end.1));
+        }
+        for ((i, snap), (read, released)) in snaps.iter().enumerate().zip(consumed.iter_mut()) {
+            let ranges: Vec<(usize, usize)> = batch
                 .iter()
-                .map(|&(t, lo, hi)| {
+                .map(|&(t, lo, hi, _)| {
                     let (dtype, begin) = where_[i][t];
                     let size = dtype.bitsize() / 8;
                     (begin + lo * size, begin + hi * size)
                 })
                 .collect();
-            ranges.sort_unstable();
-            let mut merged: Vec<(usize, usize)> = Vec::new();
-            for (a, b) in ranges {
-                match merged.last_mut() {
-                    Some(last) if last.1 == a => last.1 = b,
-                    _ => merged.push((a, b)),
+            for &(a, b) in &ranges {
+                read.insert(a, b);
+            }
+            // The merged ranges that grew; release what they newly cover in whole pages.
+            let grown: BTreeSet<(usize, usize)> =
+                ranges.iter().map(|&(a, _)| read.containing(a)).collect();
+            for (a, b) in grown {
+                let (a, b) = (a.div_ceil(PAGE) * PAGE, b / PAGE * PAGE);
+                for (x, y) in released.gaps(a, b) {
+                    snap.release(x, y);
+                }
+                if b > a {
+                    released.insert(a, b);
                 }
             }
-            for (a, b) in merged {
-                snap.release(a, b);
-            }
         }
+    };
+    let mut previous: Option<&[(usize, usize, usize, usize)]> = None;
+    for batch in items.chunks(per_batch) {
+        let (computed, ()) = rayon::join(
+            || {
+                batch.par_iter().try_for_each(|item| {
+                    let slot = rayon::current_thread_index().unwrap_or(0) % buffers.len();
+                    let mut guard = buffers[slot].lock().unwrap_or_else(|e| e.into_inner());
+                    let (scratch, local) = &mut *guard;
+                    combine_item(&snaps, &where_, &weights, *item, scratch, local, &files)
+                })
+            },
+            || {
+                if let Some(prev) = previous {
+                    housekeeping(prev, &mut consumed);
+                }
+            },
+        );
+        computed?;
+        previous = Some(batch);
         done += batch.len();
         progress(done, total)?;
     }
-
-    drop(slices);
-    drop(acc);
-    for file in files {
-        file.commit()?;
+    if let Some(prev) = previous {
+        housekeeping(prev, &mut consumed);
     }
+
+    OutputFile::commit_all(files)?;
     Ok(())
 }
 
@@ -500,6 +634,72 @@ compile_error!("safetensors data is little-endian; this crate assumes a little-e
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocked_accumulation_equals_the_sequential_sum_bitwise() {
+        // Every block shape and remainder: m outputs and k inputs from 1 to 19, odd lengths.
+        let mut state = 0x9e37_79b9_u64;
+        let mut rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (m, k, len) in [
+            (1, 1, 1),
+            (3, 5, 17),
+            (8, 8, 64),
+            (9, 7, 33),
+            (19, 19, 5),
+            (16, 3, 8),
+        ] {
+            let w: Vec<f32> = (0..k * m).map(|_| rand()).collect();
+            let x: Vec<Vec<f32>> = (0..k).map(|_| (0..len).map(|_| rand()).collect()).collect();
+            let y0: Vec<Vec<f32>> = (0..m).map(|_| (0..len).map(|_| rand()).collect()).collect();
+            let mut want = y0.clone();
+            for (j, row) in want.iter_mut().enumerate() {
+                for (e, v) in row.iter_mut().enumerate() {
+                    for (i, xi) in x.iter().enumerate() {
+                        *v += w[i * m + j] * xi[e];
+                    }
+                }
+            }
+            let mut got = y0.clone();
+            let xs: Vec<&[f32]> = x.iter().map(|v| v.as_slice()).collect();
+            for start in (0..k).step_by(GROUP) {
+                let end = (start + GROUP).min(k);
+                let mut ys: Vec<&mut [f32]> = got.iter_mut().map(|v| v.as_mut_slice()).collect();
+                accumulate(&w[start * m..end * m], &xs[start..end], &mut ys);
+            }
+            for j in 0..m {
+                for e in 0..len {
+                    assert_eq!(
+                        got[j][e].to_bits(),
+                        want[j][e].to_bits(),
+                        "m={m} k={k} j={j} e={e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn intervals_merge_and_report_gaps() {
+        let mut s = Intervals::default();
+        assert_eq!(s.insert(10, 20), (10, 20));
+        assert_eq!(s.insert(30, 40), (30, 40));
+        assert_eq!(s.gaps(0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(s.gaps(12, 18), vec![]);
+        assert_eq!(s.gaps(15, 35), vec![(20, 30)]);
+        assert_eq!(s.insert(20, 30), (10, 40)); // touching ranges merge
+        assert_eq!(s.containing(25), (10, 40));
+        assert_eq!(s.0.len(), 1);
+        assert_eq!(s.insert(5, 45), (5, 45));
+        assert_eq!(s.insert(50, 60), (50, 60));
+        assert_eq!(s.gaps(0, 70), vec![(0, 5), (45, 50), (60, 70)]);
+        assert_eq!(s.gaps(7, 7), vec![]);
+        assert_eq!(s.gaps(9, 3), vec![]);
+    }
 
     #[test]
     fn half_precision_conversion() {

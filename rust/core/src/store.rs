@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::error::{io_error, Error, Result};
@@ -121,6 +122,15 @@ impl MappedSnapshot {
     /// The whole mapped file (tensor byte ranges in the header are absolute offsets into it).
     pub fn bytes_all(&self) -> &[u8] {
         &self.map
+    }
+
+    /// Prepares the map for one streaming pass that releases pages as it goes (see
+    /// [`MappedSnapshot::release`]): pages are mapped 4 KiB at a time, since a 2 MiB mapping
+    /// of a huge page-cache folio would keep up to 2 MiB resident per file until the whole
+    /// block has been read, or be split by a partial release. Best effort.
+    pub fn prepare_streaming(&self) {
+        #[cfg(target_os = "linux")]
+        let _ = self.map.advise(memmap2::Advice::NoHugePage);
     }
 
     /// Drops the resident pages of the byte range `[begin, end)` (rounded inwards to whole
@@ -284,24 +294,24 @@ pub fn write_atomic(
     result
 }
 
-/// A safetensors file being written in place through a writable memory map: the header is
-/// laid out first, callers fill tensor bytes directly (no intermediate buffers), and
-/// [`MappedOutput::commit`] validates, fsyncs and renames it into place. Dropped without a
-/// commit, the temporary file is removed.
-pub struct MappedOutput {
+/// A safetensors file written piecewise with positional writes: the header is laid out
+/// first, callers write tensor bytes at their ranges from any thread (no whole-file buffer, no
+/// zero-filled pages), may start writeback of finished ranges while others are still being
+/// computed, and [`OutputFile::commit`] validates, fsyncs and renames it into place. Dropped
+/// without a commit, the temporary file is removed.
+pub struct OutputFile {
     tmp: PathBuf,
     path: PathBuf,
-    map: MmapMut,
+    file: File,
     /// (name, absolute begin, absolute end), in file order.
     entries: Vec<(String, usize, usize)>,
+    data_start: usize,
     committed: bool,
 }
 
-impl MappedOutput {
+impl OutputFile {
     /// Creates the temporary file for `path` with room for `tensors` (name, dtype, shape), in
-    /// the given order, and writes the header. Tensor data starts 8-byte aligned; a tensor is
-    /// aligned to its element size when every tensor before it has a byte length that is a
-    /// multiple of that size (put float32 tensors first).
+    /// the given order, and writes the header. Tensor data starts 8-byte aligned.
     pub fn create(
         path: impl AsRef<Path>,
         tensors: &[(String, Dtype, Vec<usize>)],
@@ -331,7 +341,6 @@ impl MappedOutput {
         let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("valid JSON");
         json.resize(json.len().div_ceil(8) * 8, b' ');
         let data_start = 8 + json.len();
-        let total = data_start + offset;
         let (_, tmp) = temp_path(&path)?;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -340,28 +349,26 @@ impl MappedOutput {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| io_error(&tmp, e))?;
-        let cleanup = |e: Error| {
-            let _ = std::fs::remove_file(&tmp);
-            e
-        };
-        file.set_len(total as u64)
-            .map_err(|e| cleanup(io_error(&tmp, e)))?;
-        // SAFETY: the temporary file was just created by this process under a unique name and
-        // is only accessed through this map until it is committed.
-        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(|e| cleanup(io_error(&tmp, e)))?;
-        map[..8].copy_from_slice(&(json.len() as u64).to_le_bytes());
-        map[8..data_start].copy_from_slice(&json);
+        let mut head = (json.len() as u64).to_le_bytes().to_vec();
+        head.extend_from_slice(&json);
         let entries = rel
             .into_iter()
             .map(|(n, b, e)| (n, data_start + b, data_start + e))
             .collect();
-        Ok(Self {
+        let out = Self {
             tmp,
             path,
-            map,
+            file,
             entries,
+            data_start,
             committed: false,
-        })
+        };
+        // From here on, dropping `out` removes the temporary file.
+        out.file
+            .set_len((data_start + offset) as u64)
+            .map_err(|e| io_error(&out.tmp, e))?;
+        out.write_at(0, &head)?;
+        Ok(out)
     }
 
     /// The tensors' byte ranges (absolute, file order).
@@ -369,22 +376,77 @@ impl MappedOutput {
         &self.entries
     }
 
-    /// The whole file, header included; callers write tensor bytes at their ranges.
-    pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.map
+    /// Where tensor data begins (after the header, whose length depends on the metadata).
+    pub fn data_start(&self) -> usize {
+        self.data_start
+    }
+
+    /// Writes `bytes` at absolute offset `at`. Safe to call from several threads at once for
+    /// disjoint ranges.
+    pub fn write_at(&self, at: usize, bytes: &[u8]) -> Result<()> {
+        #[cfg(unix)]
+        let written = std::os::unix::fs::FileExt::write_all_at(&self.file, bytes, at as u64);
+        #[cfg(windows)]
+        let written = (|| {
+            let (mut at, mut rest) = (at as u64, bytes);
+            while !rest.is_empty() {
+                let n = std::os::windows::fs::FileExt::seek_write(&self.file, rest, at)?;
+                (at, rest) = (at + n as u64, &rest[n..]);
+            }
+            Ok(())
+        })();
+        written.map_err(|e| io_error(&self.tmp, e))
+    }
+
+    /// Starts writing the byte range `[begin, end)` back to disk without waiting for it, so
+    /// that the final fsync finds little left to do. Best effort (a no-op off Linux).
+    pub fn start_writeback(&self, begin: usize, end: usize) {
+        #[cfg(target_os = "linux")]
+        if end > begin {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a plain syscall on a file descriptor this struct owns; it only schedules
+            // I/O of the file's own dirty pages.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    begin as libc::off64_t,
+                    (end - begin) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (begin, end);
     }
 
     /// Validates the written file, flushes it to disk and renames it over the final path.
-    pub fn commit(mut self) -> Result<()> {
-        parse_header(&self.tmp, &self.map)?;
-        self.map.flush().map_err(|e| io_error(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| io_error(&self.path, e))?;
-        self.committed = true;
-        sync_dir(&temp_path(&self.path)?.0)
+    pub fn commit(self) -> Result<()> {
+        Self::commit_all(vec![self])
+    }
+
+    /// Commits several files: all are validated and fsynced (in parallel, so that their
+    /// flushes share journal commits) before any is renamed into place; then each directory
+    /// is synced once. On an error before the renames, no file is renamed and the temporary
+    /// files are removed.
+    pub fn commit_all(files: Vec<Self>) -> Result<()> {
+        files.par_iter().try_for_each(|f| {
+            // SAFETY: read-only map of our own temporary file, used only for the validation.
+            let map = unsafe { Mmap::map(&f.file) }.map_err(|e| io_error(&f.tmp, e))?;
+            parse_header(&f.tmp, &map)?;
+            drop(map);
+            f.file.sync_all().map_err(|e| io_error(&f.tmp, e))
+        })?;
+        let mut dirs = std::collections::BTreeSet::new();
+        for mut f in files {
+            std::fs::rename(&f.tmp, &f.path).map_err(|e| io_error(&f.path, e))?;
+            f.committed = true;
+            dirs.insert(temp_path(&f.path)?.0);
+        }
+        dirs.iter().try_for_each(|d| sync_dir(d))
     }
 }
 
-impl Drop for MappedOutput {
+impl Drop for OutputFile {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
@@ -488,7 +550,7 @@ mod tests {
     }
 
     #[test]
-    fn mapped_output_round_trip() {
+    fn output_file_round_trip() {
         let dir = tmpdir("mo");
         let path = dir.join("o.safetensors");
         let spec = vec![
@@ -496,11 +558,13 @@ mod tests {
             ("b".to_string(), Dtype::BF16, vec![1]),
         ];
         let meta = BTreeMap::from([("k".to_string(), "v".to_string())]);
-        let mut out = MappedOutput::create(&path, &spec, &meta).unwrap();
+        let out = OutputFile::create(&path, &spec, &meta).unwrap();
         let ranges = out.entries().to_vec();
         assert_eq!(ranges[0].1 % 8, 0);
-        out.bytes_mut()[ranges[0].1..ranges[0].2]
-            .copy_from_slice(&[0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64]);
+        out.write_at(ranges[0].1 + 4, &[0, 0, 0, 64, 0, 0, 64, 64])
+            .unwrap();
+        out.write_at(ranges[0].1, &[0, 0, 128, 63]).unwrap();
+        out.start_writeback(ranges[0].1, ranges[0].2);
         out.commit().unwrap();
         let snap = MappedSnapshot::open(&path).unwrap();
         assert_eq!(snap.header().metadata["k"], "v");
@@ -509,7 +573,7 @@ mod tests {
             &[0, 0, 128, 63, 0, 0, 0, 64, 0, 0, 64, 64]
         );
         // Dropped without commit: nothing is left behind.
-        drop(MappedOutput::create(dir.join("x.safetensors"), &spec, &meta).unwrap());
+        drop(OutputFile::create(dir.join("x.safetensors"), &spec, &meta).unwrap());
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name())
