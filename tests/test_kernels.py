@@ -75,6 +75,24 @@ def test_dispatch_mode(monkeypatch):
         kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)
 
 
+def test_fused_step_only_takes_what_the_kernels_handle():
+    x = torch.zeros(6)
+    assert kernels._fusable(x, x, None)
+    assert not kernels._fusable(x.double(), x.double(), None)  # float64 sampling: reference
+    assert not kernels._fusable(x, x.half(), None)  # mixed dtypes
+    assert not kernels._fusable(x, torch.zeros(6, device="meta"), None)  # mixed devices
+    assert not kernels._fusable(x, torch.zeros(12)[::2], None)  # strided view
+    assert not kernels._fusable(x, torch.zeros(2, 3), None)  # other shape
+
+
+def test_ptx_of_the_guided_step_uses_16_byte_accesses():
+    from autoguide_fast.kernels.__main__ import check_ptx, ptx_entries
+
+    entries = ptx_entries("guided_step.cu")
+    assert {f"guided_{k}_{t}" for k in ("euler", "heun") for t in ("f32", "f16", "bf16")} <= set(entries)
+    assert check_ptx("guided_step.cu") == []
+
+
 def test_fake_implementations_give_shapes_for_compile():
     from autoguide_fast.kernels import cuda
 
@@ -101,9 +119,12 @@ def test_cuda_layer_validates_inputs():
 # the torch reference at the same precision; outputs are poisoned first; NaN never passes.
 
 
-def _poison():
-    # Fill freed cached blocks with NaN so that an unwritten output element cannot look right.
-    junk = torch.full((1 << 24,), float("nan"), device="cuda")
+def _poison(*outputs):
+    """Leaves NaN-filled blocks in the caching allocator exactly where the kernel's outputs
+    (given as (shape, dtype)) will be allocated next, so that an element the kernel fails to
+    write cannot look right (a float32 NaN block would read as zeros in half precision, and a
+    large block would not be reused for small outputs)."""
+    junk = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in outputs]
     del junk
 
 
@@ -123,7 +144,7 @@ def test_gpu_guided_step(dtype, n, guide):
 
     x, m, d = step_inputs(n, dtype, "cuda", guide=guide)
     want_xn, want_d = euler64(x, m, d, 2.5, 3.0, 2.0)
-    _poison()
+    _poison((x.shape, dtype), (x.shape, torch.float32))
     xn, dc = cuda.guided_euler(x, m, d, 2.5, 3.0, 2.0)
     ref_xn, _ = reference.guided_euler(x, m, d, 2.5, 3.0, 2.0)
     assert not torch.isnan(xn).any() and not torch.isnan(dc).any()
@@ -137,7 +158,7 @@ def test_gpu_guided_step(dtype, n, guide):
             _err(got, want_s) <= 2 * _err(reference.guided_euler(xs, ms, ds, 2.5, 3.0, 2.0)[0], want_s) + 1e-6
         )
     m2 = torch.randn_like(m)
-    _poison()
+    _poison((x.shape, dtype))
     out = cuda.guided_heun(x, xn, dc, m2, d, 2.5, 3.0, 2.0)
     ref_out = reference.guided_heun(x, xn, dc, m2, d, 2.5, 3.0, 2.0)
     D2 = m2.double() if d is None else d.double() + 2.5 * (m2.double() - d.double())
@@ -171,8 +192,29 @@ def test_gpu_attention(dtype, heads, d, hw):
 
     qkv = torch.randn(2, 3 * heads * d, *hw, device="cuda").to(dtype)
     want = attention64(qkv, heads)
-    _poison()
+    _poison(((2, heads * d, *hw), dtype))
     got = cuda.mp_attention(qkv, heads)
     ref = reference.mp_attention(qkv, heads)
     assert not torch.isnan(got).any()
     assert _err(got, want) <= 2 * _err(ref, want) + 1e-6
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_dispatch_falls_back_where_the_kernels_do_not_apply():
+    if not _has_cuda_kernels():
+        pytest.skip("CuPy not installed")
+    # float64 sampling state: the reference, no error.
+    x, m, d = step_inputs(100, torch.float64, "cuda")
+    torch.testing.assert_close(
+        kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0], reference.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0]
+    )
+    # Attention under autograd (training): gradients flow, through the reference.
+    qkv = torch.randn(2, 3 * 64, 8, 8, device="cuda", requires_grad=True)
+    kernels.mp_attention(qkv, 1).square().sum().backward()
+    want = torch.autograd.grad(reference.mp_attention(qkv, 1).square().sum(), qkv)[0]
+    torch.testing.assert_close(qkv.grad, want)
+    # Empty batch: an empty result, not an invalid launch.
+    from autoguide_fast.kernels import cuda
+
+    assert cuda.mp_attention(torch.randn(0, 3 * 64, 8, 8, device="cuda"), 1).shape == (0, 64, 8, 8)

@@ -48,11 +48,21 @@ def _use_cuda(t: torch.Tensor, what: str) -> bool:
     return ok
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _fusable(*tensors) -> bool:
-    # The fused step takes contiguous tensors of one shape and dtype; anything else uses the reference.
+    # The fused step takes contiguous float32/16/bf16 tensors of one shape, dtype and device;
+    # anything else (float64 sampling, mixed devices, strided views) uses the reference.
     first = tensors[0]
-    return all(
-        t is None or (t.is_contiguous() and t.shape == first.shape and t.dtype == first.dtype)
+    return first.dtype in _KERNEL_DTYPES and all(
+        t is None
+        or (
+            t.is_contiguous()
+            and t.shape == first.shape
+            and t.dtype == first.dtype
+            and t.device == first.device
+        )
         for t in tensors
     )
 
@@ -74,6 +84,8 @@ def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: flo
         and _fusable(x_hat, x_next, d_main, d_guide)
         and d_cur.dtype == torch.float32
         and d_cur.is_contiguous()
+        and d_cur.shape == x_hat.shape
+        and d_cur.device == x_hat.device
     ):
         from . import cuda
 
@@ -83,8 +95,10 @@ def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: flo
 
 def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Attention of the EDM2 block: qkv [N, 3C, H, W] -> [N, C, H, W] (see ``reference``). The
-    CUDA kernel serves head dims 32, 64 and 128; other shapes use the reference."""
-    if _use_cuda(qkv, "attention"):
+    CUDA kernel serves inference with head dims 32, 64 and 128; other shapes, and inputs that
+    need gradients, use the reference."""
+    # The kernel has no backward: under autograd (training) the reference runs, so gradients flow.
+    if _use_cuda(qkv, "attention") and not (torch.is_grad_enabled() and qkv.requires_grad):
         from . import cuda
 
         if cuda.supports_attention(qkv, num_heads):

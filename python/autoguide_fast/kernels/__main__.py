@@ -1,15 +1,31 @@
 """``python -m autoguide_fast.kernels --check``: compiles every kernel with NVRTC for sm_80 and
 sm_90 (to cubin, so ptxas limits such as shared memory are checked too) and fails on any
-error or warning. Needs ``cuda-bindings`` and ``nvidia-cuda-nvrtc``; no GPU."""
+error or warning; then checks the generated PTX for instructions the design relies on (the
+guided step's 16-byte loads and stores). Needs ``cuda-bindings`` and ``nvidia-cuda-nvrtc``; no
+GPU."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .cuda import CSRC, kernel_source
 
 ARCHS = ("sm_80", "sm_90")
+# PTX patterns that must occur in every entry point of a file (kernel name prefix -> patterns).
+EXPECTED_PTX = {
+    "guided_step.cu": {
+        "guided_": [r"ld\.global(\.nc)?\.v4\.", r"st\.global\.v4\."],  # 16-byte vector access
+    },
+}
+
+
+def _log(nvrtc, prog) -> str:
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    return log.decode(errors="replace").strip("\x00 \n")
 
 
 def compile_source(name: str, arch: str) -> tuple[bool, str, int]:
@@ -19,16 +35,46 @@ def compile_source(name: str, arch: str) -> tuple[bool, str, int]:
     err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
     opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"--extra-device-vectorization"]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    text = log.decode(errors="replace").strip("\x00 \n")
+    text = _log(nvrtc, prog)
     cubin = 0
     if res == nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, cubin = nvrtc.nvrtcGetCUBINSize(prog)
     nvrtc.nvrtcDestroyProgram(prog)
     ok = res == nvrtc.nvrtcResult.NVRTC_SUCCESS and "warning" not in text.lower() and cubin > 0
     return ok, text, cubin
+
+
+def ptx_entries(name: str, arch: str = "compute_80") -> dict[str, str]:
+    """PTX of ``csrc/name`` split by entry point: {kernel name: its PTX body}."""
+    from cuda.bindings import nvrtc
+
+    err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"--extra-device-vectorization"]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"{name}: {_log(nvrtc, prog)}")
+    _, size = nvrtc.nvrtcGetPTXSize(prog)
+    buf = b" " * size
+    nvrtc.nvrtcGetPTX(prog, buf)
+    nvrtc.nvrtcDestroyProgram(prog)
+    text = buf.decode(errors="replace")
+    parts = re.split(r"\.visible \.entry (\w+)", text)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def check_ptx(name: str) -> list[str]:
+    """Entry points of ``name`` missing an expected PTX pattern, as messages."""
+    problems = []
+    entries = ptx_entries(name)
+    for prefix, patterns in EXPECTED_PTX.get(name, {}).items():
+        chosen = [k for k in entries if k.startswith(prefix)]
+        if not chosen:
+            problems.append(f"{name}: no entry point starts with {prefix!r}")
+        for kernel in chosen:
+            problems += [
+                f"{kernel}: no {p!r} in its PTX" for p in patterns if not re.search(p, entries[kernel])
+            ]
+    return problems
 
 
 def check() -> int:
@@ -40,6 +86,11 @@ def check() -> int:
             if log:
                 print("\n".join("    " + line for line in log.splitlines()))
             failures += not ok
+        if path.name in EXPECTED_PTX:
+            problems = check_ptx(path.name)
+            print(f"{'FAIL' if problems else 'ok  '} {path.name} PTX has the expected instructions")
+            print("\n".join("    " + p for p in problems)) if problems else None
+            failures += len(problems)
     print(f"{failures} failures" if failures else "all kernels compile cleanly")
     return 1 if failures else 0
 

@@ -39,21 +39,23 @@ def available() -> bool:
 
 
 @functools.cache
-def _module(name: str, device_index: int):
+def _function(module: str, kernel: str, device_index: int):
+    # One compiled module and kernel handle per (file, kernel, device): the per-launch cost is
+    # the launch itself (and nothing is compiled or looked up while a CUDA graph is captured,
+    # once a first call has run).
     import cupy
 
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=kernel_source(name), options=("--std=c++17",))
+        code = cupy.RawModule(code=kernel_source(module), options=("--std=c++17",))
+        return code.get_function(kernel)
 
 
 def _launch(module: str, kernel: str, device: torch.device, grid, block, args) -> None:
     import cupy
 
-    fn = _module(module, device.index or 0).get_function(kernel)
-    with (
-        cupy.cuda.Device(device.index or 0),
-        cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream),
-    ):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    fn = _function(module, kernel, index)
+    with cupy.cuda.Device(index), cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
         fn(grid, block, args)
 
 
@@ -91,6 +93,12 @@ def _grid(n: int, per_thread: int) -> tuple[tuple[int], tuple[int]]:
     return (blocks,), (threads,)
 
 
+def _dense(*tensors):
+    # The kernels index flat memory. Callers validate contiguity, but the ops may also be reached
+    # from compiled graphs with other strides: those get a contiguous copy rather than wrong reads.
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
+
+
 def _aligned(*tensors) -> np.int32:
     return np.int32(all(t is None or t.data_ptr() % 16 == 0 for t in tensors))
 
@@ -100,13 +108,14 @@ def _guided_euler_op(
     x_hat: torch.Tensor, d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float, t_hat: float,
     t_next: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    x_next = torch.empty_like(x_hat)
+    x_hat, d_main, d_guide = _dense(x_hat, d_main, d_guide)
+    x_next = torch.empty_like(x_hat, memory_format=torch.contiguous_format)
     d = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)
     n = x_hat.numel()
     if n:
         grid, block = _grid(n, 16 // x_hat.element_size())
         args = (_ptr(x_hat), _ptr(d_main), _ptr(d_guide), _ptr(x_next), _ptr(d), np.int64(n),
-                np.float32(weight), np.float32(t_hat), np.float32(t_next),
+                np.float32(weight), np.float32(t_hat), np.float32(t_next - t_hat),
                 _aligned(x_hat, d_main, d_guide, x_next))  # fmt: skip
         _launch("guided_step.cu", f"guided_euler_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
     return x_next, d
@@ -122,12 +131,13 @@ def _guided_heun_op(
     x_hat: torch.Tensor, x_next: torch.Tensor, d_cur: torch.Tensor, d_main: torch.Tensor,
     d_guide: torch.Tensor | None, weight: float, t_hat: float, t_next: float,
 ) -> torch.Tensor:  # fmt: skip
-    out = torch.empty_like(x_hat)
+    x_hat, x_next, d_cur, d_main, d_guide = _dense(x_hat, x_next, d_cur, d_main, d_guide)
+    out = torch.empty_like(x_hat, memory_format=torch.contiguous_format)
     n = x_hat.numel()
     if n:
         grid, block = _grid(n, 16 // x_hat.element_size())
         args = (_ptr(x_hat), _ptr(x_next), _ptr(d_cur), _ptr(d_main), _ptr(d_guide), _ptr(out), np.int64(n),
-                np.float32(weight), np.float32(t_hat), np.float32(t_next),
+                np.float32(weight), np.float32(t_next), np.float32(t_next - t_hat),
                 _aligned(x_hat, x_next, d_main, d_guide, out))  # fmt: skip
         _launch("guided_step.cu", f"guided_heun_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
     return out
@@ -140,10 +150,13 @@ def _(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
 
 @torch.library.custom_op("autoguide_fast::mp_attention", mutates_args=())
 def _mp_attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    (qkv,) = _dense(qkv)
     n, c3, h, w = qkv.shape
     c = c3 // 3
     d = c // num_heads
     y = torch.empty(n, c, h, w, dtype=qkv.dtype, device=qkv.device)
+    if y.numel() == 0:  # a zero grid dimension is not a valid launch
+        return y
     tile = 16 if d == 128 else 32
     grid = ((h * w + tile - 1) // tile, num_heads, n)
     args = (_ptr(qkv), _ptr(y), np.int32(num_heads), np.int32(h * w), np.float32(EPS))
@@ -170,11 +183,15 @@ def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
     return _guided_heun_op(x_hat, x_next, d_cur, d_main, d_guide, float(weight), float(t_hat), float(t_next))
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z (heads and batch)
+
+
 def supports_attention(qkv: torch.Tensor, num_heads: int) -> bool:
     n, c3, h, w = qkv.shape
     return (
         qkv.device.type == "cuda" and qkv.dtype in _SUFFIX and qkv.is_contiguous() and num_heads >= 1
         and c3 % (3 * num_heads) == 0 and c3 // 3 // num_heads in HEAD_DIMS
+        and n <= MAX_GRID_YZ and num_heads <= MAX_GRID_YZ
     )  # fmt: skip
 
 
@@ -185,6 +202,7 @@ def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     if not supports_attention(qkv, num_heads):
         raise ValueError(
             f"qkv {tuple(qkv.shape)} {qkv.dtype} on {qkv.device} with {num_heads} heads is not supported "
-            f"by the CUDA kernel (contiguous CUDA float32/float16/bfloat16, head dim in {HEAD_DIMS})"
+            f"by the CUDA kernel (contiguous CUDA float32/float16/bfloat16, head dim in {HEAD_DIMS}, "
+            f"batch and heads at most {MAX_GRID_YZ})"
         )
     return _mp_attention_op(qkv, int(num_heads))

@@ -10,26 +10,30 @@
 // body uses 16-byte loads; the tail and unaligned inputs go element by element. Any n.
 #include "common.cuh"
 
-template <typename T> struct Vec16 { T v[16 / sizeof(T)]; };
+// alignas(16): without it the struct is only as aligned as T and the compiler splits every
+// "vector" access into element loads.
+template <typename T> struct alignas(16) Vec16 { T v[16 / sizeof(T)]; };
 
 // The arithmetic of one element, shared by the vector and the scalar paths.
 __device__ __forceinline__ float guided_value(float m, float g, bool has_guide, float w) {
     return has_guide ? g + w * (m - g) : m;
 }
 
-__device__ __forceinline__ float euler_elem(float x, float D, float t_hat, float t_next, float* d) {
+// dt = t_next - t_hat is passed in, computed in double precision on the host: the difference of
+// the two float32 times loses digits when the step is small relative to t.
+__device__ __forceinline__ float euler_elem(float x, float D, float t_hat, float dt, float* d) {
     *d = (x - D) / t_hat;
-    return x + (t_next - t_hat) * *d;
+    return x + dt * *d;
 }
 
-__device__ __forceinline__ float heun_elem(float x_hat, float x_next, float d_cur, float D, float t_hat, float t_next) {
+__device__ __forceinline__ float heun_elem(float x_hat, float x_next, float d_cur, float D, float t_next, float dt) {
     float d2 = (x_next - D) / t_next;
-    return x_hat + (t_next - t_hat) * (0.5f * d_cur + 0.5f * d2);
+    return x_hat + dt * (0.5f * d_cur + 0.5f * d2);
 }
 
 template <typename T>
 __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float* d_out, long long n, float w,
-                      float t_hat, float t_next, int vec) {
+                      float t_hat, float dt, int vec) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const bool has_guide = dg != nullptr;
@@ -45,7 +49,7 @@ __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
-                out.v[k] = from_float<T>(euler_elem(to_float(xv.v[k]), D, t_hat, t_next, &d_out[g * V + k]));
+                out.v[k] = from_float<T>(euler_elem(to_float(xv.v[k]), D, t_hat, dt, &d_out[g * V + k]));
             }
             reinterpret_cast<Vec16<T>*>(x_next)[g] = out;
         }
@@ -53,13 +57,13 @@ __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float
     }
     for (long long i = done + start; i < n; i += stride) {
         float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
-        x_next[i] = from_float<T>(euler_elem(to_float(x_hat[i]), D, t_hat, t_next, &d_out[i]));
+        x_next[i] = from_float<T>(euler_elem(to_float(x_hat[i]), D, t_hat, dt, &d_out[i]));
     }
 }
 
 template <typename T>
 __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const T* dm, const T* dg, T* x_out,
-                     long long n, float w, float t_hat, float t_next, int vec) {
+                     long long n, float w, float t_next, float dt, int vec) {
     const long long stride = (long long)gridDim.x * blockDim.x;
     const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const bool has_guide = dg != nullptr;
@@ -77,7 +81,7 @@ __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const 
             for (int k = 0; k < V; ++k) {
                 float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
                 out.v[k] = from_float<T>(
-                    heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), d_cur[g * V + k], D, t_hat, t_next));
+                    heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), d_cur[g * V + k], D, t_next, dt));
             }
             reinterpret_cast<Vec16<T>*>(x_out)[g] = out;
         }
@@ -85,20 +89,20 @@ __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const 
     }
     for (long long i = done + start; i < n; i += stride) {
         float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
-        x_out[i] = from_float<T>(heun_elem(to_float(x_hat[i]), to_float(x_next[i]), d_cur[i], D, t_hat, t_next));
+        x_out[i] = from_float<T>(heun_elem(to_float(x_hat[i]), to_float(x_next[i]), d_cur[i], D, t_next, dt));
     }
 }
 
 #define ENTRY(NAME, T)                                                                                     \
     extern "C" __global__ void guided_euler_##NAME(const T* x_hat, const T* dm, const T* dg, T* x_next,  \
                                                    float* d_out, long long n, float w, float t_hat,       \
-                                                   float t_next, int vec) {                               \
-        euler<T>(x_hat, dm, dg, x_next, d_out, n, w, t_hat, t_next, vec);                                 \
+                                                   float dt, int vec) {                                   \
+        euler<T>(x_hat, dm, dg, x_next, d_out, n, w, t_hat, dt, vec);                                     \
     }                                                                                                      \
     extern "C" __global__ void guided_heun_##NAME(const T* x_hat, const T* x_next, const float* d_cur,    \
                                                   const T* dm, const T* dg, T* x_out, long long n, float w, \
-                                                  float t_hat, float t_next, int vec) {                   \
-        heun<T>(x_hat, x_next, d_cur, dm, dg, x_out, n, w, t_hat, t_next, vec);                           \
+                                                  float t_next, float dt, int vec) {                      \
+        heun<T>(x_hat, x_next, d_cur, dm, dg, x_out, n, w, t_next, dt, vec);                              \
     }
 
 ENTRY(f32, float)

@@ -32,7 +32,7 @@ __device__ void attention(const T* __restrict__ qkv, T* __restrict__ y, int head
     const int tid = threadIdx.x;
     const int q0 = blockIdx.x * QT, head = blockIdx.y, n = blockIdx.z;
     const long long C = (long long)heads * D;
-    const T* base = qkv + (long long)(n * heads + head) * D * 3 * L;  // [D, 3, L] of this head
+    const T* base = qkv + ((long long)n * heads + head) * D * 3 * L;  // [D, 3, L] of this head
 
     __shared__ float q_s[QT][D + 1];
     __shared__ float k_s[KT][D + 1];
