@@ -28,14 +28,15 @@ demo: install
 lint: install
 	cd rust && cargo fmt --all --check
 	cd rust && cargo clippy --workspace --all-targets -- -D warnings
-	$(BIN)/ruff check python tests benchmarks
-	$(BIN)/ruff format --check python tests benchmarks
+	$(BIN)/ruff check python tests benchmarks scripts
+	$(BIN)/ruff format --check python tests benchmarks scripts
 
 rust-test:
 	cd rust && cargo test --workspace
 
 kernel-check: install
 	$(BIN)/python -m autoguide_fast.kernels --check
+	$(BIN)/python scripts/emulate_attention_tc.py
 
 py-test: install
 	$(BIN)/python -m pytest tests

@@ -63,14 +63,24 @@ def test_guided_step(benchmark, dtype):
 
 @pytest.mark.parametrize("batch, res, heads", [(32, 16, 9), (32, 16, 6), (32, 8, 12), (32, 8, 8)])
 def test_attention(benchmark, batch, res, heads):
+    """Both fused kernels (tensor cores, the default for float16; float32 arithmetic) against the
+    best torch path (normalise + transpose + scaled_dot_product_attention + transpose back)."""
     cuda = _need_cupy()
     qkv = torch.randn(batch, 3 * heads * 64, res, res, device="cuda", dtype=torch.float16)
-    t_fused = _cuda_time(lambda: cuda.mp_attention(qkv, heads))
+    tc = cuda.tensor_cores_for(qkv)
+    t_fused = _cuda_time(lambda: cuda.mp_attention(qkv, heads, tensor_cores=tc))
+    t_simt = _cuda_time(lambda: cuda.mp_attention(qkv, heads, tensor_cores=False))
     t_torch = _cuda_time(lambda: reference.mp_attention(qkv, heads))
-    diff = float(
-        (cuda.mp_attention(qkv, heads).float() - reference.mp_attention(qkv, heads).float()).abs().max()
-    )
-    info = dict(device=torch.cuda.get_device_name(), speedup=t_torch / t_fused, max_abs_diff=diff)
+    ref = reference.mp_attention(qkv, heads).float()
+
+    def diff(tensor_cores):
+        return float((cuda.mp_attention(qkv, heads, tensor_cores=tensor_cores).float() - ref).abs().max())
+
+    info = dict(
+        device=torch.cuda.get_device_name(), tensor_cores=tc, speedup=t_torch / t_fused,
+        max_abs_diff=diff(tc), simt_speedup=t_torch / t_simt, simt_max_abs_diff=diff(False),
+        fused_ms=t_fused * 1e3, torch_ms=t_torch * 1e3,
+    )  # fmt: skip
     benchmark.extra_info.update(info)
     print(f"\n{batch}x{res}x{res} heads {heads}: {info}")
     benchmark.pedantic(lambda: cuda.mp_attention(qkv, heads), rounds=20, iterations=5)

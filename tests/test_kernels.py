@@ -20,7 +20,7 @@ def _has_cuda_kernels() -> bool:
 gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("name", ["guided_step.cu", "mp_attention.cu"])
+@pytest.mark.parametrize("name", ["guided_step.cu", "mp_attention.cu", "mp_attention_tc.cu"])
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_kernels_compile_with_nvrtc(name, arch):
     from autoguide_fast.kernels.__main__ import compile_source
@@ -93,6 +93,14 @@ def test_ptx_of_the_guided_step_uses_16_byte_accesses():
     assert check_ptx("guided_step.cu") == []
 
 
+def test_ptx_of_the_tensor_core_attention_uses_mma():
+    from autoguide_fast.kernels.__main__ import check_ptx, ptx_entries
+
+    entries = ptx_entries("mp_attention_tc.cu")
+    assert {f"mp_attention_tc_{t}_d{d}" for t in ("f16", "bf16") for d in (32, 64, 128)} == set(entries)
+    assert check_ptx("mp_attention_tc.cu") == []
+
+
 def test_fake_implementations_give_shapes_for_compile():
     from autoguide_fast.kernels import cuda
 
@@ -100,8 +108,9 @@ def test_fake_implementations_give_shapes_for_compile():
     xn, d = cuda._guided_euler_op(x, x, None, 2.0, 1.0, 0.5)
     assert xn.shape == x.shape and xn.dtype == torch.float16 and d.dtype == torch.float32
     assert cuda._guided_heun_op(x, x, d, x, x, 2.0, 1.0, 0.5).shape == x.shape
-    y = cuda._mp_attention_op(torch.empty(2, 3 * 64, 8, 8, device="meta"), 2)
-    assert y.shape == (2, 64, 8, 8)
+    for tensor_cores in (False, True):
+        y = cuda._mp_attention_op(torch.empty(2, 3 * 64, 8, 8, device="meta"), 2, tensor_cores)
+        assert y.shape == (2, 64, 8, 8)
 
 
 def test_cuda_layer_validates_inputs():
@@ -178,22 +187,28 @@ def attention64(qkv, heads):
 
 
 ATTENTION_SHAPES = [(2, 64, (8, 8)), (3, 32, (7, 9)), (5, 64, (16, 16)), (1, 128, (1, 63)), (4, 64, (1, 257)),
-                    (2, 32, (32, 32))]  # fmt: skip
+                    (2, 32, (32, 32)), (3, 128, (10, 13))]  # fmt: skip
 
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype, tensor_cores",
+    [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False), (torch.float16, True),
+     (torch.bfloat16, True)],
+)  # fmt: skip
 @pytest.mark.parametrize("heads, d, hw", ATTENTION_SHAPES)
-def test_gpu_attention(dtype, heads, d, hw):
+def test_gpu_attention(dtype, tensor_cores, heads, d, hw):
     if not _has_cuda_kernels():
         pytest.skip("CuPy not installed")
     from autoguide_fast.kernels import cuda
 
+    if tensor_cores and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("tensor-core kernel needs sm_80+")
     qkv = torch.randn(2, 3 * heads * d, *hw, device="cuda").to(dtype)
     want = attention64(qkv, heads)
     _poison(((2, heads * d, *hw), dtype))
-    got = cuda.mp_attention(qkv, heads)
+    got = cuda.mp_attention(qkv, heads, tensor_cores=tensor_cores)
     ref = reference.mp_attention(qkv, heads)
     assert not torch.isnan(got).any()
     assert _err(got, want) <= 2 * _err(ref, want) + 1e-6

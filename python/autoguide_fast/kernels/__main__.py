@@ -1,8 +1,8 @@
 """``python -m autoguide_fast.kernels --check``: compiles every kernel with NVRTC for sm_80 and
 sm_90 (to cubin, so ptxas limits such as shared memory are checked too) and fails on any
 error or warning; then checks the generated PTX for instructions the design relies on (the
-guided step's 16-byte loads and stores). Needs ``cuda-bindings`` and ``nvidia-cuda-nvrtc``; no
-GPU."""
+guided step's 16-byte loads and stores, the attention kernel's tensor-core mma). Needs
+``cuda-bindings`` and ``nvidia-cuda-nvrtc``; no GPU."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ EXPECTED_PTX = {
     "guided_step.cu": {
         "guided_": [r"ld\.global(\.nc)?\.v4\.", r"st\.global\.v4\."],  # 16-byte vector access
     },
+    "mp_attention_tc.cu": {"mp_attention_tc_": [r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32"]},
 }
 
 

@@ -148,8 +148,11 @@ def _(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
     return torch.empty_like(x_hat)
 
 
+TC_QUERIES = 64  # queries per block of the tensor-core kernel (mp_attention_tc.cu)
+
+
 @torch.library.custom_op("autoguide_fast::mp_attention", mutates_args=())
-def _mp_attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+def _mp_attention_op(qkv: torch.Tensor, num_heads: int, tensor_cores: bool) -> torch.Tensor:
     (qkv,) = _dense(qkv)
     n, c3, h, w = qkv.shape
     c = c3 // 3
@@ -157,17 +160,35 @@ def _mp_attention_op(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     y = torch.empty(n, c, h, w, dtype=qkv.dtype, device=qkv.device)
     if y.numel() == 0:  # a zero grid dimension is not a valid launch
         return y
-    tile = 16 if d == 128 else 32
-    grid = ((h * w + tile - 1) // tile, num_heads, n)
     args = (_ptr(qkv), _ptr(y), np.int32(num_heads), np.int32(h * w), np.float32(EPS))
-    _launch("mp_attention.cu", f"mp_attention_{_SUFFIX[qkv.dtype]}_d{d}", qkv.device, grid, (128,), args)
+    suffix = f"{_SUFFIX[qkv.dtype]}_d{d}"
+    if tensor_cores:
+        grid = ((h * w + TC_QUERIES - 1) // TC_QUERIES, num_heads, n)
+        _launch("mp_attention_tc.cu", f"mp_attention_tc_{suffix}", qkv.device, grid, (128,), args)
+    else:
+        tile = 16 if d == 128 else 32
+        grid = ((h * w + tile - 1) // tile, num_heads, n)
+        _launch("mp_attention.cu", f"mp_attention_{suffix}", qkv.device, grid, (128,), args)
     return y
 
 
 @_mp_attention_op.register_fake
-def _(qkv, num_heads):
+def _(qkv, num_heads, tensor_cores):
     n, c3, h, w = qkv.shape
     return qkv.new_empty(n, c3 // 3, h, w)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def tensor_cores_for(qkv: torch.Tensor) -> bool:
+    """Whether the tensor-core kernel serves ``qkv``: float16/bfloat16 on sm_80 or newer."""
+    if qkv.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (8, 0)
 
 
 def guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next):
@@ -195,8 +216,10 @@ def supports_attention(qkv: torch.Tensor, num_heads: int) -> bool:
     )  # fmt: skip
 
 
-def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Fused attention on CUDA for head dims 32, 64, 128; validates every input first."""
+def mp_attention(qkv: torch.Tensor, num_heads: int, tensor_cores: bool | None = None) -> torch.Tensor:
+    """Fused attention on CUDA for head dims 32, 64, 128; validates every input first.
+    ``tensor_cores``: the mma kernel (float16/bfloat16, sm_80+) or the float32-arithmetic one;
+    None picks the tensor-core kernel wherever it applies."""
     if qkv.ndim != 4:
         raise ValueError(f"qkv must be [N, 3C, H, W], got {tuple(qkv.shape)}")
     if not supports_attention(qkv, num_heads):
@@ -205,4 +228,10 @@ def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
             f"by the CUDA kernel (contiguous CUDA float32/float16/bfloat16, head dim in {HEAD_DIMS}, "
             f"batch and heads at most {MAX_GRID_YZ})"
         )
-    return _mp_attention_op(qkv, int(num_heads))
+    if tensor_cores is None:
+        tensor_cores = tensor_cores_for(qkv)
+    elif tensor_cores and not tensor_cores_for(qkv):
+        raise ValueError(
+            f"tensor_cores=True needs float16 or bfloat16 on an sm_80+ GPU, got {qkv.dtype} on {qkv.device}"
+        )
+    return _mp_attention_op(qkv, int(num_heads), bool(tensor_cores))
