@@ -10,7 +10,7 @@ import argparse
 import re
 import sys
 
-from .cuda import CSRC, kernel_source
+from .cuda import CSRC, NVRTC_OPTIONS, kernel_source
 
 ARCHS = ("sm_80", "sm_90")
 # PTX patterns that must occur in every entry point of a file (kernel name prefix -> patterns).
@@ -34,8 +34,11 @@ def compile_source(name: str, arch: str) -> tuple[bool, str, int]:
     from cuda.bindings import nvrtc
 
     err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"--extra-device-vectorization",
-            b"--ptxas-options=-v"]  # fmt: skip
+    opts = [
+        f"--gpu-architecture={arch}".encode(),
+        *(o.encode() for o in NVRTC_OPTIONS),
+        b"--ptxas-options=-v",
+    ]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     text = _log(nvrtc, prog)
     cubin = 0
@@ -56,7 +59,7 @@ def ptx_entries(name: str, arch: str = "compute_80") -> dict[str, str]:
     from cuda.bindings import nvrtc
 
     err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
-    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"--extra-device-vectorization"]
+    opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise RuntimeError(f"{name}: {_log(nvrtc, prog)}")

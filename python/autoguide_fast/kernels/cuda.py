@@ -17,6 +17,8 @@ __all__ = ["available", "guided_euler", "guided_heun", "kernel_source", "mp_atte
 CSRC = Path(__file__).parent / "csrc"
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 HEAD_DIMS = (32, 64, 128)
+# NVRTC options at run time (CuPy adds the architecture); `--check` compiles with the same ones.
+NVRTC_OPTIONS = ("--std=c++17", "--extra-device-vectorization")
 EPS = 1e-4  # networks.mp.normalize
 
 
@@ -46,7 +48,7 @@ def _function(module: str, kernel: str, device_index: int):
     import cupy
 
     with cupy.cuda.Device(device_index):
-        code = cupy.RawModule(code=kernel_source(module), options=("--std=c++17",))
+        code = cupy.RawModule(code=kernel_source(module), options=NVRTC_OPTIONS)
         return code.get_function(kernel)
 
 
