@@ -1,7 +1,8 @@
 """Post-hoc EMA reconstruction: the Rust streaming pass vs a straightforward PyTorch loop.
 
 Workload: 32 snapshots x 2 EMA widths of a ~50 MB float32 model (64 files, ~3.2 GB) into 8
-output profiles, page cache warm. Reports the speed-up (goal >= 3x), the effective read rate
+output profiles, page cache warm; the same in float16 (as EDM2 stores EMA snapshots) is reported.
+Reports the speed-up (goal >= 3x), the effective read rate
 against a plain sequential read of the same files (goal >= 50%; both rates are medians of 5
 rounds), and peak resident memory of a process doing only the reconstruction. Both sides write
 into an empty directory: removing the previous round's outputs (freeing their page cache) is
@@ -25,14 +26,17 @@ from conftest import paired_times
 OUT_STD = [0.04, 0.06, 0.08, 0.10, 0.12, 0.14, 0.16, 0.18]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+@pytest.fixture(scope="module", params=[torch.float32, torch.float16], ids=["float32", "float16"])
+def run(request, tmp_path_factory):
+    """The snapshots of a run; float16 as EDM2 stores its EMA snapshots (half the bytes)."""
     d = tmp_path_factory.mktemp("phema")
     g = torch.Generator().manual_seed(0)
     shapes = {f"block{i}.weight": (1024, 1024) for i in range(12)} | {f"block{i}.gain": () for i in range(12)}
     for k in range(1, 33):
         for std in (0.05, 0.10):
-            tensors = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+            tensors = {
+                name: torch.randn(shape, generator=g).to(request.param) for name, shape in shapes.items()
+            }
             meta = dict(nimg=str(k * 65536), ema_std=str(std))
             checkpoint.save(tensors, d / f"network-snapshot-{k * 65536:09d}-{std:.3f}.safetensors", meta)
     return d
@@ -63,6 +67,7 @@ def sequential_read(run):
 
 def test_posthoc_reconstruction(benchmark, run, tmp_path):
     files = list_snapshots(run)
+    half = checkpoint.open(files[0].path)["block0.weight"].dtype == torch.float16
     nbytes = sum(s.path.stat().st_size for s in files)
     sequential_read(run)  # warm the page cache
 
@@ -97,7 +102,7 @@ def test_posthoc_reconstruction(benchmark, run, tmp_path):
     )
     ran = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     before_kb, peak_kb = json.loads(ran.stdout)
-    outputs_mb = len(OUT_STD) * nbytes / len(files) / 2**20
+    outputs_mb = len(OUT_STD) * nbytes / len(files) / 2**20 * (2 if half else 1)  # float32 outputs
     stats = dict(
         inputs_gib=nbytes / 2**30, ours_s=t_ours, baseline_s=t_base, speedup=t_base / t_ours,
         ours_gib_s=ours_rate / 2**30, sequential_read_gib_s=read_rate / 2**30,
@@ -115,5 +120,8 @@ def test_posthoc_reconstruction(benchmark, run, tmp_path):
     b = checkpoint.load(tmp_path / "base" / "base-0.safetensors")
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
-    assert stats["speedup"] >= 3.0
-    assert stats["read_fraction"] >= 0.5
+    # The goals are set for the float32 workload; float16 inputs (half the bytes, plus a
+    # conversion) are reported.
+    if not half:
+        assert stats["speedup"] >= 3.0
+        assert stats["read_fraction"] >= 0.5
