@@ -118,7 +118,7 @@ def _guided_euler_op(
         grid, block = _grid(n, 16 // x_hat.element_size())
         args = (_ptr(x_hat), _ptr(d_main), _ptr(d_guide), _ptr(x_next), _ptr(d), np.int64(n),
                 np.float32(weight), np.float32(t_hat), np.float32(t_next - t_hat),
-                _aligned(x_hat, d_main, d_guide, x_next))  # fmt: skip
+                _aligned(x_hat, d_main, d_guide, x_next, d))  # fmt: skip
         _launch("guided_step.cu", f"guided_euler_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
     return x_next, d
 
@@ -140,7 +140,7 @@ def _guided_heun_op(
         grid, block = _grid(n, 16 // x_hat.element_size())
         args = (_ptr(x_hat), _ptr(x_next), _ptr(d_cur), _ptr(d_main), _ptr(d_guide), _ptr(out), np.int64(n),
                 np.float32(weight), np.float32(t_next), np.float32(t_next - t_hat),
-                _aligned(x_hat, x_next, d_main, d_guide, out))  # fmt: skip
+                _aligned(x_hat, x_next, d_cur, d_main, d_guide, out))  # fmt: skip
         _launch("guided_step.cu", f"guided_heun_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
     return out
 

@@ -7,12 +7,15 @@
 //
 // One pass over the inputs without intermediate tensors. Inputs float32, float16 or bfloat16
 // (all of one type), float32 arithmetic. With `vec` set (every pointer 16-byte aligned) the
-// body uses 16-byte loads; the tail and unaligned inputs go element by element. Any n.
+// body uses 16-byte loads and stores, the float32 slopes included; the tail and unaligned
+// inputs go element by element. Any n.
 #include "common.cuh"
 
 // alignas(16): without it the struct is only as aligned as T and the compiler splits every
 // "vector" access into element loads.
 template <typename T> struct alignas(16) Vec16 { T v[16 / sizeof(T)]; };
+// The float32 slopes of one vector group (V = 4 or 8 of them: one or two 16-byte accesses).
+template <int V> struct alignas(16) Slopes { float v[V]; };
 
 // The arithmetic of one element, shared by the vector and the scalar paths.
 __device__ __forceinline__ float guided_value(float m, float g, bool has_guide, float w) {
@@ -39,19 +42,21 @@ __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float
     const bool has_guide = dg != nullptr;
     long long done = 0;
     if (vec) {
-        const int V = 16 / sizeof(T);
+        constexpr int V = 16 / sizeof(T);
         const long long groups = n / V;
         for (long long g = start; g < groups; g += stride) {
             Vec16<T> xv = reinterpret_cast<const Vec16<T>*>(x_hat)[g];
             Vec16<T> mv = reinterpret_cast<const Vec16<T>*>(dm)[g];
             Vec16<T> gv = has_guide ? reinterpret_cast<const Vec16<T>*>(dg)[g] : mv;
             Vec16<T> out;
+            Slopes<V> dv;
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
-                out.v[k] = from_float<T>(euler_elem(to_float(xv.v[k]), D, t_hat, dt, &d_out[g * V + k]));
+                out.v[k] = from_float<T>(euler_elem(to_float(xv.v[k]), D, t_hat, dt, &dv.v[k]));
             }
             reinterpret_cast<Vec16<T>*>(x_next)[g] = out;
+            reinterpret_cast<Slopes<V>*>(d_out)[g] = dv;
         }
         done = groups * V;
     }
@@ -69,9 +74,10 @@ __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const 
     const bool has_guide = dg != nullptr;
     long long done = 0;
     if (vec) {
-        const int V = 16 / sizeof(T);
+        constexpr int V = 16 / sizeof(T);
         const long long groups = n / V;
         for (long long g = start; g < groups; g += stride) {
+            Slopes<V> cv = reinterpret_cast<const Slopes<V>*>(d_cur)[g];
             Vec16<T> hv = reinterpret_cast<const Vec16<T>*>(x_hat)[g];
             Vec16<T> nv = reinterpret_cast<const Vec16<T>*>(x_next)[g];
             Vec16<T> mv = reinterpret_cast<const Vec16<T>*>(dm)[g];
@@ -81,7 +87,7 @@ __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const 
             for (int k = 0; k < V; ++k) {
                 float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
                 out.v[k] = from_float<T>(
-                    heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), d_cur[g * V + k], D, t_next, dt));
+                    heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), cv.v[k], D, t_next, dt));
             }
             reinterpret_cast<Vec16<T>*>(x_out)[g] = out;
         }
