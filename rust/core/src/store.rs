@@ -391,6 +391,9 @@ impl OutputFile {
             let (mut at, mut rest) = (at as u64, bytes);
             while !rest.is_empty() {
                 let n = std::os::windows::fs::FileExt::seek_write(&self.file, rest, at)?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
                 (at, rest) = (at + n as u64, &rest[n..]);
             }
             Ok(())
