@@ -114,6 +114,27 @@ def test_mixed_dtypes_orders_and_counts(tmp_path):
             torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_an_interrupted_reconstruction_leaves_nothing(tmp_path):
+    """An exception from the progress callback (where Ctrl-C surfaces) stops the work; no output,
+    final or temporary, remains."""
+    from autoguide_fast import _core
+
+    run, _ = make_run(tmp_path)
+    snaps = list_snapshots(run)
+    coefs = solve_coefficients([s.nimg for s in snaps], [s.std for s in snaps], 4000, [0.07, 0.1])
+    out = tmp_path / "out"
+    out.mkdir()
+    outputs = [(out / f"o{j}.safetensors", {"nimg": "4000"}) for j in range(2)]
+
+    def stop(done, total):
+        if done * 2 >= total:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _core.reconstruct([s.path for s in snaps], coefs.tolist(), outputs, [], stop)
+    assert list(out.iterdir()) == []
+
+
 def test_reconstruction_is_linear(tmp_path):
     run_y, ys = make_run(tmp_path, seed=1, name="y")
     run_z, zs = make_run(tmp_path, seed=2, name="z")

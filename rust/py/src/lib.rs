@@ -272,7 +272,8 @@ fn solve_coefficients(
 
 /// Streams once over `inputs` and writes every output (path, metadata) as
 /// `sum_i coefs[i][j] * inputs[i]` (float32); tensors named in `copy` come from the last input.
-/// `progress(done, total)` reports work items; an exception raised there stops the work.
+/// `progress(done, total)` reports work items; an exception raised there, or a signal such as
+/// Ctrl-C, stops the work before any output is renamed into place.
 #[pyfunction]
 #[pyo3(signature = (inputs, coefs, outputs, copy, progress=None))]
 fn reconstruct(
@@ -298,21 +299,21 @@ fn reconstruct(
     let copy = copy.into_iter().collect();
     let mut failure: Option<PyErr> = None;
     let result = py.detach(|| {
-        posthoc::reconstruct(
-            &inputs,
-            &flat,
-            &outputs,
-            &copy,
-            |done, total| match &progress {
-                None => Ok(()),
-                Some(cb) => {
-                    Python::attach(|py| cb.call1(py, (done, total)).map(|_| ())).map_err(|e| {
-                        failure = Some(e);
-                        Error::Cancelled
-                    })
+        posthoc::reconstruct(&inputs, &flat, &outputs, &copy, |done, total| {
+            // Between batches: a pending Ctrl-C (or any signal handler's exception) and an
+            // exception from the callback both stop the work; no output is left behind.
+            Python::attach(|py| {
+                py.check_signals()?;
+                match &progress {
+                    Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
+                    None => Ok(()),
                 }
-            },
-        )
+            })
+            .map_err(|e| {
+                failure = Some(e);
+                Error::Cancelled
+            })
+        })
     });
     match (result, failure) {
         (_, Some(e)) => Err(e),
