@@ -380,8 +380,8 @@ const CHUNK: usize = 1 << 14; // elements per work item: each output's part is w
 const SUB: usize = 2048;
 
 /// One work item of [`reconstruct`]: elements `lo..hi` of layout tensor `t`, combined from every
-/// input into every output (written at byte offset `at` of each). `scratch` holds [`GROUP`]
-/// converted blocks of [`SUB`] elements, `local` the `m` accumulators. `at` is relative to the start of tensor data.
+/// input into every output, written at byte `at` of each output's tensor data. `scratch` holds
+/// [`GROUP`] converted blocks of [`SUB`] elements, `local` the `m` accumulators.
 fn combine_item(
     snaps: &[MappedSnapshot],
     where_: &[Vec<(Dtype, usize)>],
@@ -440,10 +440,10 @@ fn combine_item(
 /// from the same chunk of every input and written once (positional writes into the outputs'
 /// temporary files), so each input byte is read once and each output byte written once.
 /// Work runs in batches of 1%; while one batch is computed, the previous one's output ranges
-/// start their writeback to disk and its input pages are released (whole 2 MiB blocks), so
-/// resident memory stays near 1% of the inputs plus 2 MiB per input, and the final fsync
-/// has little left to do. All inputs are validated (same tensor names, shapes and kinds)
-/// before any data is read; outputs are fsynced together, then renamed into place.
+/// start their writeback to disk and the input pages it read are released, so resident memory
+/// stays near two batches of the inputs and the final fsync has little left to do. All inputs
+/// are validated (same tensor names, shapes and kinds) before any data is read; outputs are
+/// fsynced together, then renamed into place.
 /// `progress(done, total)` reports work items done; an error from it stops the work.
 pub fn reconstruct(
     inputs: &[PathBuf],
@@ -463,7 +463,7 @@ pub fn reconstruct(
     if n == 0 || m == 0 {
         return Err(invalid("inputs", n, "at least one input and one output"));
     }
-    let is_float = |d: &str| matches!(d, "F32" | "F16" | "BF16");
+    let is_float = |d: Dtype| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16);
     let snaps = inputs
         .iter()
         .map(|p| {
@@ -472,11 +472,11 @@ pub fn reconstruct(
             Ok(snap)
         })
         .collect::<Result<Vec<_>>>()?;
-    let layout: Vec<(String, String, Vec<usize>)> = snaps[0]
+    let layout: Vec<(String, Dtype, Vec<usize>)> = snaps[0]
         .header()
         .tensors
         .iter()
-        .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone()))
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
         .collect();
     // Per input, per layout tensor: (dtype, absolute byte offset).
     let mut where_: Vec<Vec<(Dtype, usize)>> = Vec::with_capacity(n);
@@ -514,19 +514,19 @@ pub fn reconstruct(
                     inputs[0].display()
                 )));
             }
-            if is_float(&t.dtype) != is_float(dtype) {
+            if is_float(t.dtype) != is_float(*dtype) {
                 return Err(fail(format!(
                     "tensor {name} has dtype {}, but {dtype} in {}",
                     t.dtype,
                     inputs[0].display()
                 )));
             }
-            row.push((crate::store::parse_dtype(&t.dtype)?, t.begin));
+            row.push((t.dtype, t.begin));
         }
         where_.push(row);
     }
     let averaged: Vec<usize> = (0..layout.len())
-        .filter(|&t| is_float(&layout[t].1) && !copy.contains(&layout[t].0))
+        .filter(|&t| is_float(layout[t].1) && !copy.contains(&layout[t].0))
         .collect();
 
     // Outputs are written with positional writes into their temporary files: averaged
@@ -556,22 +556,12 @@ pub fn reconstruct(
     }
     // Work items (tensor, element range, byte offset of the range from the start of tensor
     // data: the same in every output, whose headers may differ in length).
-    let entries: Vec<(String, usize, usize)> = files[0]
-        .entries()
-        .iter()
-        .map(|(name, b, e)| {
-            (
-                name.clone(),
-                b - files[0].data_start(),
-                e - files[0].data_start(),
-            )
-        })
-        .collect();
+    let data_offset = |k: usize| files[0].entries()[k].1 - files[0].data_start();
     let items: Vec<(usize, usize, usize, usize)> = averaged
         .iter()
         .enumerate()
         .flat_map(|(k, &t)| {
-            let begin = entries[k].1;
+            let begin = data_offset(k);
             (0..numel(t))
                 .step_by(CHUNK)
                 .map(move |lo| (t, lo, (lo + CHUNK).min(numel(t)), begin + 4 * lo))

@@ -20,8 +20,7 @@ use crate::error::{io_error, Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
     pub name: String,
-    /// safetensors dtype name: "F32", "F16", "BF16", "I64", ...
-    pub dtype: String,
+    pub dtype: Dtype,
     pub shape: Vec<usize>,
     /// Absolute byte range in the file.
     pub begin: usize,
@@ -80,7 +79,7 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
         let (b, e) = info.data_offsets;
         tensors.push(TensorEntry {
             name,
-            dtype: info.dtype.to_string(),
+            dtype: info.dtype,
             shape: info.shape.clone(),
             begin: data_start + b,
             end: data_start + e,
@@ -219,33 +218,15 @@ impl View for &TensorData<'_> {
     }
 }
 
-/// Parses a safetensors dtype name ("F32", "BF16", ...).
+/// Parses a safetensors dtype name ("F32", "BF16", ...), as the format spells them.
 pub fn parse_dtype(name: &str) -> Result<Dtype> {
-    let dtype = match name {
-        "BOOL" => Dtype::BOOL,
-        "U8" => Dtype::U8,
-        "I8" => Dtype::I8,
-        "F8_E5M2" => Dtype::F8_E5M2,
-        "F8_E4M3" => Dtype::F8_E4M3,
-        "I16" => Dtype::I16,
-        "U16" => Dtype::U16,
-        "F16" => Dtype::F16,
-        "BF16" => Dtype::BF16,
-        "I32" => Dtype::I32,
-        "U32" => Dtype::U32,
-        "F32" => Dtype::F32,
-        "F64" => Dtype::F64,
-        "I64" => Dtype::I64,
-        "U64" => Dtype::U64,
-        _ => {
-            return Err(crate::error::invalid(
-                "dtype",
-                name,
-                "a safetensors dtype such as F32, F16, BF16, I64",
-            ))
-        }
-    };
-    Ok(dtype)
+    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
+        crate::error::invalid(
+            "dtype",
+            name,
+            "a safetensors dtype such as F32, F16, BF16, I64",
+        )
+    })
 }
 
 /// Writes `tensors` and `metadata` to `path` atomically (temporary file, fsync, rename, fsync
@@ -528,6 +509,23 @@ mod tests {
         };
         assert!(write_atomic(dir.join("b"), &[t.clone(), t], &BTreeMap::new()).is_err());
         assert!(!dir.join("a").exists() && !dir.join("b").exists());
+    }
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for d in [
+            Dtype::F32,
+            Dtype::BF16,
+            Dtype::F8_E4M3,
+            Dtype::I64,
+            Dtype::BOOL,
+        ] {
+            assert_eq!(parse_dtype(&d.to_string()).unwrap(), d);
+        }
+        assert!(parse_dtype("float32")
+            .unwrap_err()
+            .to_string()
+            .starts_with("dtype"));
     }
 
     #[test]

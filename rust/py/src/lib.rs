@@ -221,7 +221,7 @@ fn read_header(
     let rows = header
         .tensors
         .into_iter()
-        .map(|t| (t.name, t.dtype, t.shape, t.begin, t.end))
+        .map(|t| (t.name, t.dtype.to_string(), t.shape, t.begin, t.end))
         .collect();
     Ok((header.metadata, rows))
 }
