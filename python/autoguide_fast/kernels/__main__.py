@@ -1,8 +1,8 @@
 """``python -m autoguide_fast.kernels --check``: compiles every kernel with NVRTC for sm_80 and
 sm_90 (to cubin, so ptxas limits such as shared memory are checked too) and fails on any
-error, warning or register spill; then checks the generated PTX for instructions the design relies on (the
-guided step's 16-byte loads and stores, the attention kernel's tensor-core mma). Needs
-``cuda-bindings`` and ``nvidia-cuda-nvrtc``; no GPU."""
+error, warning or register spill; then checks the generated PTX for instructions the design
+relies on (the guided step's 16-byte loads and stores, the attention kernel's tensor-core mma).
+Needs ``cuda-bindings`` and ``nvidia-cuda-nvrtc``; no GPU."""
 
 from __future__ import annotations
 
@@ -22,53 +22,45 @@ EXPECTED_PTX = {
 }
 
 
-def _log(nvrtc, prog) -> str:
+def _compile(name: str, arch: str, *extra: str):
+    """Compiles ``csrc/name`` for ``arch`` with the run-time options plus ``extra``; returns
+    (nvrtc, program, success, log). The caller destroys the program."""
+    from cuda.bindings import nvrtc
+
+    _, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
+    opts = [o.encode() for o in (f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *extra)]
+    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
     log = b" " * size
     nvrtc.nvrtcGetProgramLog(prog, log)
-    return log.decode(errors="replace").strip("\x00 \n")
+    ok = res == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    return nvrtc, prog, ok, log.decode(errors="replace").strip("\x00 \n")
 
 
 def compile_source(name: str, arch: str) -> tuple[bool, str, int]:
     """(ok, log, cubin bytes) of compiling ``csrc/name`` for ``arch``."""
-    from cuda.bindings import nvrtc
-
-    err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
-    opts = [
-        f"--gpu-architecture={arch}".encode(),
-        *(o.encode() for o in NVRTC_OPTIONS),
-        b"--ptxas-options=-v",
-    ]
-    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    text = _log(nvrtc, prog)
-    cubin = 0
-    if res == nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        _, cubin = nvrtc.nvrtcGetCUBINSize(prog)
+    nvrtc, prog, ok, text = _compile(name, arch, "--ptxas-options=-v")
+    cubin = nvrtc.nvrtcGetCUBINSize(prog)[1] if ok else 0
     nvrtc.nvrtcDestroyProgram(prog)
     # ptxas -v reports registers, shared memory and spills per entry point: a spill to local
     # memory is a regression for these register-blocked kernels, so it fails the check.
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
-    ok = res == nvrtc.nvrtcResult.NVRTC_SUCCESS and "warning" not in text.lower() and cubin > 0
-    ok = ok and not any(spills)
+    ok = ok and "warning" not in text.lower() and cubin > 0 and not any(spills)
     lines = [line for line in text.splitlines() if not line.startswith("ptxas") or any(spills)]
     return ok, "\n".join(lines).strip(), cubin
 
 
 def ptx_entries(name: str, arch: str = "compute_80") -> dict[str, str]:
     """PTX of ``csrc/name`` split by entry point: {kernel name: its PTX body}."""
-    from cuda.bindings import nvrtc
-
-    err, prog = nvrtc.nvrtcCreateProgram(kernel_source(name).encode(), name.encode(), 0, [], [])
-    opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in NVRTC_OPTIONS)]
-    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise RuntimeError(f"{name}: {_log(nvrtc, prog)}")
+    nvrtc, prog, ok, text = _compile(name, arch)
+    if not ok:
+        nvrtc.nvrtcDestroyProgram(prog)
+        raise RuntimeError(f"{name}: {text}")
     _, size = nvrtc.nvrtcGetPTXSize(prog)
     buf = b" " * size
     nvrtc.nvrtcGetPTX(prog, buf)
     nvrtc.nvrtcDestroyProgram(prog)
-    text = buf.decode(errors="replace")
-    parts = re.split(r"\.visible \.entry (\w+)", text)
+    parts = re.split(r"\.visible \.entry (\w+)", buf.decode(errors="replace"))
     return dict(zip(parts[1::2], parts[2::2]))
 
 
@@ -99,7 +91,8 @@ def check() -> int:
         if path.name in EXPECTED_PTX:
             problems = check_ptx(path.name)
             print(f"{'FAIL' if problems else 'ok  '} {path.name} PTX has the expected instructions")
-            print("\n".join("    " + p for p in problems)) if problems else None
+            for problem in problems:
+                print("    " + problem)
             failures += len(problems)
     print(f"{failures} failures" if failures else "all kernels compile cleanly")
     return 1 if failures else 0

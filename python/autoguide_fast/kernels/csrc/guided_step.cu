@@ -34,17 +34,29 @@ __device__ __forceinline__ float heun_elem(float x_hat, float x_next, float d_cu
     return x_hat + dt * (0.5f * d_cur + 0.5f * d2);
 }
 
+// Grid-stride loop over n elements: with `vec` set, `group(g)` takes elements [g V, g V + V)
+// with 16-byte accesses; `element(i)` takes the rest (or everything) one at a time.
+template <int V, typename Group, typename Element>
+__device__ __forceinline__ void grid_stride(long long n, int vec, Group group, Element element) {
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    long long done = 0;
+    if (vec) {
+        const long long groups = n / V;
+        for (long long g = start; g < groups; g += stride) group(g);
+        done = groups * V;
+    }
+    for (long long i = done + start; i < n; i += stride) element(i);
+}
+
 template <typename T>
 __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float* d_out, long long n, float w,
                       float t_hat, float dt, int vec) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int V = 16 / sizeof(T);
     const bool has_guide = dg != nullptr;
-    long long done = 0;
-    if (vec) {
-        constexpr int V = 16 / sizeof(T);
-        const long long groups = n / V;
-        for (long long g = start; g < groups; g += stride) {
+    grid_stride<V>(
+        n, vec,
+        [&](long long g) {
             Vec16<T> xv = reinterpret_cast<const Vec16<T>*>(x_hat)[g];
             Vec16<T> mv = reinterpret_cast<const Vec16<T>*>(dm)[g];
             Vec16<T> gv = has_guide ? reinterpret_cast<const Vec16<T>*>(dg)[g] : mv;
@@ -57,26 +69,21 @@ __device__ void euler(const T* x_hat, const T* dm, const T* dg, T* x_next, float
             }
             reinterpret_cast<Vec16<T>*>(x_next)[g] = out;
             reinterpret_cast<Slopes<V>*>(d_out)[g] = dv;
-        }
-        done = groups * V;
-    }
-    for (long long i = done + start; i < n; i += stride) {
-        float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
-        x_next[i] = from_float<T>(euler_elem(to_float(x_hat[i]), D, t_hat, dt, &d_out[i]));
-    }
+        },
+        [&](long long i) {
+            float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
+            x_next[i] = from_float<T>(euler_elem(to_float(x_hat[i]), D, t_hat, dt, &d_out[i]));
+        });
 }
 
 template <typename T>
 __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const T* dm, const T* dg, T* x_out,
                      long long n, float w, float t_next, float dt, int vec) {
-    const long long stride = (long long)gridDim.x * blockDim.x;
-    const long long start = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    constexpr int V = 16 / sizeof(T);
     const bool has_guide = dg != nullptr;
-    long long done = 0;
-    if (vec) {
-        constexpr int V = 16 / sizeof(T);
-        const long long groups = n / V;
-        for (long long g = start; g < groups; g += stride) {
+    grid_stride<V>(
+        n, vec,
+        [&](long long g) {
             Slopes<V> cv = reinterpret_cast<const Slopes<V>*>(d_cur)[g];
             Vec16<T> hv = reinterpret_cast<const Vec16<T>*>(x_hat)[g];
             Vec16<T> nv = reinterpret_cast<const Vec16<T>*>(x_next)[g];
@@ -86,17 +93,14 @@ __device__ void heun(const T* x_hat, const T* x_next, const float* d_cur, const 
 #pragma unroll
             for (int k = 0; k < V; ++k) {
                 float D = guided_value(to_float(mv.v[k]), to_float(gv.v[k]), has_guide, w);
-                out.v[k] = from_float<T>(
-                    heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), cv.v[k], D, t_next, dt));
+                out.v[k] = from_float<T>(heun_elem(to_float(hv.v[k]), to_float(nv.v[k]), cv.v[k], D, t_next, dt));
             }
             reinterpret_cast<Vec16<T>*>(x_out)[g] = out;
-        }
-        done = groups * V;
-    }
-    for (long long i = done + start; i < n; i += stride) {
-        float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
-        x_out[i] = from_float<T>(heun_elem(to_float(x_hat[i]), to_float(x_next[i]), d_cur[i], D, t_next, dt));
-    }
+        },
+        [&](long long i) {
+            float D = guided_value(to_float(dm[i]), has_guide ? to_float(dg[i]) : 0.f, has_guide, w);
+            x_out[i] = from_float<T>(heun_elem(to_float(x_hat[i]), to_float(x_next[i]), d_cur[i], D, t_next, dt));
+        });
 }
 
 #define ENTRY(NAME, T)                                                                                     \
