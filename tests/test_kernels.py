@@ -11,13 +11,16 @@ from autoguide_fast import kernels
 from autoguide_fast.kernels import reference
 
 
-def _has_cuda_kernels() -> bool:
-    from autoguide_fast.kernels import cuda
+@pytest.fixture
+def cuda():
+    """The CUDA kernel layer; skips without a CUDA device or CuPy (no GPU query at import time)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from autoguide_fast.kernels import cuda as layer
 
-    return cuda.available()
-
-
-gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA device")
+    if not layer.available():
+        pytest.skip("CuPy not installed")
+    return layer
 
 
 @pytest.mark.parametrize("name", ["guided_step.cu", "mp_attention.cu", "mp_attention_tc.cu"])
@@ -141,16 +144,11 @@ def _err(a, b):
     return float((a.double() - b).abs().max())
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 1000, 4099, 64 * 4 * 64 * 64 + 3])
 @pytest.mark.parametrize("guide", [True, False])
-def test_gpu_guided_step(dtype, n, guide):
-    if not _has_cuda_kernels():
-        pytest.skip("CuPy not installed")
-    from autoguide_fast.kernels import cuda
-
+def test_gpu_guided_step(cuda, dtype, n, guide):
     x, m, d = step_inputs(n, dtype, "cuda", guide=guide)
     want_xn, want_d = euler64(x, m, d, 2.5, 3.0, 2.0)
     _poison((x.shape, dtype), (x.shape, torch.float32))
@@ -190,7 +188,6 @@ ATTENTION_SHAPES = [(2, 64, (8, 8)), (3, 32, (7, 9)), (5, 64, (16, 16)), (1, 128
                     (2, 32, (32, 32)), (3, 128, (10, 13))]  # fmt: skip
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype, tensor_cores",
@@ -198,11 +195,7 @@ ATTENTION_SHAPES = [(2, 64, (8, 8)), (3, 32, (7, 9)), (5, 64, (16, 16)), (1, 128
      (torch.bfloat16, True)],
 )  # fmt: skip
 @pytest.mark.parametrize("heads, d, hw", ATTENTION_SHAPES)
-def test_gpu_attention(dtype, tensor_cores, heads, d, hw):
-    if not _has_cuda_kernels():
-        pytest.skip("CuPy not installed")
-    from autoguide_fast.kernels import cuda
-
+def test_gpu_attention(cuda, dtype, tensor_cores, heads, d, hw):
     if tensor_cores and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("tensor-core kernel needs sm_80+")
     qkv = torch.randn(2, 3 * heads * d, *hw, device="cuda").to(dtype)
@@ -214,11 +207,8 @@ def test_gpu_attention(dtype, tensor_cores, heads, d, hw):
     assert _err(got, want) <= 2 * _err(ref, want) + 1e-6
 
 
-@gpu
 @pytest.mark.gpu
-def test_gpu_dispatch_falls_back_where_the_kernels_do_not_apply():
-    if not _has_cuda_kernels():
-        pytest.skip("CuPy not installed")
+def test_gpu_dispatch_falls_back_where_the_kernels_do_not_apply(cuda):
     # float64 sampling state: the reference, no error.
     x, m, d = step_inputs(100, torch.float64, "cuda")
     torch.testing.assert_close(
@@ -230,19 +220,14 @@ def test_gpu_dispatch_falls_back_where_the_kernels_do_not_apply():
     want = torch.autograd.grad(reference.mp_attention(qkv, 1).square().sum(), qkv)[0]
     torch.testing.assert_close(qkv.grad, want)
     # Empty batch: an empty result, not an invalid launch.
-    from autoguide_fast.kernels import cuda
-
     assert cuda.mp_attention(torch.randn(0, 3 * 64, 8, 8, device="cuda"), 1).shape == (0, 64, 8, 8)
 
 
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("use_fp16", [False, True])
-def test_gpu_autoguided_sampling_with_kernels_matches_the_reference(monkeypatch, use_fp16):
+def test_gpu_autoguided_sampling_with_kernels_matches_the_reference(cuda, monkeypatch, use_fp16):
     """End to end: an EDM2 main and guide with attention, sampled with the fused kernels on and off
     from the same noise (float32 U-Net: close to float32 rounding; float16: the tensor-core path)."""
-    if not _has_cuda_kernels():
-        pytest.skip("CuPy not installed")
     import autoguide_fast as ag
     from autoguide_fast.networks import PRESETS, Precond
 
@@ -264,12 +249,9 @@ def test_gpu_autoguided_sampling_with_kernels_matches_the_reference(monkeypatch,
     assert float((fused - plain).abs().max()) <= (2e-2 if use_fp16 else 1e-4) * scale
 
 
-@gpu
 @pytest.mark.gpu
-def test_gpu_ops_compile_and_capture_in_cuda_graphs():
+def test_gpu_ops_compile_and_capture_in_cuda_graphs(cuda):
     """The custom ops trace under torch.compile (fake implementations) and replay in a CUDA graph."""
-    if not _has_cuda_kernels():
-        pytest.skip("CuPy not installed")
     x, m, d = step_inputs(4099, torch.float16, "cuda")
     qkv = torch.randn(2, 3 * 64, 8, 8, device="cuda", dtype=torch.float16)
 
