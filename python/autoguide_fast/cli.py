@@ -222,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--log-kimg", type=float, default=1.0, help="stats.jsonl interval")
     tr.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
-    tr.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="autocast on CUDA")
+    tr.add_argument(
+        "--precision", choices=["fp32", "fp16", "bf16", "fp64"], default="fp32",
+        help="fp16/bf16: autocast on CUDA; fp64: float64 reference-precision run (slow)",
+    )  # fmt: skip
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)

@@ -98,7 +98,7 @@ class TrainOptions:
     P_mean: float = -0.8  # log-sigma mean of the training noise distribution.
     P_std: float = 1.6  # log-sigma std.
     dropout: float | None = None  # Overrides the preset's dropout.
-    precision: str = "fp32"  # fp32, or fp16 / bf16 autocast on CUDA.
+    precision: str = "fp32"  # fp32; fp16 / bf16 autocast on CUDA; fp64 for reference-precision runs.
     seed: int = 0
 
     def validate(self) -> None:
@@ -114,8 +114,8 @@ class TrainOptions:
             raise ValueError(f"batch must be a positive integer, got {self.batch!r}")
         if self.batch_gpu is not None and not (isinstance(self.batch_gpu, int) and self.batch_gpu >= 1):
             raise ValueError(f"batch_gpu must be None or a positive integer, got {self.batch_gpu!r}")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "fp16", "bf16", "fp64"):
+            raise ValueError(f"precision must be fp32, fp16, bf16 or fp64, got {self.precision!r}")
         if not self.ema_stds:
             raise ValueError("ema_stds must list at least one EMA width")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -281,6 +281,9 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         net = Precond(**cfg).to(device).train().requires_grad_(True)
+    # fp64 holds the weights and runs the network in float64 (slow; for checking numerics).
+    dtype = torch.float64 if opts.precision == "fp64" else torch.float32
+    net.to(dtype)
     ema = PowerFunctionEMA(net, opts.ema_stds)
     opt = torch.optim.Adam(net.parameters(), lr=opts.lr, betas=(0.9, 0.99), eps=1e-8)
     ddp = torch.nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
@@ -329,12 +332,12 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             for g in opt.param_groups:
                 g["lr"] = learning_rate(nimg, opts.lr, opts.lr_decay_kimg * 1000, opts.rampup_kimg * 1000)
             opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
+            loss_sum = torch.zeros((), device=device, dtype=dtype)
             for r in range(rounds):
                 lo = (r * world + rank) * batch_gpu
                 idx, sigma, noise = _draw(opts, step, lo, lo + batch_gpu, len(images), shape, device)
-                x = to_float(images[idx])
-                y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).float()
+                x, sigma, noise = to_float(images[idx]).to(dtype), sigma.to(dtype), noise.to(dtype)
+                y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).to(dtype)
                 sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     loss = edm2_loss(ddp, x, y, sigma=sigma, scaled_noise=noise * sigma.reshape(-1, 1, 1, 1),

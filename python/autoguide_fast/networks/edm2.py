@@ -241,17 +241,17 @@ class Precond(torch.nn.Module):
         force_fp32: bool = False,
         return_logvar: bool = False,
     ):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        # float32 as the official network; float64 stays float64 (reference-precision runs).
+        outer = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x = x.to(outer)
+        sigma = torch.as_tensor(sigma, dtype=outer, device=x.device).reshape(-1, 1, 1, 1)
         if self.label_dim == 0:
             class_labels = None
         elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+            class_labels = torch.zeros([1, self.label_dim], device=x.device, dtype=outer)
         else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = (
-            torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else torch.float32
-        )
+            class_labels = class_labels.to(outer).reshape(-1, self.label_dim)
+        dtype = torch.float16 if (self.use_fp16 and not force_fp32 and x.device.type == "cuda") else outer
 
         # Preconditioning weights (EDM, Table 1).
         c_skip = self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
@@ -260,7 +260,7 @@ class Precond(torch.nn.Module):
         c_noise = sigma.flatten().log() / 4
 
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        D_x = c_skip * x + c_out * F_x.to(outer)
         if return_logvar:
             logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
             return D_x, logvar  # u(sigma), Eq. 21

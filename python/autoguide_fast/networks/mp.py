@@ -82,7 +82,8 @@ class MPFourier(torch.nn.Module):
         self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(torch.float32).ger(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        ct = torch.promote_types(x.dtype, torch.float32)  # float32 as the official code; float64 kept
+        y = x.to(ct).ger(self.freqs.to(ct)) + self.phases.to(ct)
         return (y.cos() * np.sqrt(2)).to(x.dtype)
 
 
@@ -101,6 +102,7 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
         self.use_cache = True  # set False to recompute the weight on every call (benchmarks)
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._forced: tuple[int, int] | None = None  # (weight id, version) after forced normalisation
 
     def effective_weight(self, dtype: torch.dtype, gain=1) -> torch.Tensor:
         """The weight actually applied: unit norm per output, times ``gain / sqrt(fan_in)``."""
@@ -114,10 +116,14 @@ class MPConv(torch.nn.Module):
             key = (id(self.weight), self.weight._version, self.weight.device, dtype, gain_key)
             if self._cache is not None and self._cache[0] == key:
                 return self._cache[1]
-        w = self.weight.to(torch.float32)
-        if self.training:
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        if self.training and self._forced != (id(self.weight), self.weight._version):
+            # Forced weight normalisation, once per change of the weight (after each optimiser
+            # step): the accumulation rounds of one step then all see the same weight. Repeating
+            # it would shrink the weight by another 1 / (1 + eps) per round.
             with torch.no_grad():
-                self.weight.copy_(normalize(w))  # forced weight normalisation
+                self.weight.copy_(normalize(w))
+            self._forced = (id(self.weight), self.weight._version)
         w = normalize(w)  # traditional weight normalisation
         w = (w * (gain / np.sqrt(w[0].numel()))).to(dtype)  # magnitude-preserving scaling
         if cacheable:
