@@ -1,0 +1,1 @@
+"""Other people's files and models, read safely."""
