@@ -1,12 +1,14 @@
 """Post-hoc EMA reconstruction: the Rust streaming pass vs a straightforward PyTorch loop.
 
 Workload: 32 snapshots x 2 EMA widths of a ~50 MB float32 model (64 files, ~3.2 GB) into 8
-output profiles, page cache warm; the same in float16 (as EDM2 stores EMA snapshots) is reported.
-Reports the speed-up (goal >= 3x), the effective read rate
-against a plain sequential read of the same files (goal >= 50%; both rates are medians of 5
-rounds), and peak resident memory of a process doing only the reconstruction. Both sides write
-into an empty directory: removing the previous round's outputs (freeing their page cache) is
-done untimed. Run with ``make bench``."""
+output profiles, page cache warm; and the same in float16 (as EDM2 stores EMA snapshots, ~1.6 GB).
+Outputs are written in the inputs' dtype by both sides; the PyTorch loop, like EDM2's
+``reconstruct_phema.py``, sums in float32 and rounds to float16 at the end.
+Reports the speed-up (goal >= 3x), the effective read rate against a plain sequential read of
+the same files (goal >= 50% for float32; both rates are medians of 5 rounds), and peak resident
+memory of a process doing only the reconstruction. Both sides write into an empty directory:
+removing the previous round's outputs (freeing their page cache) is done untimed. Run with
+``make bench``."""
 
 import json
 import shutil
@@ -43,18 +45,20 @@ def run(request, tmp_path_factory):
 
 
 def baseline(run, out_dir):
+    """Sums in float32, writes the inputs' dtype (EDM2's reconstruct_phema.py on float16 snapshots)."""
     snaps = list_snapshots(run)
     coefs = solve_coefficients([s.nimg for s in snaps], [s.std for s in snaps], snaps[-1].nimg, OUT_STD)
     outs = None
     for i, s in enumerate(snaps):
         state = load_file(s.path)
+        dtypes = {k: v.dtype for k, v in state.items()}
         if outs is None:
             outs = [{k: torch.zeros_like(v, dtype=torch.float32) for k, v in state.items()} for _ in OUT_STD]
         for j, out in enumerate(outs):
             for k, v in state.items():
                 out[k].add_(v.float(), alpha=float(coefs[i, j]))
     for j, out in enumerate(outs):
-        checkpoint.save(out, out_dir / f"base-{j}.safetensors")
+        checkpoint.save({k: v.to(dtypes[k]) for k, v in out.items()}, out_dir / f"base-{j}.safetensors")
 
 
 def sequential_read(run):
@@ -102,7 +106,7 @@ def test_posthoc_reconstruction(benchmark, run, tmp_path):
     )
     ran = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     before_kb, peak_kb = json.loads(ran.stdout)
-    outputs_mb = len(OUT_STD) * nbytes / len(files) / 2**20 * (2 if half else 1)  # float32 outputs
+    outputs_mb = sum(p.stat().st_size for p in (tmp_path / "rss").iterdir()) / 2**20
     stats = dict(
         inputs_gib=nbytes / 2**30, ours_s=t_ours, baseline_s=t_base, speedup=t_base / t_ours,
         ours_gib_s=ours_rate / 2**30, sequential_read_gib_s=read_rate / 2**30,
@@ -119,9 +123,13 @@ def test_posthoc_reconstruction(benchmark, run, tmp_path):
     a = checkpoint.load(tmp_path / "ours" / f"phema-{files[-1].nimg:09d}-0.040.safetensors")
     b = checkpoint.load(tmp_path / "base" / "base-0.safetensors")
     for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
-    # The goals are set for the float32 workload; float16 inputs (half the bytes, plus a
-    # conversion) are reported.
+        assert a[k].dtype == b[k].dtype == (torch.float16 if half else torch.float32)
+        # Both sum in float32, rounding differently on the way; float16 outputs may then differ
+        # by one unit in the last place (2^-10 relative at most).
+        tol = 1e-3 if half else 1e-4
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=tol, atol=1e-4)
+    assert stats["speedup"] >= 3.0
+    # The read-rate goal is set for the float32 workload; float16 inputs (half the bytes, each
+    # converted) are reported.
     if not half:
-        assert stats["speedup"] >= 3.0
         assert stats["read_fraction"] >= 0.5

@@ -2,6 +2,7 @@
 torch arithmetic, and against an EMA tracked online during training."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -67,20 +68,84 @@ def test_a_profile_equal_to_an_input_reproduces_it(tmp_path):
     assert json.loads(meta["posthoc"])["inputs"] == 6  # the snapshots up to nimg 3000
 
 
-def test_reconstruction_is_the_weighted_sum_and_copies_buffers(tmp_path):
-    run, states = make_run(tmp_path, dtype=torch.bfloat16)
+def assert_rounded_once(got: torch.Tensor, want: torch.Tensor, want32: torch.Tensor) -> None:
+    """``got`` (16-bit) is the float64 sum ``want`` rounded once to its dtype, as ``Tensor.to``
+    rounds, with no more error than torch summing in float32 (``want32``) and rounding at the end:
+    float32 sums may carry a value that lies near a rounding midpoint to the other side."""
+    once, torch32 = want.to(got.dtype), want32.to(got.dtype)
+    err, err_torch = ((t.double() - want).norm() for t in (got, torch32))
+    assert err <= 1.01 * err_torch, (float(err), float(err_torch))
+    differ, differ_torch = int((got != once).sum()), int((torch32 != once).sum())
+    assert differ <= 2 * differ_torch + 10, (differ, differ_torch, got.numel())
+
+
+def weighted_sums(states, keys, coefs, name):
+    """The float64 and the float32 weighted sums of tensor ``name`` of the snapshots."""
+    want = sum(float(c) * states[key][name].double() for c, key in zip(coefs, keys))
+    want32 = sum(float(c) * states[key][name].float() for c, key in zip(coefs, keys))
+    return want, want32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reconstruction_is_the_weighted_sum_and_copies_buffers(tmp_path, dtype):
+    """16-bit snapshots give 16-bit outputs by default, each tensor the weighted sum rounded once."""
+    run, states = make_run(tmp_path, dtype=dtype)
     paths = reconstruct(run, [0.07, 0.13], out_dir=tmp_path / "out", progress=False)
     keys = sorted(states)
     x = solve_coefficients([n for n, _ in keys], [s for _, s in keys], 4000, [0.07, 0.13])
     buffers = {name for name, _ in Precond(**PRESETS["digits-xs"]).named_buffers()}
     for j, path in enumerate(paths):
-        got = ag.load(path).state_dict()
+        got = checkpoint.load(path)
+        assert sorted(got) == sorted(states[keys[-1]])
         for k in got:
+            assert got[k].dtype == dtype, k
             if k in buffers:  # copied from the newest input, not averaged
-                assert torch.equal(got[k], states[keys[-1]][k].float())
+                assert torch.equal(got[k], states[keys[-1]][k])
                 continue
-            want = sum(float(x[i, j]) * states[key][k].double() for i, key in enumerate(keys))
-            torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-5)
+            assert_rounded_once(got[k], *weighted_sums(states, keys, x[:, j], k))
+        ag.load(path)  # a loadable network
+
+
+def test_an_explicit_dtype_applies_to_every_averaged_tensor(tmp_path):
+    run, states = make_run(tmp_path)
+    keys = sorted(states)
+    x = solve_coefficients([n for n, _ in keys], [s for _, s in keys], 4000, [0.09])
+    buffers = {name for name, _ in Precond(**PRESETS["digits-xs"]).named_buffers()}
+    for dtype, want_dtype in [
+        (torch.float16, torch.float16), ("bfloat16", torch.bfloat16), ("float32", torch.float32)
+    ]:  # fmt: skip
+        [path] = reconstruct(run, 0.09, out_dir=tmp_path / str(dtype), progress=False, dtype=dtype)
+        got = checkpoint.load(path)
+        for k in got:
+            if k in buffers:  # copied as they are
+                assert got[k].dtype == torch.float32 and torch.equal(got[k], states[keys[-1]][k])
+                continue
+            assert got[k].dtype == want_dtype, (dtype, k)
+            want, want32 = weighted_sums(states, keys, x[:, 0], k)
+            if want_dtype == torch.float32:
+                torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-5)
+            else:
+                assert_rounded_once(got[k], want, want32)
+
+
+def test_a_tensor_whose_dtype_differs_between_inputs_is_written_in_float32(tmp_path):
+    run = tmp_path / "run"
+    for k, (n, dtype) in enumerate([(1000, torch.float16), (2000, torch.float16), (3000, torch.bfloat16)]):
+        state = {"same": torch.full((3,), 1.0 + k, dtype=torch.float16), "mixed": torch.ones(5, dtype=dtype)}
+        checkpoint.save(state, run / f"s-{k}.safetensors", dict(nimg=str(n), ema_std="0.1"))
+    [path] = reconstruct(run, 0.1, out_dir=tmp_path / "out", progress=False)
+    got = checkpoint.load(path)
+    assert got["same"].dtype == torch.float16 and got["mixed"].dtype == torch.float32
+    torch.testing.assert_close(got["mixed"], torch.ones(5))  # the coefficients sum to 1
+
+
+def test_a_bad_dtype_is_refused_before_anything_is_written(tmp_path):
+    run, _ = make_run(tmp_path, nimgs=(1000, 2000))
+    out = tmp_path / "out"
+    for bad in [torch.float64, torch.int8, "half", "F16", "torch.float16", 16, ["float16"]]:
+        with pytest.raises(ValueError, match=r"^dtype must be .*, got " + re.escape(repr(bad))):
+            reconstruct(run, 0.07, out_dir=out, progress=False, dtype=bad)
+    assert not out.exists()
 
 
 def test_mixed_dtypes_orders_and_counts(tmp_path):
@@ -214,3 +279,12 @@ def test_cli(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
         "phema-000004000-0.060.safetensors", "phema-000004000-0.090.safetensors"]  # fmt: skip
     assert main(["ema", "--snapshots", str(run)]) == 2
+    assert main(["ema", "--snapshots", str(run), "--std", "0.07", "--out", str(tmp_path / "h"),
+                 "--dtype", "float16", "--no-progress"]) == 0  # fmt: skip
+    [path] = (tmp_path / "h").iterdir()
+    assert checkpoint.load(path)["unet.out_conv.weight"].dtype == torch.float16
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["ema", "--snapshots", str(run), "--std", "0.07", "--out", str(tmp_path / "x"), "--dtype", "half"]
+        )
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()

@@ -104,6 +104,13 @@ def list_snapshots(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     return sorted(found, key=lambda s: (s.nimg, s.std))
 
 
+# The output dtypes of `reconstruct` (torch dtypes and their names), as safetensors names them.
+_OUT_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+}  # fmt: skip
+
+
 def reconstruct(
     snapshots: str | os.PathLike | Sequence[str | os.PathLike],
     out_std: float | Sequence[float],
@@ -112,17 +119,30 @@ def reconstruct(
     *,
     prefix: str = "phema",
     progress: bool = True,
+    dtype: torch.dtype | str | None = None,
 ) -> list[Path]:
     """Reconstructs EMA profiles of widths ``out_std`` at training time ``out_nimg`` (default:
     the newest snapshot) from the snapshots of a run, reading each input once.
 
     Inputs are the snapshots with ``0 < nimg <= out_nimg``. Outputs are network snapshots
-    (float32; metadata ``nimg``, ``ema_std``, ``config``...) named
+    (metadata ``nimg``, ``ema_std``, ``config``...) named
     ``{prefix}-{nimg:09d}-{std:.3f}.safetensors`` in ``out_dir``, loadable with
     ``autoguide_fast.load``. Nothing is written unless every input is valid and consistent.
+    Sums run in float32; each tensor is then rounded once (to nearest-even, as
+    ``torch.Tensor.to`` rounds) to ``dtype``: ``None`` keeps the dtype of its inputs (float16
+    snapshots, as EDM2 saves them, give float16 outputs; float32 where the inputs disagree), or
+    ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` (or their names) for every
+    tensor. Non-float tensors and buffers are copied from the newest input as they are.
     """
     from .checkpoint import read_metadata
 
+    try:
+        out_dtype = None if dtype is None else _OUT_DTYPES[dtype]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"dtype must be None (the inputs' dtype), torch.float32, torch.float16 or torch.bfloat16, "
+            f"got {dtype!r}"
+        ) from None
     stds = [float(out_std)] if isinstance(out_std, (int, float)) else sorted({float(s) for s in out_std})
     if not stds:
         raise ValueError("out_std must name at least one EMA width")
@@ -161,7 +181,7 @@ def reconstruct(
             bar.refresh()
 
     try:
-        _core.reconstruct([s.path for s in inputs], coefs.tolist(), outputs, copy_names, callback)
+        _core.reconstruct([s.path for s in inputs], coefs.tolist(), outputs, copy_names, callback, out_dtype)
     finally:
         if bar is not None:
             bar.close()

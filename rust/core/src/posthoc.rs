@@ -164,32 +164,103 @@ pub struct Output {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// bfloat16 bits to float32 (the upper half of the float's bits): a shift, which the compiler
-/// vectorises, 8 lanes at a time on CPUs with AVX2.
-fn bf16_to_f32(words: &[u16], out: &mut [f32]) {
-    #[inline(always)]
-    fn shift(words: &[u16], out: &mut [f32]) {
+/// `fn $name(...) $body`, compiled twice from the same source: for x86 CPUs with the listed
+/// features (8-lane loops), used where the CPU has them, and portably. Same source, same
+/// arithmetic, so the same results.
+macro_rules! multiversioned {
+    ([$($feature:tt),+] $(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+        $(#[$doc])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            $(#[target_feature(enable = $feature)])+
+            fn fast($($arg: $ty),*) {
+                portable($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            if $(std::arch::is_x86_feature_detected!($feature))&&+ {
+                // SAFETY: the CPU has every feature `fast` is compiled for, checked just above.
+                return unsafe { fast($($arg),*) };
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+multiversioned! {["avx2"]
+    /// bfloat16 bits to float32 (the upper half of the float's bits): a shift, which the
+    /// compiler vectorises.
+    fn bf16_to_f32(words: &[u16], out: &mut [f32]) {
         for (o, &w) in out.iter_mut().zip(words) {
             *o = f32::from_bits((w as u32) << 16);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn shift_avx2(words: &[u16], out: &mut [f32]) {
-        shift(words, out)
+}
+
+/// float16 <-> float32 with F16C instructions, 8 lanes at a time, in loops the compiler can
+/// unroll. The `half` crate's slice conversions issue the same instructions (so round the same
+/// way) but make one call per 8 lanes, through a copy: a quarter of the CPU time of a float16
+/// reconstruction went there. Tails go through `half`.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use std::arch::x86_64::{
+        _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps, _mm_loadu_si128,
+        _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
+    };
+
+    /// float16 bits to float32 (exact).
+    #[target_feature(enable = "avx,f16c")]
+    pub fn widen(words: &[u16], out: &mut [f32]) {
+        let n = words.len().min(out.len());
+        let body = n / 8 * 8;
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 <= n, within both slices; the loads and stores are unaligned ones.
+            unsafe {
+                let h = _mm_loadu_si128(words.as_ptr().add(i).cast());
+                _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for (o, &w) in out[body..n].iter_mut().zip(&words[body..n]) {
+            *o = half::f16::from_bits(w).to_f32();
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { shift_avx2(words, out) };
+
+    /// float32 to float16 bits, rounded to nearest-even (overflow to infinity, NaN stays NaN).
+    #[target_feature(enable = "avx,f16c")]
+    pub fn narrow(x: &[f32], out: &mut [u16]) {
+        let n = x.len().min(out.len());
+        let body = n / 8 * 8;
+        for i in (0..body).step_by(8) {
+            // SAFETY: i + 8 <= n, within both slices; the loads and stores are unaligned ones.
+            unsafe {
+                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(out.as_mut_ptr().add(i).cast(), h);
+            }
+        }
+        for (o, &v) in out[body..n].iter_mut().zip(&x[body..n]) {
+            *o = half::f16::from_f32(v).to_bits();
+        }
     }
-    shift(words, out)
+}
+
+/// float16 bits to float32: F16C where the CPU has it, else the `half` crate.
+fn f16_to_f32(words: &[u16], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX and F16C, checked just above.
+        return unsafe { f16c::widen(words, out) };
+    }
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    words
+        .reinterpret_cast::<half::f16>()
+        .convert_to_f32_slice(out)
 }
 
 /// Little-endian tensor bytes of `dtype` (F32, F16 or BF16) to float32. Half-precision slices
 /// convert with vectorised code (float16 through the `half` crate, F16C on x86 when present).
 fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
     // SAFETY: every bit pattern is a valid u16; only the aligned middle part is used, and only
     // when it covers the whole range.
     let (head, words, _) = unsafe { bytes.align_to::<u16>() };
@@ -200,9 +271,7 @@ fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        Dtype::F16 if aligned => words
-            .reinterpret_cast::<half::f16>()
-            .convert_to_f32_slice(out),
+        Dtype::F16 if aligned => f16_to_f32(words, out),
         Dtype::BF16 if aligned => bf16_to_f32(words, out),
         Dtype::F16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -287,28 +356,58 @@ fn accumulate_impl(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn accumulate_avx2(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
-    accumulate_impl(w, x, y)
+multiversioned! {["avx2"]
+    /// `y[j] += sum_k w[k * m + j] * x[k]` (see [`accumulate_impl`]).
+    fn accumulate(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
+        accumulate_impl(w, x, y)
+    }
 }
 
-/// `y[j] += sum_k w[k * m + j] * x[k]` (see [`accumulate_impl`]); 8-lane code on CPUs with
-/// AVX2, with the same arithmetic, so the same results, as the portable build.
-fn accumulate(w: &[f32], x: &[&[f32]], y: &mut [&mut [f32]]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { accumulate_avx2(w, x, y) };
-    }
-    accumulate_impl(w, x, y)
-}
+/// Element types without padding bytes.
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for u16 {}
 
 /// The little-endian bytes of `x` (safetensors byte order; the crate requires a little-endian
 /// host).
-fn f32_bytes(x: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and u8 has alignment 1; the length covers exactly `x`.
+fn le_bytes<T: Plain>(x: &[T]) -> &[u8] {
+    // SAFETY: `Plain` types have no padding and u8 has alignment 1; the length covers exactly
+    // `x`.
     unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+/// float32 to float16 bits, rounded to nearest-even: F16C where the CPU has it, else the `half`
+/// crate.
+fn f32_to_f16(x: &[f32], out: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX and F16C, checked just above.
+        return unsafe { f16c::narrow(x, out) };
+    }
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    out.reinterpret_cast_mut::<half::f16>()
+        .convert_from_f32_slice(x)
+}
+
+multiversioned! {["avx2"]
+    /// float32 to bfloat16 bits through the `half` crate, rounded to nearest-even.
+    fn f32_to_bf16(x: &[f32], out: &mut [u16]) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        out.reinterpret_cast_mut::<half::bf16>().convert_from_f32_slice(x)
+    }
+}
+
+/// The little-endian bytes of `x` rounded once to `dtype` (F32, F16 or BF16), to nearest-even as
+/// `torch.Tensor.to(dtype)` rounds; `words` (at least as long as `x`) holds 16-bit results.
+fn from_f32<'a>(dtype: Dtype, x: &'a [f32], words: &'a mut [u16]) -> &'a [u8] {
+    let words = &mut words[..x.len()];
+    match dtype {
+        Dtype::F32 => return le_bytes(x),
+        Dtype::F16 => f32_to_f16(x, words),
+        Dtype::BF16 => f32_to_bf16(x, words),
+        _ => unreachable!("checked before streaming"),
+    }
+    le_bytes(words)
 }
 
 /// Granularity of input page release.
@@ -379,26 +478,67 @@ const CHUNK: usize = 1 << 14; // elements per work item: each output's part is w
 /// and a group's converted inputs stay in the innermost caches.
 const SUB: usize = 2048;
 
-/// One work item of [`reconstruct`]: elements `lo..hi` of layout tensor `t`, combined from every
-/// input into every output, written at byte `at` of each output's tensor data. `scratch` holds
-/// [`GROUP`] converted blocks of [`SUB`] elements, `local` the `m` accumulators.
+/// Padding (one cache line of f32) after each accumulator row and converted block. Without it
+/// the rows (64 KiB apart) and blocks (8 KiB apart) all map to the same sets of the L1 cache and
+/// evict one another: the accumulation ran ~20% slower.
+const PAD: usize = 16;
+
+/// One work item of [`reconstruct`]: elements `lo..hi` of layout tensor `tensor`, written as
+/// `dtype` from byte `at` of tensor data on (the same in every output, whose headers may differ
+/// in length).
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    tensor: usize,
+    lo: usize,
+    hi: usize,
+    at: usize,
+    dtype: Dtype,
+}
+
+impl Item {
+    /// The end of the item's bytes, from the start of tensor data.
+    fn end(&self) -> usize {
+        self.at + (self.hi - self.lo) * (self.dtype.bitsize() / 8)
+    }
+}
+
+/// Per-thread buffers of [`combine_item`], allocated once.
+struct Buffers {
+    /// [`GROUP`] inputs' blocks of [`SUB`] elements converted to float32, [`PAD`] apart.
+    scratch: Vec<f32>,
+    /// The float32 accumulators of every output, [`CHUNK`] elements each, [`PAD`] apart.
+    local: Vec<f32>,
+    /// One output's chunk rounded to a 16-bit dtype.
+    words: Vec<u16>,
+}
+
+/// Combines `item` from every input into every output and writes it.
 fn combine_item(
     snaps: &[MappedSnapshot],
     where_: &[Vec<(Dtype, usize)>],
     weights: &[f32],
-    (t, lo, hi, at): (usize, usize, usize, usize),
-    scratch: &mut [f32],
-    local: &mut [f32],
+    item: Item,
+    buffers: &mut Buffers,
     files: &[OutputFile],
 ) -> Result<()> {
+    let Item {
+        tensor: t, lo, hi, ..
+    } = item;
+    let Buffers {
+        scratch,
+        local,
+        words,
+    } = buffers;
     let (n, m, len) = (snaps.len(), files.len(), hi - lo);
-    local[..m * len].fill(0.0);
+    for row in local.chunks_mut(CHUNK + PAD).take(m) {
+        row[..len].fill(0.0);
+    }
     for s0 in (0..len).step_by(SUB) {
         let s1 = (s0 + SUB).min(len);
         for start in (0..n).step_by(GROUP) {
             let group = start..(start + GROUP).min(n);
             let mut srcs: Vec<&[f32]> = Vec::with_capacity(GROUP);
-            let mut free = scratch.chunks_mut(SUB);
+            let mut free = scratch.chunks_mut(SUB + PAD);
             for i in group.clone() {
                 let (dtype, begin) = where_[i][t];
                 let size = dtype.bitsize() / 8;
@@ -416,18 +556,17 @@ fn combine_item(
                     srcs.push(buf);
                 }
             }
-            let mut outs: Vec<&mut [f32]> = local[..m * len]
-                .chunks_mut(len)
+            let mut outs: Vec<&mut [f32]> = local
+                .chunks_mut(CHUNK + PAD)
+                .take(m)
                 .map(|row| &mut row[s0..s1])
                 .collect();
             accumulate(&weights[start * m..group.end * m], &srcs, &mut outs);
         }
     }
-    for (j, file) in files.iter().enumerate() {
-        file.write_at(
-            file.data_start() + at,
-            f32_bytes(&local[j * len..(j + 1) * len]),
-        )?;
+    for (file, row) in files.iter().zip(local.chunks(CHUNK + PAD)) {
+        let bytes = from_f32(item.dtype, &row[..len], words);
+        file.write_at(file.data_start() + item.at, bytes)?;
     }
     Ok(())
 }
@@ -435,6 +574,10 @@ fn combine_item(
 /// Streams once over `inputs` (all memory-mapped) and writes `outputs[j] = sum_i coefs[i][j] *
 /// inputs[i]` for every floating-point tensor not listed in `copy`, accumulating in float32;
 /// tensors in `copy` (and non-float tensors) are copied from the last input.
+///
+/// Each averaged tensor is written as `dtype` (F32, F16 or BF16), or with `None` in the dtype
+/// its inputs share (float32 where they differ), rounded once from the float32 sum to
+/// nearest-even, as `torch.Tensor.to` rounds.
 ///
 /// Work is split into chunks of elements; a chunk of every output is accumulated in cache
 /// from the same chunk of every input and written once (positional writes into the outputs'
@@ -450,6 +593,7 @@ pub fn reconstruct(
     coefs: &[f64],
     outputs: &[Output],
     copy: &BTreeSet<String>,
+    dtype: Option<Dtype>,
     mut progress: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<()> {
     let (n, m) = (inputs.len(), outputs.len());
@@ -464,6 +608,9 @@ pub fn reconstruct(
         return Err(invalid("inputs", n, "at least one input and one output"));
     }
     let is_float = |d: Dtype| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16);
+    if let Some(d) = dtype.filter(|&d| !is_float(d)) {
+        return Err(invalid("dtype", d, "F32, F16 or BF16"));
+    }
     let snaps = inputs
         .iter()
         .map(|p| {
@@ -530,16 +677,26 @@ pub fn reconstruct(
         .collect();
 
     // Outputs are written with positional writes into their temporary files: averaged
-    // tensors first (float32, in `averaged` order, so a run of work items is one contiguous
-    // byte range of every output), then the copied ones, written right away.
+    // tensors first (in `averaged` order, so a run of work items is one contiguous byte range
+    // of every output), then the copied ones, written right away.
     let last = &snaps[n - 1];
     let numel = |t: usize| layout[t].2.iter().product::<usize>();
+    let out_dtype = |t: usize| {
+        dtype.unwrap_or_else(|| {
+            let first = where_[0][t].0;
+            if where_.iter().all(|row| row[t].0 == first) {
+                first
+            } else {
+                Dtype::F32
+            }
+        })
+    };
     let copied: Vec<usize> = (0..layout.len())
         .filter(|t| !averaged.contains(t))
         .collect();
     let mut spec: Vec<(String, Dtype, Vec<usize>)> = averaged
         .iter()
-        .map(|&t| (layout[t].0.clone(), Dtype::F32, layout[t].2.clone()))
+        .map(|&t| (layout[t].0.clone(), out_dtype(t), layout[t].2.clone()))
         .collect();
     for &t in &copied {
         spec.push((layout[t].0.clone(), where_[n - 1][t].0, layout[t].2.clone()));
@@ -554,49 +711,58 @@ pub fn reconstruct(
             file.write_at(entries[averaged.len() + k].1, last.bytes(&layout[t].0)?)?;
         }
     }
-    // Work items (tensor, element range, byte offset of the range from the start of tensor
-    // data: the same in every output, whose headers may differ in length).
     let data_offset = |k: usize| files[0].entries()[k].1 - files[0].data_start();
-    let items: Vec<(usize, usize, usize, usize)> = averaged
+    let items: Vec<Item> = averaged
         .iter()
         .enumerate()
         .flat_map(|(k, &t)| {
-            let begin = data_offset(k);
-            (0..numel(t))
-                .step_by(CHUNK)
-                .map(move |lo| (t, lo, (lo + CHUNK).min(numel(t)), begin + 4 * lo))
+            // Offsets from the start of tensor data, in the output dtype's element size.
+            let (begin, out) = (data_offset(k), spec[k].1);
+            (0..numel(t)).step_by(CHUNK).map(move |lo| Item {
+                tensor: t,
+                lo,
+                hi: (lo + CHUNK).min(numel(t)),
+                at: begin + lo * (out.bitsize() / 8),
+                dtype: out,
+            })
         })
         .collect();
     let weights: Vec<f32> = coefs.iter().map(|&c| c as f32).collect(); // [in][out]
     let total = items.len();
     let per_batch = total.div_ceil(100).max(1);
     let mut done = 0;
-    // Scratch (conversions from 16-bit inputs) and accumulators, one pair per worker thread,
-    // allocated once.
-    let buffers: Vec<std::sync::Mutex<(Vec<f32>, Vec<f32>)>> = (0..rayon::current_num_threads()
-        .max(1))
-        .map(|_| std::sync::Mutex::new((vec![0.0f32; GROUP * SUB], vec![0.0f32; m * CHUNK])))
+    let buffers: Vec<std::sync::Mutex<Buffers>> = (0..rayon::current_num_threads().max(1))
+        .map(|_| {
+            std::sync::Mutex::new(Buffers {
+                scratch: vec![0.0; GROUP * (SUB + PAD)],
+                local: vec![0.0; m * (CHUNK + PAD)],
+                words: vec![0; CHUNK],
+            })
+        })
         .collect();
     // Per input: byte ranges read so far, and the part of them already released.
     let mut consumed: Vec<(Intervals, Intervals)> = (0..n).map(|_| Default::default()).collect();
     // Each batch is computed while the previous one's housekeeping runs next to it: its part
     // of every output is final, so its writeback to disk starts (and the fsync at the end
     // finds little left to do), and the input pages it read are released.
-    let housekeeping = |batch: &[(usize, usize, usize, usize)],
-                        consumed: &mut [(Intervals, Intervals)]| {
-        let (first, end) = (batch[0], batch[batch.len() - 1]);
+    let housekeeping = |batch: &[Item], consumed: &mut [(Intervals, Intervals)]| {
+        let (head, tail) = (batch[0], batch[batch.len() - 1]);
         for file in &files {
             let base = file.data_start();
-            file.start_writeback(base + first.3, base + end.3 + 4 * (end.2 - end.1));
+            file.start_writeback(base + head.at, base + tail.end());
         }
         for ((i, snap), (read, released)) in snaps.iter().enumerate().zip(consumed.iter_mut()) {
             let ranges: Vec<(usize, usize)> = batch
                 .iter()
-                .map(|&(t, lo, hi, _)| {
-                    let (dtype, begin) = where_[i][t];
-                    let size = dtype.bitsize() / 8;
-                    (begin + lo * size, begin + hi * size)
-                })
+                .map(
+                    |&Item {
+                         tensor: t, lo, hi, ..
+                     }| {
+                        let (dtype, begin) = where_[i][t];
+                        let size = dtype.bitsize() / 8;
+                        (begin + lo * size, begin + hi * size)
+                    },
+                )
                 .collect();
             for &(a, b) in &ranges {
                 read.insert(a, b);
@@ -615,15 +781,14 @@ pub fn reconstruct(
             }
         }
     };
-    let mut previous: Option<&[(usize, usize, usize, usize)]> = None;
+    let mut previous: Option<&[Item]> = None;
     for batch in items.chunks(per_batch) {
         let (computed, ()) = rayon::join(
             || {
                 batch.par_iter().try_for_each(|item| {
                     let slot = rayon::current_thread_index().unwrap_or(0) % buffers.len();
                     let mut guard = buffers[slot].lock().unwrap_or_else(|e| e.into_inner());
-                    let (scratch, local) = &mut *guard;
-                    combine_item(&snaps, &where_, &weights, *item, scratch, local, &files)
+                    combine_item(&snaps, &where_, &weights, *item, &mut guard, &files)
                 })
             },
             || {
@@ -747,6 +912,266 @@ mod tests {
         assert_eq!(out, [1.0, -2.0]);
         to_f32(Dtype::BF16, &[0xaa, 0x80, 0x3f, 0x00, 0xc0][1..], &mut out);
         assert_eq!(out, [1.0, -2.0]);
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("autoguide-posthoc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Writes one snapshot of (name, dtype, bits) tensors; 16-bit tensors are given as u16 bits,
+    /// float32 ones as f32 bits, I64 ones as i64 values.
+    fn write(path: &std::path::Path, tensors: &[(&str, Dtype, Vec<u64>)]) {
+        let data: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, d, v)| match d {
+                Dtype::F16 | Dtype::BF16 => {
+                    v.iter().flat_map(|&b| (b as u16).to_le_bytes()).collect()
+                }
+                Dtype::F32 => v.iter().flat_map(|&b| (b as u32).to_le_bytes()).collect(),
+                _ => v.iter().flat_map(|&b| b.to_le_bytes()).collect(),
+            })
+            .collect();
+        let views: Vec<crate::store::TensorData> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((name, dtype, v), bytes)| crate::store::TensorData {
+                name: name.to_string(),
+                dtype: *dtype,
+                shape: vec![v.len()],
+                data: bytes,
+            })
+            .collect();
+        crate::store::write_atomic(path, &views, &BTreeMap::new()).unwrap();
+    }
+
+    /// (dtype, values as f64) of every tensor of the snapshot at `path`.
+    fn read(path: &std::path::Path) -> BTreeMap<String, (Dtype, Vec<u64>)> {
+        let snap = MappedSnapshot::open(path).unwrap();
+        snap.header()
+            .tensors
+            .iter()
+            .map(|t| {
+                let bytes = snap.bytes(&t.name).unwrap();
+                let bits: Vec<u64> = match t.dtype {
+                    Dtype::F16 | Dtype::BF16 => bytes
+                        .chunks_exact(2)
+                        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u64)
+                        .collect(),
+                    Dtype::F32 => bytes
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as u64)
+                        .collect(),
+                    _ => bytes
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                };
+                (t.name.clone(), (t.dtype, bits))
+            })
+            .collect()
+    }
+
+    fn value(dtype: Dtype, bits: u64) -> f64 {
+        match dtype {
+            Dtype::F16 => half::f16::from_bits(bits as u16).to_f64(),
+            Dtype::BF16 => half::bf16::from_bits(bits as u16).to_f64(),
+            Dtype::F32 => f32::from_bits(bits as u32) as f64,
+            _ => unreachable!(),
+        }
+    }
+
+    /// `sum` rounded once to `dtype`, as bits. The sums of these tests are exact in float32, so
+    /// the float32 accumulation is exact and rounding it is rounding the true sum once.
+    fn rounded(dtype: Dtype, sum: f64) -> u64 {
+        let x = sum as f32;
+        assert_eq!(x as f64, sum, "the test's sums must be exact in float32");
+        match dtype {
+            Dtype::F16 => half::f16::from_f32(x).to_bits() as u64,
+            Dtype::BF16 => half::bf16::from_f32(x).to_bits() as u64,
+            Dtype::F32 => x.to_bits() as u64,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn outputs_are_the_exact_sum_rounded_once_to_the_inputs_dtype() {
+        // 9 inputs (a group of 8 and 1), 3 outputs. Values of magnitude in [1, 2) with at most
+        // 11 significant bits and weights k/16, |k| <= 16: every product and partial sum is a
+        // multiple of 2^-14 below 2^5, exact in float32, so the expected output is the exact sum
+        // rounded once. "a" spans two work chunks and has an odd length (the 16-bit output
+        // shifts every later tensor by 2 bytes); "mixed" is float16 in one input and float32 in
+        // the others; "step" is an integer tensor, copied from the last input.
+        let dir = tmpdir("round");
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (n, m) = (9, 3);
+        let f16_in_1_2 = |r: u64| 0x3c00 | (r & 0x3ff) | (r >> 63 << 15);
+        let bf16_in_1_2 = |r: u64| 0x3f80 | (r & 0x7f) | (r >> 63 << 15);
+        let mut inputs = Vec::new();
+        let mut values: Vec<BTreeMap<String, Vec<f64>>> = Vec::new();
+        for i in 0..n {
+            let a: Vec<u64> = (0..CHUNK + 4001).map(|_| f16_in_1_2(rand())).collect();
+            let b: Vec<u64> = (0..37).map(|_| bf16_in_1_2(rand())).collect();
+            let mixed_dtype = if i == 4 { Dtype::F16 } else { Dtype::F32 };
+            let mixed: Vec<u64> = (0..5)
+                .map(|_| {
+                    let h = f16_in_1_2(rand());
+                    match mixed_dtype {
+                        Dtype::F16 => h,
+                        _ => (value(Dtype::F16, h) as f32).to_bits() as u64,
+                    }
+                })
+                .collect();
+            let tensors = [
+                ("a", Dtype::F16, a),
+                ("b", Dtype::BF16, b),
+                ("mixed", mixed_dtype, mixed),
+                ("step", Dtype::I64, vec![i as u64, 7]),
+            ];
+            values.push(
+                tensors
+                    .iter()
+                    .filter(|(name, ..)| *name != "step")
+                    .map(|(name, d, v)| {
+                        (name.to_string(), v.iter().map(|&b| value(*d, b)).collect())
+                    })
+                    .collect(),
+            );
+            let path = dir.join(format!("in-{i}.safetensors"));
+            write(&path, &tensors);
+            inputs.push(path);
+        }
+        let coefs: Vec<f64> = (0..n * m)
+            .map(|_| (rand() % 33) as f64 / 16.0 - 1.0)
+            .collect();
+        let copy = BTreeSet::from(["step".to_string()]);
+        for (tag, dtype) in [
+            ("same", None),
+            ("bf16", Some(Dtype::BF16)),
+            ("f16", Some(Dtype::F16)),
+        ] {
+            let outputs: Vec<Output> = (0..m)
+                .map(|j| Output {
+                    path: dir.join(format!("{tag}-{j}.safetensors")),
+                    metadata: BTreeMap::new(),
+                })
+                .collect();
+            reconstruct(&inputs, &coefs, &outputs, &copy, dtype, |_, _| Ok(())).unwrap();
+            for (j, out) in outputs.iter().enumerate() {
+                let got = read(&out.path);
+                assert_eq!(got["step"], (Dtype::I64, vec![n as u64 - 1, 7]), "{tag}");
+                for (name, input_dtype) in
+                    [("a", Dtype::F16), ("b", Dtype::BF16), ("mixed", Dtype::F32)]
+                {
+                    let want_dtype = dtype.unwrap_or(input_dtype);
+                    let (got_dtype, bits) = &got[name];
+                    assert_eq!(*got_dtype, want_dtype, "{tag} {name}");
+                    for (e, &b) in bits.iter().enumerate() {
+                        let sum: f64 = (0..n).map(|i| coefs[i * m + j] * values[i][name][e]).sum();
+                        assert_eq!(b, rounded(want_dtype, sum), "{tag} output {j} {name}[{e}]");
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // Means of two float16 inputs that fall exactly halfway between neighbours of the
+        // output dtype round to the one with an even last bit; known bits, independent of the
+        // `half` crate.
+        let dir = tmpdir("ties");
+        let one = 0x3c00u64; // float16 1.0; + k is 1 + k * 2^-10
+        let inputs = [dir.join("x.safetensors"), dir.join("y.safetensors")];
+        write(
+            &inputs[0],
+            &[("t", Dtype::F16, vec![one, one + 1, one, one + 8])],
+        );
+        write(
+            &inputs[1],
+            &[("t", Dtype::F16, vec![one + 1, one + 2, one + 8, one + 16])],
+        );
+        // Means: 1 + 2^-11, 1 + 3 * 2^-11, 1 + 2^-8, 1 + 3 * 2^-8.
+        for (dtype, want) in [
+            (Dtype::F16, [0x3c00, 0x3c02, 0x3c04, 0x3c0c]),
+            (Dtype::BF16, [0x3f80, 0x3f80, 0x3f80, 0x3f82]),
+        ] {
+            let out = Output {
+                path: dir.join("o.safetensors"),
+                metadata: BTreeMap::new(),
+            };
+            let copy = BTreeSet::new();
+            reconstruct(
+                &inputs,
+                &[0.5, 0.5],
+                std::slice::from_ref(&out),
+                &copy,
+                Some(dtype),
+                |_, _| Ok(()),
+            )
+            .unwrap();
+            assert_eq!(read(&out.path)["t"], (dtype, want.to_vec()), "{dtype}");
+        }
+        let err = reconstruct(
+            &inputs,
+            &[0.5, 0.5],
+            &[Output {
+                path: dir.join("never.safetensors"),
+                metadata: BTreeMap::new(),
+            }],
+            &BTreeSet::new(),
+            Some(Dtype::I64),
+            |_, _| Ok(()),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("dtype must be"), "{err}");
+        assert!(!dir.join("never.safetensors").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn float16_conversions_match_the_half_crate() {
+        // Every float16 value widened; random float32 values, and every midpoint between
+        // neighbouring float16 values (ties), narrowed; lengths with and without a tail.
+        let all: Vec<u16> = (0..=u16::MAX).collect();
+        let mut wide = vec![0.0f32; all.len()];
+        f16_to_f32(&all[3..], &mut wide[3..]);
+        for (&h, w) in all.iter().zip(&wide).skip(3) {
+            assert_eq!(
+                w.to_bits(),
+                half::f16::from_bits(h).to_f32().to_bits(),
+                "{h:#x}"
+            );
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut x: Vec<f32> = (0..1 << 16)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                f32::from_bits((state >> 32) as u32)
+            })
+            .collect();
+        x.extend((0..0x7bffu16).map(|h| {
+            let (a, b) = (half::f16::from_bits(h), half::f16::from_bits(h + 1));
+            ((a.to_f64() + b.to_f64()) / 2.0) as f32 // exact: float32 has 13 more bits
+        }));
+        x.extend([65520.0, 65519.99, f32::INFINITY, f32::NAN, -0.0, 1e-8, 3e-8]);
+        let mut narrow = vec![0u16; x.len()];
+        f32_to_f16(&x[1..], &mut narrow[1..]);
+        for (&v, &h) in x.iter().zip(&narrow).skip(1) {
+            assert_eq!(h, half::f16::from_f32(v).to_bits(), "{v:e}");
+        }
     }
 
     #[test]

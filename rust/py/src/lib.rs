@@ -271,11 +271,12 @@ fn solve_coefficients(
 }
 
 /// Streams once over `inputs` and writes every output (path, metadata) as
-/// `sum_i coefs[i][j] * inputs[i]` (float32); tensors named in `copy` come from the last input.
-/// `progress(done, total)` reports work items; an exception raised there, or a signal such as
-/// Ctrl-C, stops the work before any output is renamed into place.
+/// `sum_i coefs[i][j] * inputs[i]`, each tensor in `dtype` ("F32", "F16", "BF16"; None: the
+/// dtype of its inputs, float32 where they differ); tensors named in `copy` come from the last
+/// input. `progress(done, total)` reports work items; an exception raised there, or a signal
+/// such as Ctrl-C, stops the work before any output is renamed into place.
 #[pyfunction]
-#[pyo3(signature = (inputs, coefs, outputs, copy, progress=None))]
+#[pyo3(signature = (inputs, coefs, outputs, copy, progress=None, dtype=None))]
 fn reconstruct(
     py: Python<'_>,
     inputs: Vec<std::path::PathBuf>,
@@ -283,7 +284,12 @@ fn reconstruct(
     outputs: Vec<(std::path::PathBuf, BTreeMap<String, String>)>,
     copy: Vec<String>,
     progress: Option<Py<PyAny>>,
+    dtype: Option<String>,
 ) -> PyResult<()> {
+    let dtype = dtype
+        .map(|d| store::parse_dtype(&d))
+        .transpose()
+        .map_err(to_py)?;
     let m = outputs.len();
     if coefs.len() != inputs.len() || coefs.iter().any(|r| r.len() != m) {
         return Err(PyValueError::new_err(format!(
@@ -299,7 +305,7 @@ fn reconstruct(
     let copy = copy.into_iter().collect();
     let mut failure: Option<PyErr> = None;
     let result = py.detach(|| {
-        posthoc::reconstruct(&inputs, &flat, &outputs, &copy, |done, total| {
+        posthoc::reconstruct(&inputs, &flat, &outputs, &copy, dtype, |done, total| {
             // Between batches: a pending Ctrl-C (or any signal handler's exception) and an
             // exception from the callback both stop the work; no output is left behind.
             Python::attach(|py| {
