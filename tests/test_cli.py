@@ -4,7 +4,7 @@ import pytest
 
 from autoguide_fast.cli import build_parser
 
-COMMANDS = ["toy", "train", "ema", "generate", "eval", "classifier", "experiment", "sweep"]
+COMMANDS = ["toy", "train", "ema", "generate", "convert", "presets", "eval", "classifier", "experiment", "sweep"]
 
 
 def test_every_command_is_listed():

@@ -221,7 +221,7 @@ def test_bad_inputs_fail_before_any_output(tmp_path):
     other = Precond(**PRESETS["digits-s"])
     ag.save(other, run / "network-snapshot-000005000-0.050.safetensors", nimg=5000, ema_std=0.05)
     out = tmp_path / "out"
-    with pytest.raises(AutoguideError, match="network-snapshot-000005000-0.050.safetensors: does not match"):
+    with pytest.raises(ValueError, match="network-snapshot-000005000-0.050.safetensors differ in config"):
         reconstruct(run, 0.07, out_dir=out, progress=False)
     assert not out.exists() or not list(out.iterdir())
     (run / "network-snapshot-000005000-0.050.safetensors").write_bytes(b"garbage!" * 10)

@@ -54,6 +54,19 @@ def test_open_is_lazy_zero_copy_and_copy_on_write(tmp_path):
             snap["c"]
     assert path.read_bytes() == before
     assert torch.equal(checkpoint.load(path)["a"], torch.arange(1000, dtype=torch.float32))
+    # A tensor that outlives its closed snapshot keeps the mapping (no unmapped memory is read).
+    with checkpoint.open(path) as snap:
+        b = snap["b"]
+    assert b.sum().item() == 3.0
+
+
+def test_fifos_and_devices_are_refused_not_opened(tmp_path):
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(AutoguideError, match="not a regular file"):
+        checkpoint.load(fifo)  # would block forever if opened
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        checkpoint.load(tmp_path)
 
 
 def test_writes_are_atomic_and_leave_nothing_behind(tmp_path):

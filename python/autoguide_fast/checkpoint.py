@@ -13,6 +13,7 @@ import builtins
 import json
 import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -41,6 +42,19 @@ _TO_ST = {
 _FROM_ST = {v: k for k, v in _TO_ST.items()}
 
 
+def check_regular_file(path: Path) -> None:
+    """Raises FileNotFoundError, IsADirectoryError, or AutoguideError when ``path`` is not a
+    regular file (a FIFO or device would block or be clobbered): every reader checks first."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise _core.AutoguideError(f"{path} is not a regular file (a pipe, socket or device); refused")
+
+
 class Snapshot(Mapping[str, torch.Tensor]):
     """A validated safetensors file, memory-mapped. ``snap[name]`` is a zero-copy CPU tensor
     (copy-on-write: writing to it never changes the file), read lazily on first touch.
@@ -52,6 +66,7 @@ class Snapshot(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        check_regular_file(self.path)
         for _attempt in range(3):
             with builtins.open(self.path, "rb") as f:
                 before = os.fstat(f.fileno())
@@ -90,7 +105,9 @@ class Snapshot(Mapping[str, torch.Tensor]):
             return torch.empty(shape, dtype=dtype)
         if begin % itemsize:  # misaligned for its dtype: copy rather than view
             return torch.frombuffer(bytearray(self._map[begin:end]), dtype=dtype).reshape(shape)
-        return torch.frombuffer(self._map, dtype=dtype, count=count, offset=begin).reshape(shape)
+        # Through a memoryview: the tensor holds an export of the map, so close() cannot unmap
+        # memory a live tensor still reads (frombuffer on the map itself would not prevent it).
+        return torch.frombuffer(memoryview(self._map)[begin:end], dtype=dtype).reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -193,24 +210,73 @@ def _arch_name(module: torch.nn.Module) -> str:
 
 def save_network(module: torch.nn.Module, path: str | os.PathLike, **metadata) -> None:
     """Saves one of the package's networks with its architecture and constructor arguments, so
-    that :func:`load_network` rebuilds it. Extra ``metadata`` values are stored as strings
-    (non-strings as JSON). Exported as ``autoguide_fast.save``."""
+    that :func:`load_network` rebuilds it (tensors in their dtype; the network's ``encoder``, if
+    any, is kept). Extra ``metadata`` values are stored as strings (non-strings as JSON). Exported
+    as ``autoguide_fast.save``."""
     arch = _arch_name(module)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     buffers = sorted(name for name, _ in module.named_buffers())
     meta.update(arch=arch, config=json.dumps(module.config), buffers=json.dumps(buffers))
+    if getattr(module, "encoder", None) is not None:
+        meta["encoder"] = module.encoder.to_json()
     save(module.state_dict(), path, meta)
 
 
-def load_network(path: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
+def _cast(dtype):
+    if dtype is None:
+        return None
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "float64": torch.float64}  # fmt: skip
+    dtype = names.get(dtype, dtype)
+    if dtype not in names.values():
+        raise ValueError(f"dtype must be None or one of {sorted(names)}, got {dtype!r}")
+    return dtype
+
+
+def load_network(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None
+) -> torch.nn.Module:
     """Rebuilds the network saved at ``path`` in eval mode, without gradients. Exported as
-    ``autoguide_fast.load``."""
-    with Snapshot(path) as snap:
-        archs = _architectures()
-        if snap.metadata.get("arch") not in archs or "config" not in snap.metadata:
-            raise ValueError(
-                f"{path} is not an autoguide_fast network snapshot (metadata 'arch' and 'config' missing)"
-            )
-        net = archs[snap.metadata["arch"]](**json.loads(snap.metadata["config"]))
-        net.load_state_dict(dict(snap.items()))
+    ``autoguide_fast.load``.
+
+    Args:
+        path: a network snapshot (``.safetensors``), or an official EDM2 pickle (``.pkl``), read by
+            the restricted reader of :mod:`autoguide_fast.interop.official` (nothing is executed).
+        device: where the network goes.
+        dtype: None keeps the stored dtype of every tensor (float16 as EDM2 publishes its models,
+            computing as the official code does); a float dtype casts the floating-point tensors.
+
+    The network's ``encoder`` attribute (an :class:`~autoguide_fast.interop.vae.EncoderInfo` or
+    None) says how its samples become pixels.
+    """
+    from .interop.official import is_official_pickle, read
+    from .interop.vae import EncoderInfo
+
+    dtype = _cast(dtype)
+    if is_official_pickle(path):
+        official = read(path, dtype)
+        net, encoder = official.net, official.encoder
+    else:
+        with Snapshot(path) as snap:
+            archs = _architectures()
+            if snap.metadata.get("arch") not in archs or "config" not in snap.metadata:
+                raise ValueError(
+                    f"{path} is not an autoguide_fast network snapshot (metadata 'arch' and 'config' missing)"
+                )
+            try:
+                config = json.loads(snap.metadata["config"])
+                with torch.device("meta"):
+                    net = archs[snap.metadata["arch"]](**config)
+                encoder = (
+                    EncoderInfo.from_json(snap.metadata["encoder"]) if "encoder" in snap.metadata else None
+                )
+                tensors = {
+                    k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                    for k, v in snap.items()
+                }
+                # assign: the network takes the stored tensors (and dtypes) as they are.
+                net.load_state_dict(tensors, assign=True)
+            except (ValueError, TypeError, KeyError, RuntimeError) as e:
+                raise ValueError(f"{path}: the snapshot does not rebuild its network: {e}") from None
+    net.encoder = encoder
     return net.to(device).eval().requires_grad_(False)

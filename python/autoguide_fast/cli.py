@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
     opts = TrainOptions(
         preset=args.preset, cond=args.cond, kimg=args.kimg, batch=args.batch, batch_gpu=args.batch_gpu,
         lr=args.lr, lr_decay_kimg=args.lr_decay_kimg, rampup_kimg=args.rampup_kimg, ema_stds=args.ema,
-        snapshot_kimg=args.snapshot_kimg, checkpoint_kimg=args.checkpoint_kimg or args.snapshot_kimg,
+        snapshot_kimg=args.snapshot_kimg,
+        checkpoint_kimg=args.snapshot_kimg if args.checkpoint_kimg is None else args.checkpoint_kimg,
         log_kimg=args.log_kimg, dropout=args.dropout, precision=args.precision, seed=args.seed,
     )  # fmt: skip
     result = train(args.data, args.out, opts, progress=not args.no_progress)
@@ -45,24 +48,54 @@ def _ema(args: argparse.Namespace) -> int:
         return 0
     if not (args.snapshots and args.std and args.out):
         raise ValueError("autoguide ema needs --snapshots, --std and --out (or --list DIR)")
-    paths = reconstruct(args.snapshots, args.std, args.nimg, args.out, progress=not args.no_progress)
+    dtype = None if args.dtype == "same" else args.dtype
+    paths = reconstruct(
+        args.snapshots, args.std, args.nimg, args.out, progress=not args.no_progress, dtype=dtype
+    )
     for p in paths:
         print(p)
     return 0
 
 
-def _load_model(path: str, what: str):
+def _load_model(path: str, what: str, dtype: str | None = None):
     from .checkpoint import load_network
 
     try:
-        return load_network(path)
+        return load_network(path, dtype=dtype)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what}: no such model file: {path}") from None
 
 
+def _model_info(path: str) -> dict:
+    from .checkpoint import read_metadata
+    from .interop.official import is_official_pickle, snapshot_metadata
+
+    meta = snapshot_metadata(path) if is_official_pickle(path) else read_metadata(path)
+    return dict(path=str(Path(path).resolve()), nimg=meta.get("nimg"), ema_std=meta.get("ema_std"))
+
+
+def _preset_models(args: argparse.Namespace) -> None:
+    # --preset NAME --models DIR: the official files by their names, and the preset's weight.
+    from .interop import presets
+
+    preset = presets.get(args.preset)
+    if args.net or args.guide or args.cfg:
+        raise ValueError("--preset names the models itself: give --models DIR, not --net/--guide/--cfg")
+    if not args.models:
+        raise ValueError(f"--preset needs --models DIR, the folder holding {', '.join(preset.files)}")
+    found = presets.locate(preset, args.models)
+    args.net = str(found["net"])
+    if "gnet" in found:
+        if preset.kind == "cfg":
+            args.cfg = str(found["gnet"])
+        else:
+            args.guide = str(found["gnet"])
+    if args.weight is None:
+        args.weight = preset.guidance
+
+
 def _generate(args: argparse.Namespace) -> int:
     from . import __version__
-    from .checkpoint import read_metadata
     from .generation import compact_seeds, generate, parse_seeds, write_outputs
     from .guidance import CFG, Autoguidance, Combined
 
@@ -70,40 +103,62 @@ def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz" and out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
-    net = _load_model(args.net, "--net")
-    guide = _load_model(args.guide, "--guide") if args.guide else None
-    uncond = _load_model(args.cfg, "--cfg") if args.cfg else None
+    if args.preset:
+        _preset_models(args)
+    elif not args.net:
+        raise ValueError("give --net MODEL (or --preset NAME --models DIR)")
+    weight = 1.0 if args.weight is None else args.weight
+    dtype = None if args.dtype == "same" else args.dtype
+    net = _load_model(args.net, "--net", dtype)
+    guide = _load_model(args.guide, "--guide", dtype) if args.guide else None
+    uncond = _load_model(args.cfg, "--cfg", dtype) if args.cfg else None
     interval = _floats(args.interval) if args.interval else None
     if guide is not None and uncond is not None:
-        guidance = Combined(guide, uncond, args.weight, alpha=args.alpha, interval=interval)
+        guidance = Combined(guide, uncond, weight, alpha=args.alpha, interval=interval)
     elif guide is not None:
-        guidance = Autoguidance(guide, args.weight, interval=interval)
+        guidance = Autoguidance(guide, weight, interval=interval)
     elif uncond is not None:
-        guidance = CFG(uncond, args.weight, interval=interval)
+        guidance = CFG(uncond, weight, interval=interval)
     else:
         guidance = None
     sources = (("net", args.net), ("guide", args.guide), ("cfg", args.cfg))
-    models = {}
-    for key, p in sources:
-        if p:
-            meta = read_metadata(p)
-            models[key] = dict(
-                path=str(Path(p).resolve()), nimg=meta.get("nimg"), ema_std=meta.get("ema_std")
-            )
+    models = {key: _model_info(p) for key, p in sources if p}
     guidance_info = None
     if guidance is not None:
         guidance_info = dict(kind=type(guidance).__name__, weight=guidance.weight, interval=guidance.interval,
                              alpha=getattr(guidance, "alpha", None))  # fmt: skip
+    churn = dict(churn=args.churn, churn_min=args.churn_min, churn_max=args.churn_max,
+                 churn_noise=args.churn_noise)  # fmt: skip
     manifest = dict(
-        version=__version__, models=models, guidance=guidance_info, seeds=compact_seeds(seeds),
-        class_idx=args.class_idx,
-        sampler=dict(steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho),
+        version=__version__, preset=args.preset, models=models, guidance=guidance_info,
+        seeds=compact_seeds(seeds), class_idx=args.class_idx,
+        sampler=dict(
+            steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, **churn
+        ),
+        vae=str(Path(args.vae).resolve()) if args.vae else None,
     )  # fmt: skip
     batches = generate(
         net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch, steps=args.steps,
-        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, progress=not args.no_progress,
+        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, vae=args.vae,
+        progress=not args.no_progress, **churn,
     )  # fmt: skip
     write_outputs(batches, out, manifest, subdirs=args.subdirs)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .interop.official import convert
+
+    for p in convert(args.src, args.out):
+        print(p)
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .interop import presets
+
+    print(presets.table(kind=args.kind))
+    print(f"\nFiles: {presets.MODEL_ROOT}/<net or gnet>. Use: autoguide generate --preset NAME --models DIR")
     return 0
 
 
@@ -183,6 +238,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoguide", description="Autoguidance for diffusion models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also AUTOGUIDE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     toy = sub.add_parser(
         "toy",
@@ -236,20 +292,43 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--nimg", type=int, default=None, help="training time to reconstruct (default: newest)")
     em.add_argument("--out", help="output directory")
     em.add_argument("--list", metavar="DIR", help="list the snapshots of DIR (nimg, std) and exit")
+    em.add_argument(
+        "--dtype",
+        choices=["same", "float32", "float16", "bfloat16"],
+        default="same",
+        help="dtype of the outputs (default: that of the snapshots)",
+    )
     em.add_argument("--no-progress", action="store_true")
     em.set_defaults(func=_ema)
 
-    ge = sub.add_parser("generate", help="generate images from seeds (autoguidance, CFG or both)")
-    ge.add_argument("--net", required=True, help="main model snapshot (.safetensors)")
-    ge.add_argument("--guide", help="autoguidance guide snapshot")
+    ge = sub.add_parser(
+        "generate",
+        help="generate images from seeds (autoguidance, CFG or both); official EDM2 .pkl files are read "
+        "safely, as are the official presets",
+    )
+    ge.add_argument("--net", help="main model: a snapshot (.safetensors) or an official EDM2 .pkl")
+    ge.add_argument("--guide", help="autoguidance guide (.safetensors or official .pkl)")
     ge.add_argument("--cfg", help="unconditional model for CFG (with --guide too: combined guidance)")
-    ge.add_argument("--weight", type=float, default=1.0, help="guidance weight (1 = none)")
+    ge.add_argument("--preset", help="an official preset (autoguide presets lists them), with --models")
+    ge.add_argument("--models", help="folder holding the preset's files under their official names")
+    ge.add_argument("--vae", help="VAE folder for latent models (a downloaded stabilityai/sd-vae-ft-mse)")
+    ge.add_argument(
+        "--dtype", choices=["same", "float32", "float16", "bfloat16"], default="same",
+        help="network weights as stored (default: float16 models compute as the official code) or cast",
+    )  # fmt: skip
+    ge.add_argument(
+        "--weight", type=float, default=None, help="guidance weight (1 = none; default: 1 or the preset's)"
+    )
     ge.add_argument("--alpha", type=float, default=0.5, help="CFG share of the weight when combining")
     ge.add_argument("--interval", help="guidance interval lo,hi in sigma units")
     ge.add_argument("--steps", type=int, default=32)
     ge.add_argument("--sigma-min", type=float, default=0.002)
     ge.add_argument("--sigma-max", type=float, default=80.0)
     ge.add_argument("--rho", type=float, default=7.0)
+    ge.add_argument("--churn", type=float, default=0.0, help="EDM S_churn (0 = deterministic sampler)")
+    ge.add_argument("--churn-min", type=float, default=0.0, help="EDM S_min: churn for sigma >= it")
+    ge.add_argument("--churn-max", type=float, default=float("inf"), help="EDM S_max: churn for sigma <= it")
+    ge.add_argument("--churn-noise", type=float, default=1.0, help="EDM S_noise")
     ge.add_argument("--seeds", default="0-63", help="e.g. 0-9999 or 1,5,7-9")
     ge.add_argument(
         "--class", dest="class_idx", type=int, default=None, help="class (default: random per seed)"
@@ -259,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
     ge.add_argument("--no-progress", action="store_true")
     ge.set_defaults(func=_generate)
+
+    co = sub.add_parser(
+        "convert",
+        help="official EDM2 pickle(s) -> safetensors snapshot(s) (read safely: nothing in the pickle runs)",
+    )
+    co.add_argument("src", help="an official .pkl, or a folder of them (e.g. raw training snapshots)")
+    co.add_argument("--out", required=True, help="output .safetensors file, or folder")
+    co.set_defaults(func=_convert)
+
+    pr = sub.add_parser("presets", help="the official EDM2 generation presets, with the paper's FID")
+    pr.add_argument("--kind", choices=["none", "cfg", "autoguidance"], help="only presets of this kind")
+    pr.set_defaults(func=_presets)
 
     ev = sub.add_parser("eval", help="FD_digits, precision, recall and alignment of generated digits")
     ev.add_argument("--images", help="directory of PNGs (from autoguide generate) or .npz")
@@ -294,13 +385,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of what the user gave (a file, a flag, a value): one line, exit 2. Anything else is a bug
+# or an environment failure: one line too, exit 1; --debug (or AUTOGUIDE_DEBUG=1) shows tracebacks.
+_INPUT_ERRORS = (ValueError, TypeError, LookupError, OSError, argparse.ArgumentTypeError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ._core import AutoguideError
+
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("AUTOGUIDE_DEBUG", "") not in ("", "0")
+    prefix = f"autoguide {args.command}"
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"autoguide {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `autoguide ... | head`: the reader left; end quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (*_INPUT_ERRORS, AutoguideError) as e:
+        if debug:
+            raise
+        print(f"{prefix}: error: {_message(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{prefix}: error: unexpected {type(e).__name__}: {_message(e)} (--debug shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _message(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, KeyError) else str(e.args[0]) if e.args else "KeyError"
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
+import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,19 +89,21 @@ class SnapshotInfo:
 
 def list_snapshots(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[SnapshotInfo]:
     """Snapshot files of a run directory (or the given files) that carry ``nimg`` and
-    ``ema_std`` metadata, sorted by (nimg, std). Training-state checkpoints are skipped."""
+    ``ema_std`` metadata, sorted by (nimg, std). Training-state checkpoints are skipped. Official
+    EDM2 snapshots (``network-snapshot-<kimg>-<std>.pkl``) count too: their name gives both."""
     from .checkpoint import read_metadata
+    from .interop.official import is_official_pickle, snapshot_metadata
 
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.is_dir():
             raise FileNotFoundError(f"snapshots must be a directory of snapshot files, got {root}")
-        files = sorted(root.glob("*.safetensors"))
+        files = sorted(p for p in root.iterdir() if p.suffix == ".safetensors" or is_official_pickle(p))
     else:
         files = [Path(p) for p in source]
     found = []
     for f in files:
-        meta = read_metadata(f)
+        meta = snapshot_metadata(f) if is_official_pickle(f) else read_metadata(f)
         if "nimg" in meta and "ema_std" in meta:
             found.append(SnapshotInfo(f, int(meta["nimg"]), float(meta["ema_std"])))
     return sorted(found, key=lambda s: (s.nimg, s.std))
@@ -134,7 +139,7 @@ def reconstruct(
     ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` (or their names) for every
     tensor. Non-float tensors and buffers are copied from the newest input as they are.
     """
-    from .checkpoint import read_metadata
+    from .interop.official import convert, is_official_pickle
 
     try:
         out_dtype = None if dtype is None else _OUT_DTYPES[dtype]
@@ -158,10 +163,45 @@ def reconstruct(
     inputs = [s for s in found if 0 < s.nimg <= out_nimg]
     coefs = solve_coefficients([s.nimg for s in inputs], [s.std for s in inputs], out_nimg, stds)
 
+    if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"prefix must be a plain file-name prefix (letters, digits, '_', '-', '.'), got {prefix!r}"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir must be a directory, got the file {out_dir}")
+    if any(out_dir.resolve() == s.path.parent.resolve() for s in inputs):
+        raise ValueError(f"out_dir must not be the snapshots' directory, got {out_dir}")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not any(is_official_pickle(s.path) for s in inputs):
+            return _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_dtype)
+        with tempfile.TemporaryDirectory(prefix=".phema-convert-", dir=out_dir) as tmp:
+            inputs = [  # official pickles -> safetensors files the Rust pass maps
+                SnapshotInfo(convert(s.path, Path(tmp) / f"{i:05d}.safetensors")[0], s.nimg, s.std)
+                if is_official_pickle(s.path)
+                else s
+                for i, s in enumerate(inputs)
+            ]
+            return _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_dtype)
+    except BaseException:
+        if created:  # nothing half-made stays behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
+
+
+_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_dtype) -> list[Path]:
+    from .checkpoint import read_metadata
+
+    configs = {s.path: read_metadata(s.path).get("config") for s in inputs}
+    if len(set(configs.values())) > 1:
+        a, b = (p.name for p in list({c: p for p, c in configs.items()}.values())[:2])
+        raise ValueError(f"snapshots of different networks cannot be combined: {a} and {b} differ in config")
     base = read_metadata(inputs[-1].path)
     copy_names = json.loads(base.get("buffers", "[]"))
     posthoc = json.dumps(dict(inputs=len(inputs), in_std=sorted({s.std for s in inputs})))

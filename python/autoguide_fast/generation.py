@@ -49,11 +49,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    """One generated batch: seeds [B], uint8 images [B, C, H, W], class indices [B] or None."""
+    """One generated batch: seeds [B], uint8 images [B, C, H, W], class indices [B] or None, and
+    the sampler's output before decoding (float32 [B, C', H', W'], latents for a latent model)."""
 
     seeds: list[int]
     images: torch.Tensor
     classes: torch.Tensor | None
+    samples: torch.Tensor | None = None
 
 
 def _check_compatible(net, guidance):
@@ -76,6 +78,26 @@ def _check_compatible(net, guidance):
             raise ValueError(f"guide has label_dim {other.label_dim}, but the main model has {net.label_dim}")
 
 
+def _decoder(net, vae, device):
+    """Checks, before any sampling, that ``net``'s samples can become images; returns the decoder."""
+    from .interop.vae import decode, load_vae
+
+    encoder = getattr(net, "encoder", None)
+    channels = getattr(net, "img_channels", None)
+    if encoder is None and channels == 4:
+        raise ValueError(
+            "the network makes 4-channel samples and has no encoder description: these look like VAE "
+            "latents, which cannot be written as images (convert or load the official pickle, which "
+            "carries its encoder)"
+        )
+    if encoder is not None and encoder.latent:
+        if vae is None:
+            raise ValueError(encoder.missing_vae_message())
+        if isinstance(vae, (str, os.PathLike)):
+            vae = load_vae(vae, device)
+    return lambda x: decode(x, encoder, vae)
+
+
 def generate(
     net: torch.nn.Module,
     seeds: Sequence[int],
@@ -87,13 +109,24 @@ def generate(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
+    churn: float = 0.0,
+    churn_min: float = 0.0,
+    churn_max: float = math.inf,
+    churn_noise: float = 1.0,
+    vae: str | os.PathLike | torch.nn.Module | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Iterator[Batch]:
     """Yields batches of images for ``seeds`` (this process's share under ``torchrun``).
 
-    A seed's noise and, for a conditional ``net`` without ``class_idx``, its class come from one
-    generator seeded with it (noise first, then the class), so images do not depend on batching.
+    As the official ``generate_images.py``: a seed's noise, then its class (drawn even when
+    ``class_idx`` fixes it), then the churn noise come from one generator seeded with it, so images
+    do not depend on batching and equal the official ones for the same network and seeds.
+
+    Args:
+        churn, churn_min, churn_max, churn_noise: EDM's S_churn, S_min, S_max and S_noise.
+        vae: for a latent network (encoder ``stability_vae``): the VAE folder (diffusers
+            ``save_pretrained`` layout) or a loaded ``AutoencoderKL``.
     """
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -104,6 +137,7 @@ def generate(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(seeds)[rank::world]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    decode = _decoder(net, vae, device)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
     if progress and rank == 0:
@@ -115,17 +149,16 @@ def generate(
         noise = rng.randn(shape)
         classes = labels = None
         if label_dim:
-            classes = (
-                torch.full((len(chunk),), class_idx, device=device)
-                if class_idx is not None
-                else rng.randint(label_dim)
-            )
+            classes = rng.randint(label_dim)
+            if class_idx is not None:
+                classes = torch.full_like(classes, class_idx)
             labels = torch.nn.functional.one_hot(classes, label_dim).float()
         x = sample(
             net, noise, labels, guidance=guidance, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
-            rho=rho, generator=rng,
+            rho=rho, churn=churn, churn_range=(churn_min, churn_max), churn_noise=churn_noise, generator=rng,
         )  # fmt: skip
-        yield Batch(chunk, to_uint8(x).cpu(), None if classes is None else classes.cpu())
+        images = decode(x)
+        yield Batch(chunk, images.cpu(), None if classes is None else classes.cpu(), x.float().cpu())
 
 
 def save_grid(
