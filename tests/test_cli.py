@@ -4,7 +4,8 @@ import pytest
 
 from autoguide_fast.cli import build_parser
 
-COMMANDS = ["toy", "train", "ema", "generate", "convert", "presets", "eval", "classifier", "experiment", "sweep"]
+COMMANDS = ["toy", "train", "ema", "generate", "convert", "presets", "eval", "classifier", "experiment",
+            "sweep"]  # fmt: skip
 
 
 def test_every_command_is_listed():
