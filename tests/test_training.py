@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import autoguide_fast as ag
-from autoguide_fast import checkpoint
+from autoguide_fast import AutoguideError, checkpoint
 from autoguide_fast.data import load_dataset
-from autoguide_fast.training import TrainOptions, train
+from autoguide_fast.training import TrainOptions, learning_rate, train
 from conftest import free_port
 
 SMALL = dict(preset="digits-xs", batch=32, snapshot_kimg=0.128, checkpoint_kimg=0.128, log_kimg=0.064,
@@ -103,6 +103,36 @@ def test_unconditional_and_bad_options(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="out must be a directory"):
         train("digits", tmp_path / "file", opts(), progress=False)
+
+
+def test_checkpoints_before_the_first_stats_line_and_divergence(tmp_path):
+    # A checkpoint interval shorter than the stats interval used to crash (no stats.jsonl yet).
+    result = train(
+        "digits", tmp_path / "c", opts(kimg=0.064, checkpoint_kimg=0.032, log_kimg=1.0), progress=False
+    )
+    assert result["status"] == "done" and (tmp_path / "c" / "loss.png").exists()
+    # A diverging run stops with an error naming the step; nothing non-finite is written.
+    with pytest.raises(AutoguideError, match="training diverged: the loss is (nan|inf) at step"):
+        train("digits", tmp_path / "d", opts(kimg=0.256, lr=1e30, rampup_kimg=0, checkpoint_kimg=0.032),
+              progress=False)  # fmt: skip
+    for f in (tmp_path / "d").glob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in checkpoint.load(f).values() if t.is_floating_point()), f
+    stats = tmp_path / "d" / "stats.jsonl"
+    for line in stats.read_text().splitlines() if stats.exists() else []:
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-finite value {c} in stats.jsonl"))
+
+
+def test_options_are_validated():
+    assert learning_rate(10_000, 0.01, 0, 0) == 0.01  # lr_decay_kimg 0: no decay, as documented
+    train_opts = TrainOptions(lr_decay_kimg=0)
+    train_opts.validate()
+    for kw, match in [(dict(rampup_kimg=-5), "rampup_kimg must be a number >= 0"),
+                      (dict(rampup_kimg=float("nan")), "rampup_kimg must be"),
+                      (dict(ema_stds=(0.05, 0.05)), "ema_stds must be distinct"),
+                      (dict(seed=-1), "seed must be an integer >= 0"),
+                      (dict(checkpoint_kimg=0), "checkpoint_kimg must be a positive number")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            TrainOptions(**kw).validate()
 
 
 def _cli(out, kimg, extra=()):

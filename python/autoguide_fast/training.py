@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ._core import AutoguideError
 from .ema import PowerFunctionEMA
 
 __all__ = ["TrainOptions", "edm2_loss", "learning_rate", "train"]
@@ -60,11 +61,11 @@ def edm2_loss(
 
 
 def learning_rate(step_nimg: float, ref_lr: float, ref_nimg: float, rampup_nimg: float = 0.0) -> float:
-    """EDM2 inverse-square-root decay ``ref_lr / sqrt(max(t / t_ref, 1))``, with an optional
-    linear ramp-up over the first ``rampup_nimg`` images."""
-    if ref_nimg <= 0:
-        raise ValueError(f"ref_nimg must be > 0, got {ref_nimg}")
-    lr = ref_lr / math.sqrt(max(step_nimg / ref_nimg, 1.0))
+    """EDM2 inverse-square-root decay ``ref_lr / sqrt(max(t / t_ref, 1))`` (``ref_nimg`` 0: no
+    decay), with an optional linear ramp-up over the first ``rampup_nimg`` images."""
+    if not ref_nimg >= 0:
+        raise ValueError(f"ref_nimg must be >= 0 (0 = no decay), got {ref_nimg}")
+    lr = ref_lr / math.sqrt(max(step_nimg / ref_nimg, 1.0)) if ref_nimg > 0 else ref_lr
     if rampup_nimg > 0:
         lr *= min(step_nimg / rampup_nimg, 1.0)
     return lr
@@ -116,8 +117,16 @@ class TrainOptions:
             raise ValueError(f"batch_gpu must be None or a positive integer, got {self.batch_gpu!r}")
         if self.precision not in ("fp32", "fp16", "bf16", "fp64"):
             raise ValueError(f"precision must be fp32, fp16, bf16 or fp64, got {self.precision!r}")
+        for name in ("lr_decay_kimg", "rampup_kimg"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a number >= 0 (0 = none), got {v!r}")
         if not self.ema_stds:
             raise ValueError("ema_stds must list at least one EMA width")
+        if len(set(self.ema_stds)) != len(self.ema_stds):
+            raise ValueError(f"ema_stds must be distinct (one snapshot file per width), got {self.ema_stds}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -198,6 +207,8 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not stats_path.exists():  # a checkpoint before the first stats line
+        return
     rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
@@ -345,16 +356,23 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
                     loss = loss.sum() / per_rank
                     loss.backward()
                 loss_sum += loss.detach()
+            if dist.is_initialized():
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
+            loss_value = float(loss_sum) / (shape[0] * shape[1] * shape[2])
+            if not math.isfinite(loss_value):  # every process sees the same reduced loss
+                raise AutoguideError(
+                    f"training diverged: the loss is {loss_value} at step {step} ({nimg / 1000:g} kimg); "
+                    f"nothing of this step was saved and the newest checkpoint in {out} is kept: resume "
+                    "with a lower --lr"
+                )
             for p in net.parameters():
                 if p.grad is not None:
                     torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
             opt.step()
             before, nimg, step = nimg, nimg + opts.batch, step + 1
             ema.update(nimg, opts.batch)
-            if dist.is_initialized():
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            window.append(float(loss_sum) / (shape[0] * shape[1] * shape[2]))
+            window.append(loss_value)
             if bar is not None:
                 bar.update(min(nimg, total) - min(before, total))
                 bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
