@@ -47,8 +47,11 @@ bench: install
 	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \
 		--benchmark-json=$(DIST)/bench.json -p no:cacheprovider -s
 
-# On a machine with an NVIDIA GPU and no Rust: installs dist/*.whl (build it here with `make wheel`),
-# runs the GPU tests and benchmarks, writes gpu-report/ (or $$OUT) with report.md and report.json.
+# On a machine with an NVIDIA GPU and no Rust (docs/gpu-check.md): installs the wheel from dist/ (built
+# here with `make wheel`, then sent along) into a temporary folder, runs the GPU tests, benchmarks and
+# compute-sanitizer stage by stage within GPU_CHECK_BUDGET_S (360 s), and writes report.md,
+# report.json and gpu_check.log to $$OUT (else gpu-report/). Without a GPU it stops, and says so,
+# where the GPU stages begin. GPU_CHECK_STAGES=sanitizer,bench-e2e reruns some stages only.
 gpu-check:
 	bash scripts/gpu_check.sh
 

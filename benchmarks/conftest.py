@@ -23,3 +23,61 @@ def paired_times(fast, slow, rounds: int = 5, warmup: int = 1, setup=None) -> tu
         slow()
         ts.append(time.perf_counter() - t0)
     return statistics.median(tf), statistics.median(ts)
+
+
+def cuda_time(fn, *, reps: int = 10, rounds: int = 5, graph: bool = False) -> float:
+    """Median GPU seconds per call of ``fn()``: CUDA events around ``reps`` back-to-back calls, in
+    ``rounds`` rounds, after a warm-up (run-time compilation, module loads and library handles stay
+    out of the number). ``graph=True`` captures the ``reps`` calls in one CUDA graph and times its
+    replays: the host's per-call cost and the launch gaps leave the number, which is then the
+    kernels' own time; eagerly, a launch-bound ``fn`` measures the host instead."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        # Warm up on a side stream before capturing, as torch.cuda.graph's documentation asks.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            for _ in range(reps):
+                fn()
+        run = captured.replay
+    else:
+
+        def run():
+            for _ in range(reps):
+                fn()
+
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def host_time(fn, *, reps: int = 50, rounds: int = 5) -> float:
+    """Median host seconds to issue one call of ``fn()`` (nothing waits for the GPU inside a round):
+    what a Python caller pays per call, whatever the kernel costs."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - t0) / reps)
+        torch.cuda.synchronize()
+    return statistics.median(times)

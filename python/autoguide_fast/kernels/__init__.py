@@ -1,8 +1,9 @@
 """Fused operations with a CUDA implementation (``csrc/``, NVRTC through CuPy) and a pure-torch
 reference. The sampler and the network call these functions; the dispatcher picks CUDA for
-CUDA tensors when CuPy is installed (``pip install autoguide_fast[cuda]``), the reference
-otherwise. ``AUTOGUIDE_KERNELS=reference|cuda|auto`` (default ``auto``) forces a path;
-``auto`` logs its choice once.
+CUDA tensors when CuPy is installed (``pip install autoguide_fast[cuda12]`` or ``[cuda13]``, after
+the CUDA major version of torch's build), the reference otherwise.
+``AUTOGUIDE_KERNELS=reference|cuda|auto`` (default ``auto``) forces a path; ``auto`` logs its
+choice once.
 
 - :func:`guided_euler`, :func:`guided_heun`: the arithmetic of a guided Heun sampler step.
 - :func:`mp_attention`: magnitude-preserving self-attention from the qkv convolution output.
@@ -39,8 +40,9 @@ def _use_cuda(t: torch.Tensor, what: str) -> bool:
 
     ok = cuda.available()
     if m == "cuda" and not ok:
+        extra = cuda.cupy_extra()
         raise RuntimeError(
-            "AUTOGUIDE_KERNELS=cuda, but CuPy is not installed (pip install autoguide_fast[cuda])"
+            f"AUTOGUIDE_KERNELS=cuda, but CuPy is not installed (pip install 'autoguide_fast[{extra}]')"
         )
     if m == "auto" and what not in _announced:
         _announced.add(what)

@@ -1,8 +1,10 @@
 """CUDA implementations: the kernels in ``csrc/`` compiled at first use by NVRTC through CuPy
 (``cupy.RawModule``; CuPy caches the binaries on disk per GPU architecture), launched on
-PyTorch's current stream with the tensors' own pointers, and registered as torch custom ops
-with fake implementations (``torch.compile``, CUDA graphs). This module imports CuPy lazily;
-nothing here queries a GPU at import time."""
+PyTorch's current stream with the tensors' own pointers, and registered as torch custom ops for
+CUDA tensors only (a CPU tensor cannot reach a launch) with fake implementations for
+``torch.compile`` and CUDA graphs. Every op returns contiguous tensors, and so do the fakes
+(whatever the inputs' strides). This module imports CuPy lazily; nothing here queries a GPU at
+import time."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["available", "guided_euler", "guided_heun", "kernel_source", "mp_attention"]
+__all__ = ["available", "cupy_extra", "guided_euler", "guided_heun", "kernel_source", "mp_attention"]
 
 CSRC = Path(__file__).parent / "csrc"
 _SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -26,6 +28,14 @@ def kernel_source(name: str) -> str:
     """A kernel file with ``common.cuh`` inlined (so that NVRTC needs no include path)."""
     common = (CSRC / "common.cuh").read_text()
     return (CSRC / name).read_text().replace('#include "common.cuh"', common)
+
+
+def cupy_extra() -> str:
+    """The package extra whose CuPy matches torch's CUDA build: ``cuda13`` for CUDA 13 and newer,
+    ``cuda12`` otherwise (one extra per CUDA major version: two CuPy builds in one environment
+    clash)."""
+    major = (torch.version.cuda or "12").split(".")[0]
+    return "cuda13" if major.isdigit() and int(major) >= 13 else "cuda12"
 
 
 @functools.cache
@@ -105,14 +115,14 @@ def _aligned(*tensors) -> np.int32:
     return np.int32(all(t is None or t.data_ptr() % 16 == 0 for t in tensors))
 
 
-@torch.library.custom_op("autoguide_fast::guided_euler", mutates_args=())
+@torch.library.custom_op("autoguide_fast::guided_euler", mutates_args=(), device_types="cuda")
 def _guided_euler_op(
     x_hat: torch.Tensor, d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float, t_hat: float,
     t_next: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     x_hat, d_main, d_guide = _dense(x_hat, d_main, d_guide)
-    x_next = torch.empty_like(x_hat, memory_format=torch.contiguous_format)
-    d = torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)
+    x_next = x_hat.new_empty(x_hat.shape)
+    d = x_hat.new_empty(x_hat.shape, dtype=torch.float32)
     n = x_hat.numel()
     if n:
         grid, block = _grid(n, 16 // x_hat.element_size())
@@ -123,18 +133,20 @@ def _guided_euler_op(
     return x_next, d
 
 
+# The fakes allocate like the real ops (new_empty: contiguous, whatever the inputs' strides), so
+# that compiled graphs see the strides the kernels produce.
 @_guided_euler_op.register_fake
 def _(x_hat, d_main, d_guide, weight, t_hat, t_next):
-    return torch.empty_like(x_hat), torch.empty(x_hat.shape, dtype=torch.float32, device=x_hat.device)
+    return x_hat.new_empty(x_hat.shape), x_hat.new_empty(x_hat.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("autoguide_fast::guided_heun", mutates_args=())
+@torch.library.custom_op("autoguide_fast::guided_heun", mutates_args=(), device_types="cuda")
 def _guided_heun_op(
     x_hat: torch.Tensor, x_next: torch.Tensor, d_cur: torch.Tensor, d_main: torch.Tensor,
     d_guide: torch.Tensor | None, weight: float, t_hat: float, t_next: float,
 ) -> torch.Tensor:  # fmt: skip
     x_hat, x_next, d_cur, d_main, d_guide = _dense(x_hat, x_next, d_cur, d_main, d_guide)
-    out = torch.empty_like(x_hat, memory_format=torch.contiguous_format)
+    out = x_hat.new_empty(x_hat.shape)
     n = x_hat.numel()
     if n:
         grid, block = _grid(n, 16 // x_hat.element_size())
@@ -147,19 +159,19 @@ def _guided_heun_op(
 
 @_guided_heun_op.register_fake
 def _(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
-    return torch.empty_like(x_hat)
+    return x_hat.new_empty(x_hat.shape)
 
 
 TC_QUERIES = 64  # queries per block of the tensor-core kernel (mp_attention_tc.cu)
 
 
-@torch.library.custom_op("autoguide_fast::mp_attention", mutates_args=())
+@torch.library.custom_op("autoguide_fast::mp_attention", mutates_args=(), device_types="cuda")
 def _mp_attention_op(qkv: torch.Tensor, num_heads: int, tensor_cores: bool) -> torch.Tensor:
     (qkv,) = _dense(qkv)
     n, c3, h, w = qkv.shape
     c = c3 // 3
     d = c // num_heads
-    y = torch.empty(n, c, h, w, dtype=qkv.dtype, device=qkv.device)
+    y = qkv.new_empty(n, c, h, w)
     if y.numel() == 0:  # a zero grid dimension is not a valid launch
         return y
     args = (_ptr(qkv), _ptr(y), np.int32(num_heads), np.int32(h * w), np.float32(EPS))
