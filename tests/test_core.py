@@ -131,3 +131,15 @@ def test_tests_run_against_the_installed_wheel():
     from pathlib import Path
 
     assert (Path(autoguide_fast.__file__).parent / "py.typed").is_file()
+
+
+@pytest.mark.parametrize("steps", [1_000_001, 10**12, 2**63, 10**30])
+def test_huge_step_counts_raise_instead_of_aborting(steps):
+    # Each would have asked for steps * 64 bytes at once; the core refuses them first.
+    message = "^" + re.escape(f"steps must be in [1, 1000000], got {steps}") + "$"
+    with pytest.raises(ValueError, match=message):
+        step_plan(steps, 0.002, 80.0, 7.0, 0.0, 0.0, float("inf"), 0.0, float("inf"))
+    with pytest.raises(ValueError, match=message):
+        edm_sigmas(steps, 0.002, 80.0, 7.0)
+    sig = edm_sigmas(1_000_000, 0.002, 80.0, 7.0)
+    assert len(sig) == 1_000_001 and sig[0] == 80.0 and sig[-2] == 0.002

@@ -288,3 +288,26 @@ def test_cli(tmp_path, capsys):
             ["ema", "--snapshots", str(run), "--std", "0.07", "--out", str(tmp_path / "x"), "--dtype", "half"]
         )
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_a_nan_in_a_snapshot_fails_naming_the_tensor_and_writes_nothing(tmp_path):
+    run, states = make_run(tmp_path)
+    path = run / "network-snapshot-000002000-0.050.safetensors"
+    name = "unet.out_conv.weight"
+    poisoned = dict(states[(2000, 0.05)])
+    poisoned[name] = poisoned[name].clone()
+    poisoned[name].view(-1)[3] = float("nan")
+    checkpoint.save(poisoned, path, checkpoint.read_metadata(path))
+    before = sorted(p.name for p in run.iterdir())
+    out = tmp_path / "out"
+    out.mkdir()
+    cause = f"input {path} holds NaN or infinity in it"
+    with pytest.raises(
+        AutoguideError, match=f"tensor {re.escape(name)} would hold NaN or infinity \\({re.escape(cause)}\\)"
+    ):
+        reconstruct(run, [0.07, 0.1], out_dir=out, progress=False)
+    assert list(out.iterdir()) == []  # neither outputs nor their temporaries
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(AutoguideError, match=re.escape(name)):
+        reconstruct(run, 0.07, out_dir=tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()

@@ -39,6 +39,14 @@ pub enum Error {
     /// library's error class). Nothing of it is used.
     #[error("{path}: not a valid safetensors file: {reason}")]
     Format { path: String, reason: String },
+    /// A computed output tensor holds NaN or infinity (maps to the library's error class).
+    /// Nothing of the output is kept.
+    #[error("{path}: tensor {tensor} would hold NaN or infinity ({cause}); nothing was written")]
+    NonFinite {
+        path: String,
+        tensor: String,
+        cause: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

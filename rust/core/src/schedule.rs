@@ -3,10 +3,18 @@
 
 use crate::error::{invalid, Result};
 
+/// Largest number of sampling steps a [`Schedule`] accepts. Far beyond any useful sampler (EDM
+/// uses 18 to 64 steps); it bounds the plan at a few tens of MB, so that a huge count is
+/// refused with an error instead of an allocation that aborts the process.
+pub const MAX_STEPS: usize = 1_000_000;
+
+/// What [`Schedule::validate`] requires of `steps` (kept in step with [`MAX_STEPS`]).
+pub const STEPS_REQUIREMENT: &str = "in [1, 1000000]";
+
 /// Parameters of the EDM sigma schedule.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Schedule {
-    /// Number of sampling steps (denoiser evaluations are `2 * steps - 1`).
+    /// Number of sampling steps (denoiser evaluations are `2 * steps - 1`), 1 to [`MAX_STEPS`].
     pub steps: usize,
     /// Smallest non-zero noise level.
     pub sigma_min: f64,
@@ -78,10 +86,11 @@ pub struct Step {
 }
 
 impl Schedule {
-    /// Checks every parameter; the error names the first bad one.
+    /// Checks every parameter; the error names the first bad one. `steps` must be in
+    /// `1..=MAX_STEPS`.
     pub fn validate(&self) -> Result<()> {
-        if self.steps < 1 {
-            return Err(invalid("steps", self.steps, "at least 1"));
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return Err(invalid("steps", self.steps, STEPS_REQUIREMENT));
         }
         if !(self.sigma_min.is_finite() && self.sigma_min > 0.0) {
             return Err(invalid("sigma_min", self.sigma_min, "finite and > 0"));
@@ -275,6 +284,26 @@ mod tests {
             ..Churn::NONE
         };
         assert!(sched(4).plan(churn, Interval::ALWAYS).is_err());
+    }
+
+    #[test]
+    fn huge_step_counts_are_refused_before_allocating() {
+        assert_eq!(STEPS_REQUIREMENT, format!("in [1, {MAX_STEPS}]"));
+        for steps in [MAX_STEPS + 1, 1_000_000_000_000, usize::MAX] {
+            let err = sched(steps)
+                .plan(Churn::NONE, Interval::ALWAYS)
+                .unwrap_err();
+            assert_eq!(
+                err,
+                crate::Error::InvalidParameter {
+                    name: "steps",
+                    value: steps.to_string(),
+                    requirement: STEPS_REQUIREMENT,
+                }
+            );
+            assert!(sched(steps).sigmas().is_err());
+        }
+        assert_eq!(sched(MAX_STEPS).sigmas().unwrap().len(), MAX_STEPS + 1);
     }
 
     proptest! {

@@ -4,7 +4,9 @@
 //! JSON, known dtypes, shapes matching byte lengths, offsets contiguous and inside the file),
 //! so damaged or hostile files fail with an error naming the file. Nothing is ever unpickled.
 //! Writing goes to a temporary file in the same directory, is fsynced, then renamed over the
-//! final name: a reader sees the old file or the new one, never half of one.
+//! final name: a reader sees the old file or the new one, never half of one. Every file the
+//! store writes is created by [`OutputFile::create`], with the mode of any normal file creation
+//! (`0o666` less the umask).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, SafeTensors, View};
+use safetensors::tensor::{Dtype, SafeTensors};
 
 use crate::error::{io_error, Error, Result};
 
@@ -203,21 +205,6 @@ pub struct TensorData<'a> {
     pub data: &'a [u8],
 }
 
-impl View for &TensorData<'_> {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
 /// Parses a safetensors dtype name ("F32", "BF16", ...), as the format spells them.
 pub fn parse_dtype(name: &str) -> Result<Dtype> {
     serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
@@ -230,18 +217,15 @@ pub fn parse_dtype(name: &str) -> Result<Dtype> {
 }
 
 /// Writes `tensors` and `metadata` to `path` atomically (temporary file, fsync, rename, fsync
-/// of the directory). Shapes must match byte lengths; names must be unique.
+/// of the directory), through [`OutputFile`]. Shapes must match byte lengths; names must be
+/// unique. Tensors are laid out as the safetensors serialiser lays them out (by descending
+/// dtype, then by name), so that every tensor starts aligned to its element size.
 pub fn write_atomic(
     path: impl AsRef<Path>,
     tensors: &[TensorData<'_>],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let mut seen = std::collections::HashSet::new();
     for t in tensors {
-        if !seen.insert(t.name.as_str()) {
-            return Err(crate::error::invalid("tensors", &t.name, "uniquely named"));
-        }
         let want = byte_len(t.dtype, &t.shape);
         if want != Some(t.data.len()) {
             return Err(Error::ShapeMismatch {
@@ -251,28 +235,17 @@ pub fn write_atomic(
             });
         }
     }
-    let (dir, tmp) = temp_path(path)?;
-    let info = if metadata.is_empty() {
-        None
-    } else {
-        Some(metadata.clone().into_iter().collect())
-    };
-    let result = (|| {
-        safetensors::serialize_to_file(tensors.iter().map(|t| (t.name.as_str(), t)), info, &tmp)
-            .map_err(|e| Error::Io {
-                path: tmp.display().to_string(),
-                message: e.to_string(),
-            })?;
-        File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io_error(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_error(path, e))?;
-        sync_dir(&dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    let mut order: Vec<&TensorData<'_>> = tensors.iter().collect();
+    order.sort_by(|a, b| b.dtype.cmp(&a.dtype).then_with(|| a.name.cmp(&b.name)));
+    let spec: Vec<(String, Dtype, Vec<usize>)> = order
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let out = OutputFile::create(path, &spec, metadata)?;
+    for (t, &(_, begin, _)) in order.iter().zip(out.entries()) {
+        out.write_at(begin, t.data)?;
     }
-    result
+    out.commit()
 }
 
 /// A safetensors file written piecewise with positional writes: the header is laid out
@@ -280,6 +253,11 @@ pub fn write_atomic(
 /// zero-filled pages), may start writeback of finished ranges while others are still being
 /// computed, and [`OutputFile::commit`] validates, fsyncs and renames it into place. Dropped
 /// without a commit, the temporary file is removed.
+///
+/// This is where every file of the store is created, with mode `0o666` less the process's
+/// umask, as any normal file creation (the kernel applies the umask); not the `0o600` of
+/// secure temporary files (e.g. the `tempfile` crate, which `safetensors::serialize_to_file`
+/// uses), which a rename would carry over to the final file.
 pub struct OutputFile {
     tmp: PathBuf,
     path: PathBuf,
@@ -292,7 +270,9 @@ pub struct OutputFile {
 
 impl OutputFile {
     /// Creates the temporary file for `path` with room for `tensors` (name, dtype, shape), in
-    /// the given order, and writes the header. Tensor data starts 8-byte aligned.
+    /// the given order, and writes the header. Tensor data starts 8-byte aligned. Names must be
+    /// unique and not `__metadata__`; sizes are checked for overflow before anything is
+    /// created.
     pub fn create(
         path: impl AsRef<Path>,
         tensors: &[(String, Dtype, Vec<usize>)],
@@ -306,30 +286,44 @@ impl OutputFile {
                 serde_json::to_value(metadata).expect("strings serialise"),
             );
         }
+        let too_big = |shape: &[usize]| {
+            crate::error::invalid("shape", format!("{shape:?}"), "small enough to address")
+        };
         let mut offset = 0usize;
         let mut rel = Vec::with_capacity(tensors.len());
         for (name, dtype, shape) in tensors {
-            let bytes = byte_len(*dtype, shape).ok_or_else(|| {
-                crate::error::invalid("shape", format!("{shape:?}"), "small enough to address")
-            })?;
+            if name == "__metadata__" || header.contains_key(name) {
+                return Err(crate::error::invalid(
+                    "tensors",
+                    name,
+                    "uniquely named, and not __metadata__",
+                ));
+            }
+            let end = byte_len(*dtype, shape)
+                .and_then(|bytes| offset.checked_add(bytes))
+                .ok_or_else(|| too_big(shape))?;
             header.insert(
                 name.clone(),
-                serde_json::json!({"dtype": dtype.to_string(), "shape": shape, "data_offsets": [offset, offset + bytes]}),
+                serde_json::json!({"dtype": dtype.to_string(), "shape": shape, "data_offsets": [offset, end]}),
             );
-            rel.push((name.clone(), offset, offset + bytes));
-            offset += bytes;
+            rel.push((name.clone(), offset, end));
+            offset = end;
         }
         let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("valid JSON");
         json.resize(json.len().div_ceil(8) * 8, b' ');
         let data_start = 8 + json.len();
+        let file_len = data_start
+            .checked_add(offset)
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| crate::error::invalid("tensors", offset, "small enough to address"))?;
         let (_, tmp) = temp_path(&path)?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| io_error(&tmp, e))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(true);
+        // The mode of a normal file (see the struct's documentation); the kernel takes the umask
+        // off it. Explicit so that the permissions of snapshots never depend on a default.
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o666);
+        let file = options.open(&tmp).map_err(|e| io_error(&tmp, e))?;
         let mut head = (json.len() as u64).to_le_bytes().to_vec();
         head.extend_from_slice(&json);
         let entries = rel
@@ -346,10 +340,15 @@ impl OutputFile {
         };
         // From here on, dropping `out` removes the temporary file.
         out.file
-            .set_len((data_start + offset) as u64)
+            .set_len(file_len)
             .map_err(|e| io_error(&out.tmp, e))?;
         out.write_at(0, &head)?;
         Ok(out)
+    }
+
+    /// The final path (where [`OutputFile::commit`] puts the file).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The tensors' byte ranges (absolute, file order).
@@ -580,6 +579,100 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("o.safetensors")]);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_get_the_mode_of_a_normal_file_creation() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tmpdir("mode");
+        let spec = vec![("a".to_string(), Dtype::F32, vec![1])];
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        for (umask, want) in [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)] {
+            // SAFETY: umask(2) cannot fail and touches no memory. It is process-wide: files the
+            // other tests of this binary create meanwhile get this mask, which none of them
+            // checks; the old mask is restored right after the writes.
+            let old = unsafe { libc::umask(umask) };
+            let snapshot = sample_file(&dir);
+            let out = OutputFile::create(dir.join("o.safetensors"), &spec, &BTreeMap::new());
+            let committed = out.and_then(|o| o.commit());
+            // SAFETY: as above.
+            unsafe { libc::umask(old) };
+            committed.unwrap();
+            assert_eq!(mode(&snapshot), want, "write_atomic, umask {umask:o}");
+            assert_eq!(
+                mode(&dir.join("o.safetensors")),
+                want,
+                "OutputFile, umask {umask:o}"
+            );
+        }
+    }
+
+    #[test]
+    fn layout_matches_the_safetensors_serialiser() {
+        // Descending dtype, then name: the tensor bytes land where `safetensors::serialize`
+        // puts them.
+        let (a, b, c, d) = ([1u8; 8], [2u8; 2], [3u8; 4], [4u8; 2]);
+        let tensors = [
+            TensorData {
+                name: "z".into(),
+                dtype: Dtype::F16,
+                shape: vec![1],
+                data: &d,
+            },
+            TensorData {
+                name: "y".into(),
+                dtype: Dtype::F32,
+                shape: vec![1],
+                data: &c,
+            },
+            TensorData {
+                name: "x".into(),
+                dtype: Dtype::I64,
+                shape: vec![],
+                data: &a,
+            },
+            TensorData {
+                name: "w".into(),
+                dtype: Dtype::F16,
+                shape: vec![1],
+                data: &b,
+            },
+        ];
+        let dir = tmpdir("layout");
+        let path = dir.join("l.safetensors");
+        write_atomic(&path, &tensors, &BTreeMap::new()).unwrap();
+        let names: Vec<String> = MappedSnapshot::open(&path)
+            .unwrap()
+            .header()
+            .tensors
+            .iter()
+            .map(|t| t.name.clone())
+            .collect();
+        assert_eq!(names, ["x", "y", "w", "z"]);
+        let theirs = safetensors::serialize(
+            tensors.iter().map(|t| {
+                let view =
+                    safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), t.data).unwrap();
+                (t.name.clone(), view)
+            }),
+            None,
+        )
+        .unwrap();
+        let ours = std::fs::read(&path).unwrap();
+        let data =
+            |b: &[u8]| b[8 + u64::from_le_bytes(b[..8].try_into().unwrap()) as usize..].to_vec();
+        assert_eq!(data(&ours), data(&theirs));
+        let err = write_atomic(
+            dir.join("m.safetensors"),
+            &[TensorData {
+                name: "__metadata__".into(),
+                ..tensors[0].clone()
+            }],
+            &BTreeMap::new(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("tensors must be"), "{err}");
     }
 
     proptest! {

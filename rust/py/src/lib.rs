@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use autoguide_core::{mixture, phema, posthoc, schedule, store, Error};
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyOSError, PyValueError};
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyOSError, PyOverflowError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -24,13 +26,26 @@ fn to_py(err: Error) -> PyErr {
         Error::NoConvergence { .. }
         | Error::Format { .. }
         | Error::Inconsistent { .. }
+        | Error::NonFinite { .. }
         | Error::Cancelled => AutoguideError::new_err(err.to_string()),
     }
 }
 
-fn steps_arg(steps: i64) -> PyResult<usize> {
-    usize::try_from(steps)
-        .map_err(|_| PyValueError::new_err(format!("steps must be at least 1, got {steps}")))
+/// A Python int as a step count; negative ones and ones beyond 64 bits get the core's
+/// `ValueError` for a step count out of range (the core checks the upper bound).
+fn steps_arg(steps: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let out_of_range = || {
+        to_py(Error::InvalidParameter {
+            name: "steps",
+            value: steps.to_string(),
+            requirement: schedule::STEPS_REQUIREMENT,
+        })
+    };
+    match steps.extract::<i64>() {
+        Ok(n) => usize::try_from(n).map_err(|_| out_of_range()),
+        Err(e) if e.is_instance_of::<PyOverflowError>(steps.py()) => Err(out_of_range()),
+        Err(e) => Err(e),
+    }
 }
 
 /// One sampler step of the plan (see `autoguide_core::schedule::Step`).
@@ -83,7 +98,12 @@ impl From<schedule::Step> for Step {
 
 /// EDM noise levels, length steps + 1, the last one 0.
 #[pyfunction]
-fn edm_sigmas(steps: i64, sigma_min: f64, sigma_max: f64, rho: f64) -> PyResult<Vec<f64>> {
+fn edm_sigmas(
+    steps: &Bound<'_, PyAny>,
+    sigma_min: f64,
+    sigma_max: f64,
+    rho: f64,
+) -> PyResult<Vec<f64>> {
     let s = schedule::Schedule {
         steps: steps_arg(steps)?,
         sigma_min,
@@ -98,7 +118,7 @@ fn edm_sigmas(steps: i64, sigma_min: f64, sigma_max: f64, rho: f64) -> PyResult<
 #[pyo3(signature = (steps, sigma_min, sigma_max, rho, churn=0.0, churn_min=0.0, churn_max=f64::INFINITY, interval_lo=0.0, interval_hi=f64::INFINITY))]
 #[allow(clippy::too_many_arguments)]
 fn step_plan(
-    steps: i64,
+    steps: &Bound<'_, PyAny>,
     sigma_min: f64,
     sigma_max: f64,
     rho: f64,
