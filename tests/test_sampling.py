@@ -161,7 +161,7 @@ def test_bad_input_is_rejected_with_the_parameter_name():
         sample(net, torch.zeros(3, 1), guidance=2.0)
     with pytest.raises(ValueError, match="^steps must be"):
         sample(net, torch.zeros(3, 1), steps=0)
-    with pytest.raises(ValueError, match="weight must be finite"):
+    with pytest.raises(ValueError, match="weight must be a finite number"):
         Autoguidance(net, float("inf"))
     with pytest.raises(TypeError, match="weight must be a real number"):
         CFG(net, "2")

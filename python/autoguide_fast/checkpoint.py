@@ -10,9 +10,12 @@ header validation, atomic writes). Nothing is ever unpickled.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
+import math
 import mmap
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -24,6 +27,7 @@ from . import _core
 
 __all__ = [
     "Snapshot",
+    "atomic_path",
     "atomic_write_bytes",
     "load",
     "load_network",
@@ -157,6 +161,8 @@ def save(
     final name. Tensors on other devices are copied to the CPU first."""
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must be a mapping of names to tensors, got {type(tensors)}")
+    if "__metadata__" in tensors:
+        raise ValueError("tensor name '__metadata__' is reserved by the safetensors format")
     metadata = dict(metadata or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("metadata must map str to str")
@@ -172,26 +178,105 @@ def save(
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"path must be a file path, got the directory {path}")
+    check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _core.write_snapshot(path, rows, metadata)
     del keep
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file in the same directory, fsync and
-    rename (for JSON and other small side files)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def check_replaceable(path: Path) -> None:
+    """Raises unless ``path`` is absent or a regular file (a device, FIFO or directory is never
+    replaced by a write)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(f"{path} is a directory; refusing to write over it")
+    if not stat.S_ISREG(st.st_mode):
+        raise _core.AutoguideError(
+            f"{path} is not a regular file (a pipe, socket or device); refusing to replace it"
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
+    """The one way the package writes a file: yields a temporary path in the destination's
+    directory (``.<name>.<random>.<pid>.tmp``); when the block succeeds the file is fsynced, given
+    the mode the umask allows, and renamed over ``path``; when it fails the temporary is removed.
+    A crash leaves the old file or the new one, never half of one, and :func:`remove_stale_temporaries`
+    recognises the temporaries of a dead process. ``fsync=False`` (many small files that can be
+    made again, e.g. generated images) keeps the rename's atomicity against a dying process but
+    not against a power failure."""
+    path = Path(path)
+    check_replaceable(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if fsync:
+            with builtins.open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def strict_json(value, **kwargs) -> str:
+    """JSON that other tools read: infinities become null (e.g. an open guidance interval); NaN
+    is refused."""
+
+    def clean(v):
+        if isinstance(v, float) and math.isinf(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> None:
+    """Removes the temporaries (``.<name>.<pid>.tmp``, files or folders) that writers of this
+    package left in ``directory`` when their process died; those of live processes stay."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for p in directory.glob(".*.tmp"):
+        pid = p.name[: -len(".tmp")].rsplit(".", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _architectures() -> dict[str, type[torch.nn.Module]]:
@@ -278,5 +363,10 @@ def load_network(
                 net.load_state_dict(tensors, assign=True)
             except (ValueError, TypeError, KeyError, RuntimeError) as e:
                 raise ValueError(f"{path}: the snapshot does not rebuild its network: {e}") from None
+    for name, t in net.state_dict().items():  # NaN weights would make black images, silently
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(
+                f"{path}: tensor {name!r} holds non-finite values (NaN or inf); refusing to use it"
+            )
     net.encoder = encoder
     return net.to(device).eval().requires_grad_(False)

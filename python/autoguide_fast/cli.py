@@ -107,6 +107,15 @@ def _generate(args: argparse.Namespace) -> int:
         _preset_models(args)
     elif not args.net:
         raise ValueError("give --net MODEL (or --preset NAME --models DIR)")
+    if not (args.guide or args.cfg):
+        given = [f for f, v in (("--weight", args.weight), ("--interval", args.interval)) if v is not None]
+        given += ["--alpha"] if args.alpha is not None else []
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} need a guide: give --guide and/or --cfg (or a guided --preset)"
+            )
+    elif args.alpha is not None and not (args.guide and args.cfg):
+        raise ValueError("--alpha splits the weight between --guide and --cfg: give both")
     weight = 1.0 if args.weight is None else args.weight
     dtype = None if args.dtype == "same" else args.dtype
     net = _load_model(args.net, "--net", dtype)
@@ -114,7 +123,9 @@ def _generate(args: argparse.Namespace) -> int:
     uncond = _load_model(args.cfg, "--cfg", dtype) if args.cfg else None
     interval = _floats(args.interval) if args.interval else None
     if guide is not None and uncond is not None:
-        guidance = Combined(guide, uncond, weight, alpha=args.alpha, interval=interval)
+        guidance = Combined(
+            guide, uncond, weight, alpha=0.5 if args.alpha is None else args.alpha, interval=interval
+        )
     elif guide is not None:
         guidance = Autoguidance(guide, weight, interval=interval)
     elif uncond is not None:
@@ -163,60 +174,103 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _read_images(path: Path):
+    """uint8 images [N, C, H, W] and their classes [N] (None unless every image has one) from a
+    directory of PNGs written by ``autoguide generate`` (class in a text chunk) or an .npz."""
     import numpy as np
     import torch
-    from PIL import Image
 
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            images = torch.from_numpy(z["images"]).permute(0, 3, 1, 2).contiguous()
-            classes = torch.from_numpy(z["labels"]) if "labels" in z else None
-        return images, classes
-    files = sorted(path.rglob("*.png"))
-    files = [f for f in files if f.name != "grid.png"]
+    from .data import load_dataset, read_png
+
+    if not path.exists():
+        raise FileNotFoundError(f"--images {path}: no such directory or .npz file")
+    if path.suffix == ".npz" and not path.is_dir():
+        ds = load_dataset(path)  # checks the file: 'images' present, uint8, integer labels
+        return ds.images, ds.labels
+    if not path.is_dir():
+        raise ValueError(f"--images must be a directory of PNGs or an .npz file, got the file {path}")
+    files = [f for f in sorted(path.rglob("*.png")) if f.name != "grid.png" and f.is_file()]
     if not files:
-        raise ValueError(f"no PNG images in {path}")
+        raise ValueError(f"--images {path}: the directory holds no PNG images")
     arrays, classes = [], []
     for f in files:
-        img = Image.open(f)
-        arr = np.asarray(img)
-        arrays.append(arr[:, :, None] if arr.ndim == 2 else arr)
-        classes.append(img.text.get("class") if hasattr(img, "text") else None)
+        arr, text = read_png(f.read_bytes(), str(f))
+        if arrays and arr.shape != arrays[0].shape:
+            raise ValueError(f"{f}: image of shape {arr.shape}, but {files[0]} has {arrays[0].shape}")
+        c = text.get("class")
+        if c is not None and not c.strip().isdigit():
+            raise ValueError(f"{f}: its 'class' text chunk must be a class number, got {c!r}")
+        arrays.append(arr)
+        classes.append(None if c is None else int(c))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    known = None if any(c is None for c in classes) else torch.tensor([int(c) for c in classes])
+    known = None if any(c is None for c in classes) else torch.tensor(classes, dtype=torch.int64)
     return images, known
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
     import numpy as np
 
     from . import digits
+    from .checkpoint import atomic_path, atomic_write_bytes, check_replaceable, strict_json
 
-    if args.ref not in ("digits",) and not args.ref.endswith(".npz"):
-        raise ValueError(f"ref must be 'digits' or a reference .npz from --save-ref, got {args.ref!r}")
-    ref = digits.reference_stats() if args.ref == "digits" else dict(np.load(args.ref, allow_pickle=False))
+    if not (args.images or args.save_ref):
+        raise ValueError(
+            "give --images DIR|file.npz to measure generated digits, or --save-ref FILE to write the "
+            "reference statistics"
+        )
+    if args.out and not args.images:
+        raise ValueError("--out writes the metrics of --images: give --images too")
+    if args.ref != "digits" and not Path(args.ref).exists():
+        raise FileNotFoundError(
+            f"--ref {args.ref}: no such file (give 'digits' or statistics from --save-ref)"
+        )
+    for target in (args.save_ref, args.out):
+        if target:
+            check_replaceable(Path(target))
+    images = classes = result = None
+    if args.images:
+        path = Path(args.images)
+        images, classes = _read_images(path)
+        if len(images) < 4:  # k-NN precision and recall with k = 3
+            raise ValueError(f"{path}: eval needs at least 4 images, got {len(images)}")
+        if tuple(images.shape[1:]) != (1, 8, 8):
+            raise ValueError(
+                f"{path}: eval measures 8x8 grey digits, got images [N, C, H, W] = {tuple(images.shape)}"
+            )
+        if classes is not None and (int(classes.min()) < 0 or int(classes.max()) > 9):
+            raise ValueError(
+                f"{path}: classes must be digits 0..9, got {int(classes.min())}..{int(classes.max())}"
+            )
+    ref = digits.reference_stats() if args.ref == "digits" else digits.load_reference(args.ref)
+    if images is not None:
+        result = digits.evaluate(images, classes, ref=ref)
     if args.save_ref:
-        np.savez(args.save_ref, **ref)
+        with atomic_path(args.save_ref) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **ref)  # a file object: the name stays exactly the one given
         print(f"wrote {args.save_ref}")
-    if not args.images:
-        return 0
-    images, classes = _read_images(Path(args.images))
-    result = digits.evaluate(images, classes, ref=ref)
-    print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if result is not None:
+        text = strict_json(result, indent=2)
+        print(text)
+        if args.out:
+            atomic_write_bytes(args.out, (text + "\n").encode())
     return 0
 
 
 def _classifier(args: argparse.Namespace) -> int:
-    from .checkpoint import save
+    from .checkpoint import check_replaceable, save
     from .digits import train_classifier
 
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
+    out = Path(args.out)
+    check_replaceable(out)  # before training, not after
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--out {out}: {parent} is a file, not a directory")
     net, acc = train_classifier(epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
-    save(net.state_dict(), args.out, dict(test_accuracy=str(acc)))
-    print(f"held-out accuracy {acc:.4f}; wrote {args.out}")
+    save(net.state_dict(), out, dict(test_accuracy=str(acc)))  # atomic
+    print(f"held-out accuracy {acc:.4f}; wrote {out}")
     return 0
 
 
@@ -228,10 +282,14 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from .experiment import sweep
+    from .experiment import parse_weights, sweep
     from .generation import parse_seeds
 
-    sweep(args.main, args.guide, args.weights, args.out, ema_main=args.ema_main, ema_guide=args.ema_guide,
+    weights = parse_weights(args.weights, "--weights")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    # sweep checks the rest (models, EMA lengths, --out) before it creates anything.
+    sweep(args.main, args.guide, weights, args.out, ema_main=args.ema_main, ema_guide=args.ema_guide,
           seeds=parse_seeds(args.seeds), steps=args.steps, metric=args.metric)  # fmt: skip
     return 0
 
@@ -319,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument(
         "--weight", type=float, default=None, help="guidance weight (1 = none; default: 1 or the preset's)"
     )
-    ge.add_argument("--alpha", type=float, default=0.5, help="CFG share of the weight when combining")
+    ge.add_argument("--alpha", type=float, default=None, help="CFG share of the weight when combining (0.5)")
     ge.add_argument("--interval", help="guidance interval lo,hi in sigma units")
     ge.add_argument("--steps", type=int, default=32)
     ge.add_argument("--sigma-min", type=float, default=0.002)
@@ -351,17 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--kind", choices=["none", "cfg", "autoguidance"], help="only presets of this kind")
     pr.set_defaults(func=_presets)
 
-    ev = sub.add_parser("eval", help="FD_digits, precision, recall and alignment of generated digits")
+    ev = sub.add_parser(
+        "eval", help="FD_digits (key fd), precision, recall and alignment of generated digits, as JSON"
+    )
     ev.add_argument("--images", help="directory of PNGs (from autoguide generate) or .npz")
-    ev.add_argument("--ref", default="digits", help="'digits' or reference statistics .npz")
-    ev.add_argument("--save-ref", help="write the reference statistics to this .npz")
-    ev.add_argument("--out", help="write the metrics as JSON")
+    ev.add_argument("--ref", default="digits", help="'digits' or reference statistics from --save-ref")
+    ev.add_argument("--save-ref", help="write the reference statistics (an .npz archive) to this file")
+    ev.add_argument("--out", help="also write the metrics as JSON to this file")
     ev.set_defaults(func=_eval)
 
     cl = sub.add_parser("classifier", help="train the digits feature classifier (ships with the package)")
     cl.add_argument("--out", required=True, help="where to save its weights (.safetensors)")
-    cl.add_argument("--epochs", type=int, default=40)
-    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--epochs", type=int, default=40, help="training epochs (>= 1)")
+    cl.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (>= 0)")
     cl.add_argument("--no-progress", action="store_true")
     cl.set_defaults(func=_classifier)
 
@@ -374,13 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="autoguidance weight x EMA length sweep (resumable)")
     sw.add_argument("--main", required=True, help="main snapshot or run directory")
     sw.add_argument("--guide", required=True, help="guide snapshot or run directory")
-    sw.add_argument("--weights", default="1.5:3.0:0.25", help="lo:hi:step or a comma list")
+    sw.add_argument(
+        "--weights", default="1.5:3.0:0.25", help="lo:hi:step (hi included) or a comma list; at most 1000"
+    )
     sw.add_argument("--ema-main", type=_floats, default=None, help="EMA lengths of the main model (post hoc)")
     sw.add_argument("--ema-guide", type=_floats, default=None, help="EMA lengths of the guide (post hoc)")
-    sw.add_argument("--seeds", default="0-499")
-    sw.add_argument("--steps", type=int, default=16)
+    sw.add_argument("--seeds", default="0-499", help="the fixed seed set of every cell, e.g. 0-499")
+    sw.add_argument("--steps", type=int, default=16, help="sampler steps per image")
     sw.add_argument("--metric", default="fd_digits", choices=["fd_digits"])
-    sw.add_argument("--out", required=True)
+    sw.add_argument("--out", required=True, help="output directory (finished cells are reused from it)")
     sw.set_defaults(func=_sweep)
     return parser
 

@@ -6,20 +6,24 @@
   ``{"labels": [[relative_path, label], ...]}`` (the EDM2 dataset layout).
 - An ``.npz`` file with ``images`` ([N, H, W], [N, H, W, C] or [N, C, H, W], uint8) and
   optionally ``labels`` ([N] integers).
+
+Labels are integers in [0, :data:`MAX_CLASSES`); anything else is refused with the file named.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["ImageDataset", "load_dataset", "to_float"]
+__all__ = ["MAX_CLASSES", "ImageDataset", "load_dataset", "read_npz", "read_png", "to_float"]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -28,6 +32,11 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 _IMAGE_SUFFIXES = (".png",)
+
+# Labels become one-hot rows [batch, num_classes] and a class embedding [num_classes, channels]
+# (num_classes = largest label + 1): 100x ImageNet's 1000 classes is far beyond any data set
+# here, while a stray label of 1e9 would ask for gigabytes per batch.
+MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -100,50 +109,119 @@ def _digits() -> ImageDataset:
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(d.target.astype(np.int64)), 10, "digits")
 
 
-def _decode_png(data: bytes, name: str) -> np.ndarray:
-    from PIL import Image
+def read_png(data: bytes, name: str) -> tuple[np.ndarray, dict[str, str]]:
+    """A PNG file's bytes -> uint8 [H, W, C] (palette images as RGB/RGBA) and its text chunks;
+    ValueError naming ``name`` when it is not a readable 8-bit image."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        img = np.asarray(Image.open(io.BytesIO(data)))
-    except Exception as e:  # PIL raises several exception types for bad files
+        img = Image.open(io.BytesIO(data))
+        if img.mode in ("P", "PA"):  # palette indices are not intensities
+            img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+        elif img.mode == "1":
+            img = img.convert("L")
+        arr = np.asarray(img)
+        text = dict(getattr(img, "text", {}))
+    except UnidentifiedImageError:
+        raise ValueError(f"{name}: not an image file (damaged or not a PNG)") from None
+    except Exception as e:  # PIL raises several exception types for damaged files
         raise ValueError(f"{name}: not a readable PNG image ({e})") from None
-    if img.dtype != np.uint8:
-        raise ValueError(f"{name}: images must be 8-bit, got {img.dtype}")
-    return img[:, :, None] if img.ndim == 2 else img
+    if arr.dtype != np.uint8:
+        raise ValueError(f"{name}: images must be 8-bit, got {arr.dtype}")
+    return (arr[:, :, None] if arr.ndim == 2 else arr), text
+
+
+def _json_labels(where: str, data: bytes, names: list[str]) -> torch.Tensor | None:
+    # The EDM2 layout: {"labels": [[relative_path, label], ...]} or {"labels": null}.
+    try:
+        doc = json.loads(data)
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(
+            f'{where}: must be an object {{"labels": [[path, label], ...]}}, got a {type(doc).__name__}'
+        )
+    entries = doc.get("labels")
+    if entries is None:
+        return None
+    if not isinstance(entries, list):
+        raise ValueError(
+            f"{where}: 'labels' must be a list of [path, label] pairs, got a {type(entries).__name__}"
+        )
+    table = {}
+    for e in entries:
+        if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)):
+            raise ValueError(f"{where}: 'labels' must hold [path, label] pairs, found {json.dumps(e)[:80]}")
+        key = e[0].replace("\\", "/")
+        if key in table:
+            raise ValueError(f"{where}: {key} is labelled twice")
+        table[key] = e[1]
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"{where}: no label for {len(missing)} images, e.g. {missing[0]}")
+    for n in names:
+        v = table[n]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+            raise ValueError(f"{where}: labels must be integers, got {json.dumps(v)} for {n}")
+        if not 0 <= v < MAX_CLASSES:
+            raise ValueError(f"{where}: labels must be in [0, {MAX_CLASSES}), got {int(v)} for {n}")
+    return torch.tensor([int(table[n]) for n in names], dtype=torch.int64)
+
+
+def _array_labels(where: str, labels: np.ndarray) -> torch.Tensor:
+    # Checked before anything is sized by them (num_classes = max + 1 sizes one-hot rows).
+    if labels.dtype.kind == "f":
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(labels) | (labels != np.round(labels))
+        if bad.any():
+            raise ValueError(f"{where}: labels must be integers, got {labels[bad][0].item()!r}")
+    elif labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}: labels must be integers, got {labels.dtype} values")
+    bad = (labels < 0) | (labels >= MAX_CLASSES)
+    if bad.any():
+        raise ValueError(f"{where}: labels must be in [0, {MAX_CLASSES}), got {labels[bad][0].item()!r}")
+    return torch.from_numpy(labels.astype(np.int64))
 
 
 def _from_files(path: Path, files: dict[str, bytes]) -> ImageDataset:
     names = sorted(n for n in files if n.lower().endswith(_IMAGE_SUFFIXES))
     if not names:
         raise ValueError(f"{path}: no PNG images found")
-    arrays = [_decode_png(files[n], f"{path}/{n}") for n in names]
+    arrays = [read_png(files[n], f"{path}/{n}")[0] for n in names]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(
             f"{path}: all images must have the same size and channels, found {sorted(shapes)[:4]}"
         )
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    labels, num_classes = None, 0
+    labels = None
     if "dataset.json" in files:
-        entries = json.loads(files["dataset.json"]).get("labels")
-        if entries is not None:
-            table = {str(k).replace("\\", "/"): v for k, v in entries}
-            missing = [n for n in names if n not in table]
-            if missing:
-                raise ValueError(
-                    f"{path}/dataset.json: no label for {len(missing)} images, e.g. {missing[0]}"
-                )
-            labels = torch.tensor([int(table[n]) for n in names], dtype=torch.int64)
-            num_classes = int(labels.max()) + 1
+        labels = _json_labels(f"{path}/dataset.json", files["dataset.json"], names)
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    num_classes = int(labels.max()) + 1 if labels is not None else 0
     return ImageDataset(images, labels, num_classes, path.name)
 
 
+def read_npz(path: Path, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays ``keys`` (those present) of an .npz archive, and the names of all its arrays;
+    ValueError naming the file when it is not a readable .npz (nothing is unpickled)."""
+    from .checkpoint import check_regular_file
+
+    check_regular_file(path)  # a FIFO would block the reader
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz file (not a zip archive of arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = sorted(z.keys())
+            return {k: z[k] for k in keys if k in names}, names
+    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # object arrays, damage
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+
+
 def _npz(path: Path) -> ImageDataset:
-    with np.load(path, allow_pickle=False) as z:
-        if "images" not in z:
-            raise ValueError(f"{path}: an .npz data set needs an 'images' array, found {sorted(z.keys())}")
-        images = z["images"]
-        labels = z["labels"] if "labels" in z else None
+    arrays, keys = read_npz(path, ("images", "labels"))
+    images, labels = arrays.get("images"), arrays.get("labels")
+    if images is None:
+        raise ValueError(f"{path}: an .npz data set needs an 'images' array, found {keys}")
     if images.dtype != np.uint8:
         raise ValueError(f"{path}: images must be uint8, got {images.dtype}")
     if images.ndim == 3:
@@ -154,17 +232,23 @@ def _npz(path: Path) -> ImageDataset:
         raise ValueError(
             f"{path}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W], got {images.shape}"
         )
+    if len(images) == 0:
+        raise ValueError(f"{path}: 'images' holds no images")
     lab = None
     if labels is not None:
         if labels.shape != (len(images),):
             raise ValueError(f"{path}: labels must be [N] with N = {len(images)} images, got {labels.shape}")
-        lab = torch.from_numpy(labels.astype(np.int64))
+        lab = _array_labels(str(path), labels)
     return ImageDataset(
         torch.from_numpy(np.ascontiguousarray(images)),
         lab,
         int(lab.max()) + 1 if lab is not None else 0,
         path.stem,
     )
+
+
+def _wanted(name: str) -> bool:
+    return name.lower().endswith(_IMAGE_SUFFIXES) or name == "dataset.json"
 
 
 def load_dataset(source: str | Path) -> ImageDataset:
@@ -175,11 +259,22 @@ def load_dataset(source: str | Path) -> ImageDataset:
     if not path.exists():
         raise FileNotFoundError(f"data set not found: {path} (use 'digits', a folder, a .zip or a .npz)")
     if path.is_dir():
-        files = {p.relative_to(path).as_posix(): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+        files = {
+            p.relative_to(path).as_posix(): p.read_bytes()
+            for p in path.rglob("*")
+            if p.is_file() and _wanted(p.relative_to(path).as_posix())
+        }
         return _from_files(path, files)
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as z:
-            return _from_files(path, {n: z.read(n) for n in z.namelist() if not n.endswith("/")})
+        from .checkpoint import check_regular_file
+
+        check_regular_file(path)  # a FIFO would block the reader
+        try:
+            with zipfile.ZipFile(path) as z:
+                files = {n: z.read(n) for n in z.namelist() if not n.endswith("/") and _wanted(n)}
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: not a readable zip file ({e})") from None
+        return _from_files(path, files)
     if path.suffix == ".npz":
         return _npz(path)
     raise ValueError(f"data set must be 'digits', a folder, a .zip or a .npz, got {path}")

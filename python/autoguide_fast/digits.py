@@ -14,7 +14,14 @@ import torch
 from .data import to_float
 from .metrics import feature_stats, frechet_distance, knn_precision_recall
 
-__all__ = ["DigitsClassifier", "evaluate", "load_classifier", "reference_stats", "train_classifier"]
+__all__ = [
+    "DigitsClassifier",
+    "evaluate",
+    "load_classifier",
+    "load_reference",
+    "reference_stats",
+    "train_classifier",
+]
 
 ASSET = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
 
@@ -53,6 +60,10 @@ def train_classifier(
 ) -> tuple[DigitsClassifier, float]:
     """Trains the classifier on 80% of the digits (fixed split) with small random shifts;
     returns it (eval mode) and its accuracy on the held-out 20%."""
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     (xtr, ytr), (xte, yte) = _split()
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
@@ -108,6 +119,28 @@ def reference_stats(classifier: DigitsClassifier | None = None) -> dict[str, np.
     return dict(features=feats.numpy(), mu=mu, cov=cov)
 
 
+_REF_SHAPES = {"features": (None, 128), "mu": (128,), "cov": (128, 128)}
+
+
+def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reference statistics saved by ``autoguide eval --save-ref`` (as :func:`reference_stats`
+    returns them), checked: ValueError naming the file when a key or shape is wrong."""
+    from .data import read_npz
+
+    ref, _ = read_npz(Path(path), tuple(_REF_SHAPES))
+    for key, shape in _REF_SHAPES.items():
+        if key not in ref:
+            raise ValueError(f"{path}: reference statistics need a {key!r} array (from --save-ref)")
+        a = ref[key]
+        if a.ndim != len(shape) or any(n is not None and n != m for n, m in zip(shape, a.shape)):
+            raise ValueError(f"{path}: {key!r} must be {shape} (None: any), got {a.shape}")
+        if a.dtype.kind != "f" or not np.isfinite(a).all():
+            raise ValueError(f"{path}: {key!r} must hold finite floats, got {a.dtype}")
+    if len(ref["features"]) < 2:
+        raise ValueError(f"{path}: 'features' must hold at least 2 rows, got {len(ref['features'])}")
+    return ref
+
+
 @torch.no_grad()
 def evaluate(
     images: torch.Tensor,
@@ -128,5 +161,9 @@ def evaluate(
     if classes is not None:
         if classes.shape != (len(images),):
             raise ValueError(f"classes must be [N] with N = {len(images)}, got {tuple(classes.shape)}")
+        if len(classes) and (int(classes.min()) < 0 or int(classes.max()) > 9):
+            raise ValueError(
+                f"classes must be digit classes 0..9, got {int(classes.min())}..{int(classes.max())}"
+            )
         out["alignment"] = float((classifier.fc2(feats).argmax(1) == classes).float().mean())
     return out

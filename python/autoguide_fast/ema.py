@@ -198,10 +198,15 @@ _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 def _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_dtype) -> list[Path]:
     from .checkpoint import read_metadata
 
-    configs = {s.path: read_metadata(s.path).get("config") for s in inputs}
-    if len(set(configs.values())) > 1:
-        a, b = (p.name for p in list({c: p for p, c in configs.items()}.values())[:2])
-        raise ValueError(f"snapshots of different networks cannot be combined: {a} and {b} differ in config")
+    metas = {s.path: read_metadata(s.path) for s in inputs}
+    for key, what in (("config", "networks"), ("run", "training runs")):
+        seen: dict[str, Path] = {}
+        for p, m in metas.items():
+            if m.get(key) is not None:
+                seen.setdefault(m[key], p)
+        if len(seen) > 1:
+            a, b = (p.name for p in list(seen.values())[:2])
+            raise ValueError(f"snapshots of different {what} cannot be combined: {a} and {b} differ in {key}")
     base = read_metadata(inputs[-1].path)
     copy_names = json.loads(base.get("buffers", "[]"))
     posthoc = json.dumps(dict(inputs=len(inputs), in_std=sorted({s.std for s in inputs})))

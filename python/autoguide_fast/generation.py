@@ -3,7 +3,6 @@ never on the batch size or the number of processes (``torchrun`` shards the seed
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -20,9 +19,13 @@ from .sampling import PerSampleRNG, sample
 __all__ = ["Batch", "generate", "parse_seeds", "save_grid", "to_uint8"]
 
 
+MAX_SEEDS = 10_000_000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``"0-9999"`` or ``"1,5,10-19"`` -> a list of seeds (in [0, 2**63))."""
-    seeds: list[int] = []
+    """``"0-9999"`` or ``"1,5,10-19"`` -> a list of distinct seeds in [0, 2**63), at most
+    :data:`MAX_SEEDS` of them (sizes are checked before any list is built)."""
+    ranges: list[tuple[int, int]] = []
     for part in str(text).split(","):
         part = part.strip()
         if not part:
@@ -34,11 +37,19 @@ def parse_seeds(text: str) -> list[int]:
             raise ValueError(f"seeds must look like '0-99' or '1,5,7-9', got {text!r}") from None
         if lo_i > hi_i:
             raise ValueError(f"seeds: range {part!r} is empty")
-        seeds.extend(range(lo_i, hi_i + 1))
-    if not seeds:
+        if not (0 <= lo_i and hi_i < 2**63):
+            raise ValueError(f"seeds must be in [0, 2**63), got {part!r}")
+        ranges.append((lo_i, hi_i))
+    count = sum(hi - lo + 1 for lo, hi in ranges)
+    if count == 0:
         raise ValueError(f"seeds must name at least one seed, got {text!r}")
-    if bad := [s for s in seeds if not 0 <= s < 2**63]:
-        raise ValueError(f"seeds must be in [0, 2**63), got {bad[0]}")
+    if count > MAX_SEEDS:
+        raise ValueError(
+            f"seeds names {count} seeds, more than {MAX_SEEDS}; split the work into several runs"
+        )
+    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must not repeat (each seed is one image), got {text!r}")
     return seeds
 
 
@@ -56,26 +67,6 @@ class Batch:
     images: torch.Tensor
     classes: torch.Tensor | None
     samples: torch.Tensor | None = None
-
-
-def _check_compatible(net, guidance):
-    from .guidance import CFG
-
-    for name in ("guide", "uncond"):
-        other = getattr(guidance, name, None)
-        if other is None:
-            continue
-        if isinstance(guidance, CFG):
-            name = "uncond"  # a CFG guide is the unconditional model
-        for attr in ("img_resolution", "img_channels"):
-            a, b = getattr(net, attr, None), getattr(other, attr, None)
-            if a is not None and b is not None and a != b:
-                raise ValueError(f"{name} has {attr} {b}, but the main model has {a}")
-        if name == "guide" and getattr(other, "label_dim", None) not in (
-            None,
-            getattr(net, "label_dim", None),
-        ):
-            raise ValueError(f"guide has label_dim {other.label_dim}, but the main model has {net.label_dim}")
 
 
 def _decoder(net, vae, device):
@@ -128,19 +119,37 @@ def generate(
         vae: for a latent network (encoder ``stability_vae``): the VAE folder (diffusers
             ``save_pretrained`` layout) or a loaded ``AutoencoderKL``.
     """
+    from .sampling import MAX_STEPS, _check_models
+
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    if not all(isinstance(getattr(net, a, None), int) for a in ("img_channels", "img_resolution")):
+        raise TypeError(
+            f"net must be an image model (img_channels, img_resolution), got {type(net).__name__}"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
     label_dim = getattr(net, "label_dim", 0)
     if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):
         raise ValueError(f"class_idx must be in [0, {label_dim}) for this model, got {class_idx}")
-    _check_compatible(net, guidance)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    dummy = torch.empty(1, *shape, device="meta")
+    _check_models(net, dummy, dummy.new_empty(1, label_dim) if label_dim else None, guidance)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = list(seeds)[rank::world]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     decode = _decoder(net, vae, device)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
     chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
-    if progress and rank == 0:
+    sampler = dict(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn,
+                   churn_range=(churn_min, churn_max), churn_noise=churn_noise)  # fmt: skip
+    # Everything is checked above, before the first batch is asked for (and before a caller
+    # such as write_outputs creates anything).
+    return _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device,
+                    progress and rank == 0)  # fmt: skip
+
+
+def _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device, progress):
+    if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="generate", unit="batch")
@@ -153,10 +162,7 @@ def generate(
             if class_idx is not None:
                 classes = torch.full_like(classes, class_idx)
             labels = torch.nn.functional.one_hot(classes, label_dim).float()
-        x = sample(
-            net, noise, labels, guidance=guidance, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
-            rho=rho, churn=churn, churn_range=(churn_min, churn_max), churn_noise=churn_noise, generator=rng,
-        )  # fmt: skip
+        x = sample(net, noise, labels, guidance=guidance, generator=rng, **sampler)
         images = decode(x)
         yield Batch(chunk, images.cpu(), None if classes is None else classes.cpu(), x.float().cpu())
 
@@ -181,8 +187,10 @@ def save_grid(
     scale = max(1, 256 // max(h, w))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    from .checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
+        img.save(tmp, "PNG")
 
 
 def compact_seeds(seeds: Sequence[int]) -> str:
@@ -203,52 +211,77 @@ def write_outputs(
     batches: Iterator[Batch], out: str | os.PathLike, manifest: dict, subdirs: bool = False
 ) -> dict:
     """Writes PNGs (one per seed, optionally in subdirectories of 1000) or one ``.npz`` (when
-    ``out`` ends with .npz), a grid PNG and ``manifest.json``. Returns the manifest."""
+    ``out`` ends with .npz), a grid PNG and ``manifest.json``, every file atomically. The manifest
+    says how many images were written and whether the run completed (an interrupted run still
+    leaves a manifest and a grid of what it made). Returns the manifest."""
     from PIL import Image, PngImagePlugin
 
-    from .checkpoint import atomic_write_bytes
+    from .checkpoint import atomic_path, atomic_write_bytes, remove_stale_temporaries, strict_json
 
     out = Path(out)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     as_npz = out.suffix == ".npz"
     if as_npz and world > 1:
         raise ValueError("an .npz output needs a single process; write PNGs under torchrun")
+    if as_npz and out.exists() and not out.is_file():
+        raise ValueError(f"out names {out}, which exists and is not a file")
     root = out.parent if as_npz else out
     if root.exists() and not root.is_dir():
         raise ValueError(f"out must be a directory or a .npz path, got the file {root}")
+    grid_path = root / (f"{out.stem}-grid.png" if as_npz else "grid.png")
+    manifest_path = root / (f"{out.stem}-manifest.json" if as_npz else "manifest.json")
     root.mkdir(parents=True, exist_ok=True)
-    all_images, all_classes, all_seeds = [], [], []
-    for b in batches:
-        if as_npz or len(all_images) * b.images.shape[0] < 64:
-            all_images.append(b.images)
-            all_seeds.extend(b.seeds)
-            if b.classes is not None:
-                all_classes.append(b.classes)
-        if not as_npz:
+    remove_stale_temporaries(root)
+    grid, all_images, all_classes, all_seeds = [], [], [], []
+    written = 0
+
+    def finish(complete: bool) -> None:
+        if rank != 0:
+            return
+        if grid:
+            save_grid(torch.cat(grid)[:64], grid_path)
+        result = dict(manifest, complete=complete)
+        if not complete:
+            result["images_written"] = written
+        atomic_write_bytes(manifest_path, (strict_json(result, indent=2) + "\n").encode())
+        manifest.update(result)
+
+    try:
+        for b in batches:
+            if sum(len(g) for g in grid) < 64:
+                grid.append(b.images)
+            if as_npz:
+                all_images.append(b.images)
+                all_seeds.extend(b.seeds)
+                if b.classes is not None:
+                    all_classes.append(b.classes)
+                continue
             for k, (seed, img) in enumerate(zip(b.seeds, b.images)):
                 d = root / f"{seed - seed % 1000:06d}" if subdirs else root
-                d.mkdir(parents=True, exist_ok=True)
                 arr = img.permute(1, 2, 0).numpy()
                 info = PngImagePlugin.PngInfo()
                 info.add_text("seed", str(seed))
                 if b.classes is not None:
                     info.add_text("class", str(int(b.classes[k])))
-                Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(
-                    d / f"{seed:06d}.png", pnginfo=info
-                )
-    images = torch.cat(all_images) if all_images else torch.zeros(0)
-    if as_npz:
-        arrays = dict(images=images.permute(0, 2, 3, 1).numpy(), seeds=np.array(all_seeds, dtype=np.int64))
-        if all_classes:
-            arrays["labels"] = torch.cat(all_classes).numpy()
-        tmp = out.with_name(f".{out.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
+                # Atomic, not fsynced: a dying process never leaves half an image; they can be redone.
+                with atomic_path(d / f"{seed:06d}.png", fsync=False) as tmp:
+                    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(tmp, "PNG", pnginfo=info)
+                written += 1
+        if as_npz:
+            images = torch.cat(all_images) if all_images else torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
+            arrays = dict(
+                images=images.permute(0, 2, 3, 1).numpy(), seeds=np.array(all_seeds, dtype=np.int64)
+            )
+            if all_classes:
+                arrays["labels"] = torch.cat(all_classes).numpy()
+            with atomic_path(out) as tmp, open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            written = len(all_seeds)
+    except BaseException:
+        if not as_npz:  # what was written is described; an .npz is all or nothing
+            finish(complete=False)
+        raise
     if dist.is_initialized():
         dist.barrier()
-    if rank == 0:
-        if len(images):
-            save_grid(images[:64], root / (f"{out.stem}-grid.png" if as_npz else "grid.png"))
-        atomic_write_bytes(root / (f"{out.stem}-manifest.json" if as_npz else "manifest.json"),
-                           (json.dumps(manifest, indent=2) + "\n").encode())  # fmt: skip
+    finish(complete=True)
     return manifest

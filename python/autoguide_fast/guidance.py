@@ -55,8 +55,8 @@ class Guidance:
             raise TypeError(f"guide must be a denoiser callable D(x, sigma, labels=None), got {type(guide)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError(f"weight must be a real number, got {weight!r}")
-        if not math.isfinite(weight):
-            raise ValueError(f"weight must be finite, got {weight}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"weight must be a finite number >= 0 (1 = no guidance), got {weight}")
         self.guide = guide
         self.weight = float(weight)
         self.interval = _check_interval(interval)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _core, kernels
+from ._core import AutoguideError
 from .guidance import Denoiser, Guidance
 
 __all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "step_plan"]
@@ -120,6 +121,51 @@ def _check_inputs(noise, labels, guidance, generator):
         raise TypeError(f"generator must be None, a torch.Generator or a PerSampleRNG, got {type(generator)}")
 
 
+MAX_STEPS = 1_000_000  # the Rust core refuses more (schedule::MAX_STEPS)
+
+
+def _check_models(net, noise, labels, guidance) -> None:
+    """What the package's networks declare (label_dim, img_channels, img_resolution) must fit the
+    inputs and each other; other denoisers are taken as they are."""
+    from .guidance import CFG
+
+    label_dim = getattr(net, "label_dim", None)
+    if label_dim and labels is None:
+        raise ValueError(f"labels are required: the main model is conditional (label_dim {label_dim})")
+    if label_dim is not None and labels is not None and labels.shape[1] != label_dim:
+        raise ValueError(f"labels have {labels.shape[1]} columns, the main model's label_dim is {label_dim}")
+    shape = tuple(noise.shape[1:])
+    roles = [("main model", net)]
+    if guidance is not None:
+        guide = None if isinstance(guidance, CFG) else guidance.guide
+        cfg_model = guidance.guide if isinstance(guidance, CFG) else getattr(guidance, "uncond", None)
+        if guide is not None:
+            roles.append(("guide", guide))
+            g_dim = getattr(guide, "label_dim", None)
+            if None not in (g_dim, label_dim) and g_dim != label_dim:
+                raise ValueError(f"the guide has label_dim {g_dim}, the main model {label_dim}")
+        if cfg_model is not None:
+            roles.append(("CFG model", cfg_model))
+            if getattr(cfg_model, "label_dim", 0):
+                raise ValueError(
+                    f"the CFG model must be unconditional (label_dim 0), got label_dim {cfg_model.label_dim}"
+                )
+    for role, m in roles:
+        c, r = getattr(m, "img_channels", None), getattr(m, "img_resolution", None)
+        if c is not None and r is not None and len(shape) == 3 and shape != (c, r, r):
+            raise ValueError(f"noise has shape {shape} per sample, but the {role} makes {(c, r, r)}")
+
+
+def _finite(d: torch.Tensor, role: str, step: int, sigma: float) -> torch.Tensor:
+    # One reduction per evaluation: a NaN or inf is reported where it appears, never written.
+    if not bool(torch.isfinite(d).all()):
+        raise AutoguideError(
+            f"the {role} returned non-finite values (NaN or inf) at step {step} (sigma {sigma:.4g}); "
+            "its weights or inputs hold NaN/inf, or it overflowed"
+        )
+    return d
+
+
 @torch.no_grad()
 def sample(
     net: Denoiser,
@@ -157,6 +203,9 @@ def sample(
         Samples [N, ...] in ``noise.dtype``.
     """
     _check_inputs(noise, labels, guidance, generator)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+    _check_models(net, noise, labels, guidance)
     if not math.isfinite(churn_noise):
         raise ValueError(f"churn_noise must be finite, got {churn_noise}")
     try:
@@ -171,13 +220,14 @@ def sample(
     n, dtype, device = noise.shape[0], noise.dtype, noise.device
     weight = guidance.weight if guidance is not None else 1.0
 
-    def evaluate(x: torch.Tensor, t: float, guided: bool):
+    def evaluate(x: torch.Tensor, t: float, guided: bool, index: int):
         # Raw main and guide outputs; the guided combination happens inside the fused step.
         sigma = torch.full((n,), t, dtype=dtype, device=device)
         if guidance is None:
-            return net(x, sigma, labels).to(dtype), None
+            return _finite(net(x, sigma, labels).to(dtype), "main model", index, t), None
         d_main, d_guide = guidance.evaluate(net, x, sigma, labels, guided)
-        return d_main.to(dtype), None if d_guide is None else d_guide.to(dtype)
+        d_main = _finite(d_main.to(dtype), "main model", index, t)
+        return d_main, None if d_guide is None else _finite(d_guide.to(dtype), "guide", index, t)
 
     iterator = plan
     if progress:
@@ -195,10 +245,10 @@ def sample(
         else:
             x_hat = x_cur
         # Euler step from t_hat to t_next, then the Heun correction averaging both slopes.
-        d_main, d_guide = evaluate(x_hat, t_hat, step.guided)
+        d_main, d_guide = evaluate(x_hat, t_hat, step.guided, step.index)
         x_next, d_cur = kernels.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
         if step.second_order:
-            m2, g2 = evaluate(x_next, t_next, step.guided_next)
+            m2, g2 = evaluate(x_next, t_next, step.guided_next, step.index)
             x_next = kernels.guided_heun(x_hat, x_next, d_cur, m2, g2, weight, t_hat, t_next)
         if callback is not None:
             denoised = kernels.reference.guided_denoised(d_main, d_guide, weight)

@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from . import _core
-from .checkpoint import atomic_write_bytes, load_network, read_metadata, save_network
+from .checkpoint import (
+    atomic_path,
+    atomic_write_bytes,
+    load_network,
+    read_metadata,
+    save_network,
+    strict_json,
+)
 from .ema import PowerFunctionEMA
 from .guidance import CFG, Autoguidance
 from .metrics import knn_precision_recall
@@ -329,7 +336,7 @@ def run(
         )  # fmt: skip
     metrics = {name: evaluate(x) for name, x in methods.items()}
     result = dict(recipe=asdict(recipe), train_seconds=seconds, metrics=metrics)
-    atomic_write_bytes(out / "metrics.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "metrics.json", (strict_json(result, indent=2) + "\n").encode())
     plot(methods, out / "figure.png", weight=recipe.weights[0])
     log(format_table(metrics))
     log(
@@ -393,5 +400,6 @@ def plot(methods: dict[str, torch.Tensor], path: str | Path, weight: float = 2.0
             ax.set_yticks([])
     fig.suptitle("2D toy (class A): samples over the ground-truth outline (1% log-density quantile)")
     fig.tight_layout(rect=(0, 0, 1, 0.985))
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # the temporary ends in .tmp: name the format
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)
     plt.close(fig)

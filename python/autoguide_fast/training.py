@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -166,7 +167,15 @@ def _states(out: Path) -> list[Path]:
 
 
 def _save_state(
-    out: Path, net, ema: PowerFunctionEMA, opt, nimg: int, step: int, opts: TrainOptions, data_info
+    out: Path,
+    net,
+    ema: PowerFunctionEMA,
+    opt,
+    nimg: int,
+    step: int,
+    opts: TrainOptions,
+    data_info,
+    run_id: str,
 ):
     from .checkpoint import save
 
@@ -177,7 +186,8 @@ def _save_state(
         for k, v in opt.state.get(p, {}).items():
             tensors[f"optim.{j}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
     meta = dict(nimg=str(nimg), step=str(step), options=opts.to_json(), config=json.dumps(net.config),
-                dataset=json.dumps(data_info), format="autoguide_fast.training-state/1")  # fmt: skip
+                dataset=json.dumps(data_info), format="autoguide_fast.training-state/1",
+                run_id=run_id)  # fmt: skip
     path = out / f"{STATE_PREFIX}{nimg:09d}.safetensors"
     save(tensors, path, meta)
     for old in _states(out)[:-2]:  # keep the two newest
@@ -207,6 +217,8 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .checkpoint import atomic_path
+
     if not stats_path.exists():  # a checkpoint before the first stats line
         return
     rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
@@ -218,7 +230,8 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     ax.set_ylabel("EDM2 loss (with uncertainty)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -301,6 +314,9 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
 
     nimg, step = 0, 0
     states = _states(out) if out.is_dir() else []
+    # One id per run, kept across resumes: post-hoc EMA refuses to mix snapshots of two runs.
+    run_id = read_metadata(states[-1]).get("run_id") if states else None
+    run_id = run_id or uuid.uuid4().hex
     if states:
         saved = TrainOptions.from_json(read_metadata(states[-1])["options"])
         if (saved.preset, saved.net_kwargs, saved.cond) != (opts.preset, opts.net_kwargs, opts.cond):
@@ -389,14 +405,14 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             if rank == 0 and (every(opts.snapshot_kimg, before, nimg) or done):
                 for std, e in zip(ema.stds, ema.emas):
                     save_network(e, out / f"{SNAPSHOT_PREFIX}{nimg:09d}-{std:.3f}.safetensors", nimg=nimg,
-                                 ema_std=std, dataset=dataset.info(), cond=opts.cond)  # fmt: skip
+                                 ema_std=std, dataset=dataset.info(), cond=opts.cond, run=run_id)  # fmt: skip
             stopping = stop.signal is not None
             if dist.is_initialized():  # every process stops at the same step
                 flag = torch.tensor([int(stopping)], device=device)
                 dist.all_reduce(flag)
                 stopping = bool(flag.item())
             if rank == 0 and (every(opts.checkpoint_kimg, before, nimg) or done or stopping):
-                _save_state(out, net, ema, opt, nimg, step, opts, dataset.info())
+                _save_state(out, net, ema, opt, nimg, step, opts, dataset.info(), run_id)
                 _plot_losses(stats_path, out / "loss.png")
             if stopping and not done:
                 status = "interrupted"
