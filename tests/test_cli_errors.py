@@ -112,6 +112,18 @@ def test_ema_bad_inputs(tmp_path, capsys):
         ag.ema.reconstruct(
             tmp_path / "a", 0.07, out_dir=tmp_path / "o", prefix="../../escape", progress=False
         )
+    # Temporaries of a writer that was killed are removed by the next run; a live one's stay.
+    out = tmp_path / "phema"
+    out.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = out / f".phema-000000064-0.070.safetensors.{int(dead.stdout)}.tmp"
+    live = out / f".other.safetensors.{os.getpid()}.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"busy")
+    ag.ema.reconstruct(tmp_path / "a", 0.07, out_dir=out, progress=False)
+    assert not stale.exists() and live.exists()
     code, err = run(
         capsys, "ema", "--snapshots", tmp_path / "nothing", "--std", "0.07", "--out", tmp_path / "o"
     )
@@ -164,6 +176,8 @@ def test_api_refuses_nonsense(tmp_path):
         ag.sample(net, noise, steps=2)
     with pytest.raises(ValueError, match="steps must be an integer"):
         ag.sample(net, noise, torch.eye(10)[:2], steps=2.7)
+    with pytest.raises(ValueError, match="labels must be finite"):
+        ag.sample(net, noise, torch.full((2, 10), float("nan")), steps=2)
     with pytest.raises(ValueError, match="labels have 3 columns"):
         ag.sample(net, noise, torch.ones(2, 3), steps=2)
     small = ag.load(tiny(tmp_path, "other", label_dim=0))

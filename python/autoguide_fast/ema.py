@@ -139,6 +139,7 @@ def reconstruct(
     ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` (or their names) for every
     tensor. Non-float tensors and buffers are copied from the newest input as they are.
     """
+    from .checkpoint import remove_stale_temporaries
     from .interop.official import convert, is_official_pickle
 
     try:
@@ -174,10 +175,14 @@ def reconstruct(
         raise ValueError(f"out_dir must not be the snapshots' directory, got {out_dir}")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)  # of a run that was killed while writing
     try:
         if not any(is_official_pickle(s.path) for s in inputs):
             return _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_dtype)
-        with tempfile.TemporaryDirectory(prefix=".phema-convert-", dir=out_dir) as tmp:
+        convert_dir = tempfile.TemporaryDirectory(
+            prefix=".phema-convert-", suffix=f".{os.getpid()}.tmp", dir=out_dir
+        )
+        with convert_dir as tmp:
             inputs = [  # official pickles -> safetensors files the Rust pass maps
                 SnapshotInfo(convert(s.path, Path(tmp) / f"{i:05d}.safetensors")[0], s.nimg, s.std)
                 if is_official_pickle(s.path)

@@ -115,6 +115,8 @@ def _check_inputs(noise, labels, guidance, generator):
             raise ValueError(
                 f"labels must have shape [N, label_dim] with N = {noise.shape[0]}, got {tuple(labels.shape)}"
             )
+        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+            raise ValueError("labels must be finite, got NaN or infinite values")
     if guidance is not None and not isinstance(guidance, Guidance):
         raise TypeError(f"guidance must be None, Autoguidance(...) or CFG(...), got {type(guidance)}")
     if generator is not None and not isinstance(generator, (torch.Generator, PerSampleRNG)):
