@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 _LAZY_SUBMODULES = {
+    "adapters",
+    "interop",
     "toy",
     "metrics",
     "ema",
