@@ -15,7 +15,7 @@ import torch
 
 from . import _core, kernels
 from ._core import AutoguideError
-from .guidance import Denoiser, Guidance
+from .guidance import CFG, Denoiser, Guidance
 
 __all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "step_plan"]
 
@@ -158,14 +158,18 @@ def _check_models(net, noise, labels, guidance) -> None:
             raise ValueError(f"noise has shape {shape} per sample, but the {role} makes {(c, r, r)}")
 
 
-def _finite(d: torch.Tensor, role: str, step: int, sigma: float) -> torch.Tensor:
-    # One reduction per evaluation: a NaN or inf is reported where it appears, never written.
-    if not bool(torch.isfinite(d).all()):
-        raise AutoguideError(
-            f"the {role} returned non-finite values (NaN or inf) at step {step} (sigma {sigma:.4g}); "
-            "its weights or inputs hold NaN/inf, or it overflowed"
-        )
-    return d
+def _check_finite(x_next: torch.Tensor, step: int, outputs) -> None:
+    """One reduction per step (NaN and inf propagate into the state): a non-finite value is
+    reported at the step where it appears, naming the model that returned it, never written."""
+    if bool(torch.isfinite(x_next).all()):
+        return
+    for role, sigma, d in outputs:
+        if d is not None and not bool(torch.isfinite(d).all()):
+            raise AutoguideError(
+                f"the {role} returned non-finite values (NaN or inf) at step {step} (sigma {sigma:.4g}); "
+                "its weights or inputs hold NaN/inf, or it overflowed"
+            )
+    raise AutoguideError(f"the sampler state became non-finite (NaN or inf) at step {step}")
 
 
 @torch.no_grad()
@@ -222,14 +226,13 @@ def sample(
     n, dtype, device = noise.shape[0], noise.dtype, noise.device
     weight = guidance.weight if guidance is not None else 1.0
 
-    def evaluate(x: torch.Tensor, t: float, guided: bool, index: int):
+    def evaluate(x: torch.Tensor, t: float, guided: bool):
         # Raw main and guide outputs; the guided combination happens inside the fused step.
         sigma = torch.full((n,), t, dtype=dtype, device=device)
         if guidance is None:
-            return _finite(net(x, sigma, labels).to(dtype), "main model", index, t), None
+            return net(x, sigma, labels).to(dtype), None
         d_main, d_guide = guidance.evaluate(net, x, sigma, labels, guided)
-        d_main = _finite(d_main.to(dtype), "main model", index, t)
-        return d_main, None if d_guide is None else _finite(d_guide.to(dtype), "guide", index, t)
+        return d_main.to(dtype), None if d_guide is None else d_guide.to(dtype)
 
     iterator = plan
     if progress:
@@ -247,11 +250,15 @@ def sample(
         else:
             x_hat = x_cur
         # Euler step from t_hat to t_next, then the Heun correction averaging both slopes.
-        d_main, d_guide = evaluate(x_hat, t_hat, step.guided, step.index)
+        d_main, d_guide = evaluate(x_hat, t_hat, step.guided)
+        m2 = g2 = None
         x_next, d_cur = kernels.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
         if step.second_order:
-            m2, g2 = evaluate(x_next, t_next, step.guided_next, step.index)
+            m2, g2 = evaluate(x_next, t_next, step.guided_next)
             x_next = kernels.guided_heun(x_hat, x_next, d_cur, m2, g2, weight, t_hat, t_next)
+        guide_role = "CFG model" if isinstance(guidance, CFG) else "guide"
+        _check_finite(x_next, step.index, [("main model", t_hat, d_main), (guide_role, t_hat, d_guide),
+                                           ("main model", t_next, m2), (guide_role, t_next, g2)])  # fmt: skip
         if callback is not None:
             denoised = kernels.reference.guided_denoised(d_main, d_guide, weight)
             callback(StepInfo(step.index, t_hat, t_next, x_hat, denoised, x_next))
