@@ -8,7 +8,6 @@ size, the fused paths against torch's on the same inputs, kernels on against off
 from CUDA events, eagerly and under CUDA-graph replay (``conftest.cuda_time``); the difference is
 the host's per-call cost, measured on its own too (``conftest.host_time``)."""
 
-import math
 import os
 import statistics
 import time
@@ -150,17 +149,6 @@ def guided_step_overhead_numbers(cuda, dtype: torch.dtype, n: int = STEP_N_SMALL
     return info | {f"{k}_us": v * 1e6 for k, v in us.items()}
 
 
-def attention64(qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    """EDM2 attention in float64 (einsum, no fused path): the reference every path is measured by."""
-    n, c3, h, w = qkv.shape
-    y = qkv.double().reshape(n, heads, -1, 3, h * w)
-    d = y.shape[2]
-    y = y / (1e-4 + y.norm(dim=2, keepdim=True) / math.sqrt(d))
-    q, k, v = y.unbind(3)
-    a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(d)).softmax(dim=3)
-    return torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c3 // 3, h, w)
-
-
 def torch_best_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor:
     """torch's fastest eager path: the reference's normalisation, then q, k, v made contiguous
     [N, heads, L, D] so that scaled_dot_product_attention can take its flash kernel."""
@@ -191,7 +179,7 @@ def attention_numbers(cuda, batch: int, res: int, heads: int, dtype: torch.dtype
     g = torch.Generator(device="cuda").manual_seed(2)
     qkv = torch.randn(batch, 3 * heads * 64, res, res, device="cuda", generator=g).to(dtype)
     tc = cuda.tensor_cores_for(qkv)
-    want = attention64(qkv, heads)
+    want = reference.mp_attention_float64(qkv, heads)
     paths = {
         "fused": lambda: cuda.mp_attention(qkv, heads, tensor_cores=tc),
         "simt": lambda: cuda.mp_attention(qkv, heads, tensor_cores=False),

@@ -94,7 +94,7 @@ def test_presets_match_the_published_manifest(reference):
         assert sum(p.numel() for p in net.parameters()) == want["num_params"], name
 
 
-@pytest.mark.parametrize("name", ["digits-s", "digits-xs", "img32-s", "img32-xs"])
+@pytest.mark.parametrize("name", ["digits-s", "digits-xs", "digits-xxs", "img32-s", "img32-xs"])
 def test_small_presets_run(name):
     torch.manual_seed(0)
     net = Precond(**PRESETS[name]).eval()

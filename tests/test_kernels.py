@@ -4,7 +4,6 @@ dispatch, fake implementations, and, on a CUDA machine, the kernels against floa
 ``gpu`` mark (``pytest -m gpu`` runs them alone, as ``make gpu-check`` does) and need nothing from
 ``../shared``."""
 
-import math
 
 import pytest
 import torch
@@ -261,16 +260,6 @@ def test_gpu_guided_step(cuda, dtype, n, guide):
         assert _within(out, want, ref_out, dtype, scale)
 
 
-def attention64(qkv, heads):
-    n, c3, h, w = qkv.shape
-    y = qkv.double().reshape(n, heads, -1, 3, h * w)
-    d = y.shape[2]
-    y = y / (1e-4 + y.norm(dim=2, keepdim=True) / math.sqrt(d))
-    q, k, v = y.unbind(3)
-    a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(d)).softmax(dim=3)
-    return torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c3 // 3, h, w)
-
-
 ATTENTION_SHAPES = [(2, 64, (8, 8)), (3, 32, (7, 9)), (5, 64, (16, 16)), (1, 128, (1, 63)), (4, 64, (1, 257)),
                     (2, 32, (32, 32)), (3, 128, (10, 13))]  # fmt: skip
 
@@ -286,7 +275,7 @@ def test_gpu_attention(cuda, dtype, tensor_cores, heads, d, hw):
     if tensor_cores and torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("tensor-core kernel needs sm_80+")
     qkv = torch.randn(2, 3 * heads * d, *hw, device="cuda").to(dtype)
-    want = attention64(qkv, heads)
+    want = reference.mp_attention_float64(qkv, heads)
     _poison(((2, heads * d, *hw), dtype))
     got = cuda.mp_attention(qkv, heads, tensor_cores=tensor_cores)
     ref = reference.mp_attention(qkv, heads)

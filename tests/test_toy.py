@@ -153,23 +153,72 @@ def test_evaluate_on_known_distributions():
         toy.evaluate(one, classes="C")
 
 
-def test_experiment_quick_run(tmp_path, capsys):
+def test_experiment_quick_run_over_seeds(tmp_path, capsys):
     from autoguide_fast.cli import main
 
-    assert main(["toy", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["toy", "--quick", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
-    methods = ["ground_truth", "none"] + [f"{k}_w{w}" for k in ("autoguidance", "cfg") for w in (2, 3, 4)]
-    assert list(result["metrics"]) == methods
-    for m in result["metrics"].values():
-        assert set(m) == set(toy.METRICS) and all(np.isfinite(list(m.values())))
+    weights = ("1.5", "2", "2.5", "3", "4")
+    methods = ["ground_truth", "none"] + [f"{k}_w{w}" for k in ("autoguidance", "cfg") for w in weights]
+    assert list(result["metrics"]) == methods and result["seeds"] == 2
+    sets = result["sets"]
+    assert [s["train_seeds"] for s in sets] == [
+        dict(main=0, guide=1, uncond=2),
+        dict(main=10, guide=11, uncond=12),
+    ]
+    for name in methods:
+        for m in toy.METRICS:
+            values = [s["metrics"][name][m] for s in sets]
+            assert all(np.isfinite(values))
+            assert result["metrics"][name][m] == pytest.approx(np.mean(values), rel=1e-12, abs=1e-12)
+            assert result["std"][name][m] == pytest.approx(np.std(values, ddof=1), rel=1e-12, abs=1e-12)
+    # Independent training sets: the same method measures differently on them.
+    assert sets[0]["metrics"]["none"] != sets[1]["metrics"]["none"]
     assert (tmp_path / "figure.png").stat().st_size > 10_000
-    for name in ("main", "guide", "uncond"):
-        assert (tmp_path / f"{name}.safetensors").is_file()
-    assert "| autoguidance_w2 |" in capsys.readouterr().out
+    for k in (0, 1):
+        for name in ("main", "guide", "uncond"):
+            assert (tmp_path / f"set{k}" / f"{name}.safetensors").is_file()
+    table = capsys.readouterr().out
+    assert "| autoguidance_w2 | " in table and " ± " in table  # mean ± std over the two sets
     # A second run reuses the trained models and reproduces the metrics exactly.
-    assert main(["toy", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["toy", "--quick", "--seeds", "2", "--out", str(tmp_path), "--no-progress"]) == 0
     assert "reusing" in capsys.readouterr().out
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == result["metrics"]
+
+
+def test_experiment_single_seed_has_no_deviation(tmp_path, capsys):
+    mean = toy.run(tmp_path, seeds=1, quick=True, progress=False)
+    result = json.loads((tmp_path / "metrics.json").read_text())
+    assert result["metrics"] == mean
+    assert all(v is None for m in result["std"].values() for v in m.values())  # NaN -> null
+    assert " ± " not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seeds", [0, -1, 101, 2.5, True])
+def test_experiment_refuses_bad_seed_counts(tmp_path, seeds):
+    with pytest.raises(ValueError, match="seeds must be an integer in"):
+        toy.run(tmp_path / "x", seeds=seeds, quick=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_mean_std():
+    assert toy.mean_std([1.0, 2.0, 4.0]) == pytest.approx((7 / 3, math.sqrt(7 / 3)))
+    m, s = toy.mean_std([0.5])
+    assert m == 0.5 and s is None
+
+
+def test_train_snapshots_equal_separate_runs():
+    # The learning-rate schedule does not depend on the length: the EMA copied at iteration t
+    # of one run is the model that a run of t iterations returns, bit for bit.
+    snaps = toy.train_snapshots("A", 2, 8, (6, 3), 64, seed=5, ema_stds=(0.05, 0.01, 0.05))
+    assert sorted(snaps) == [(3, 0.01), (3, 0.05), (6, 0.01), (6, 0.05)]
+    for (t, std), net in snaps.items():
+        alone = toy.train("A", 2, 8, t, 64, seed=5, ema_std=std)
+        for a, b in zip(net.state_dict().values(), alone.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(snaps[(3, 0.01)].gain, snaps[(6, 0.01)].gain)
+    with pytest.raises(ValueError, match="iters must be a positive integer"):
+        toy.train_snapshots("A", 2, 8, (0, 3), 64)
 
 
 def test_experiment_refuses_a_file_as_output(tmp_path, capsys):
@@ -193,3 +242,51 @@ def test_toy_models_guide_the_sampler():
     assert not torch.allclose(
         sample(main_net, noise, guidance=Autoguidance(guide, 2.0), sigma_max=5.0, steps=8), base
     )
+
+
+def test_pareto_front_and_margin():
+    from autoguide_fast.toy_search import margin, pareto_front
+
+    pts = [(0.9, 0.9), (0.95, 0.8), (0.85, 0.95), (0.8, 0.8), (0.9, 0.85), (0.95, 0.8)]
+    # (0.8, 0.8) and (0.9, 0.85) are beaten by (0.9, 0.9); the repeated point stays (a tie).
+    assert pareto_front(pts) == [2, 0, 1, 5]
+    assert margin(dict(precision=0.96, knn_recall=0.93)) == pytest.approx(0.0)
+    assert margin(dict(precision=0.90, knn_recall=0.99)) == pytest.approx(-0.05)
+
+
+def test_guide_search_quick(tmp_path):
+    from autoguide_fast import checkpoint
+    from autoguide_fast.toy_search import SearchSpace, search
+
+    space = SearchSpace(capacities=((2, 8), (4, 32)), lengths=(20, 50), ema_stds=(0.010, 0.050),
+                        screen_weights=(2.0,), screen_samples=128, finalists=1, weights=(2.0, 3.0),
+                        intervals=(None, (0.0, 0.5)), samples=256)  # fmt: skip
+    lines = []
+    summary = search(tmp_path, seeds=2, quick=True, space=space, progress=False, log=lines.append)
+    root = tmp_path / "search"
+    assert {"search.json", "search.md", "pareto.png", "cells.json"} <= {p.name for p in root.iterdir()}
+    # Every guide screened on both sets; one finalist, at every weight and interval.
+    assert len(summary["screen"]) == 8 and all(r["sets"] == 2 for r in summary["screen"])
+    final = summary["final"]
+    assert sum(r["method"] == "autoguidance" for r in final) == 4
+    assert sum(r["method"] == "cfg" for r in final) == 4 and sum(r["method"] == "none" for r in final) == 1
+    best = summary["best"]
+    assert best["method"] == "autoguidance" and best["guide"] in summary["finalists"]
+    assert best["margin"] == max(r["margin"] for r in final if r["method"] == "autoguidance")
+    # Rows are means over the sets of the cached per-set cells.
+    cells = json.loads((root / "cells.json").read_text())["cells"]
+    iv = "all" if best["interval"] is None else f"{best['interval'][0]:g}-{best['interval'][1]:g}"
+    per_set = [cells[f"set{k}|autoguidance|{best['guide']}|w{best['weight']:g}|{iv}|n256"] for k in (0, 1)]
+    assert best["mean"]["precision"] == pytest.approx(np.mean([c["precision"] for c in per_set]), abs=1e-12)
+    # The search's 4x32 guide at the recipe's length and EMA is the toy run's guide of that set.
+    run_guide = checkpoint.load_network(tmp_path / "set1" / "guide.safetensors")
+    same = checkpoint.load_network(root / "set1" / "guide-4x32-it50-ema0.01.safetensors")
+    for a, b in zip(run_guide.state_dict().values(), same.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A second search reuses every cell and guide and reports the same numbers.
+    assert sum("trained guides" in line for line in lines) == 4  # 2 capacities x 2 sets
+    n = len(lines)
+    again = search(tmp_path, seeds=2, quick=True, space=space, progress=False, log=lines.append)
+    assert again["final"] == final and again["best"] == best
+    assert not any("trained" in line for line in lines[n:])
+    assert json.loads((root / "cells.json").read_text())["cells"] == cells

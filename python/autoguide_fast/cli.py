@@ -12,7 +12,11 @@ from pathlib import Path
 def _toy(args: argparse.Namespace) -> int:
     from .toy import run
 
-    run(args.out, quick=args.quick, retrain=args.retrain, progress=not args.no_progress)
+    run(args.out, seeds=args.seeds, quick=args.quick, retrain=args.retrain, progress=not args.no_progress)
+    if args.search:
+        from .toy_search import search
+
+        search(args.out, seeds=args.seeds, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
@@ -304,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         "autoguidance, print metrics, write a figure",
     )
     toy.add_argument("--out", default="runs/toy", help="run directory (models are reused from it)")
+    toy.add_argument(
+        "--seeds", type=int, default=3,
+        help="independent training sets (seeds 10k, 10k+1, 10k+2); metrics are mean +- std over them",
+    )  # fmt: skip
+    toy.add_argument(
+        "--search", action="store_true",
+        help="then search guides (capacity, training length, EMA, weight, interval) over the same sets",
+    )  # fmt: skip
     toy.add_argument("--quick", action="store_true", help="tiny sizes, for tests only")
     toy.add_argument(
         "--retrain", action="store_true", help="train the models even if the run directory has them"

@@ -11,11 +11,12 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .checkpoint import (
 )
 from .ema import PowerFunctionEMA
 from .guidance import CFG, Autoguidance
-from .metrics import knn_precision_recall
+from .metrics import knn_precision_recall, knn_radii
 from .networks.toy import ToyModel
 from .sampling import sample
 
@@ -176,21 +177,56 @@ def train(
     Exact-score matching: ``sigma ~ exp(N(P_mean, P_std^2))``, loss
     ``sigma^2 |score_gt - score_model|^2``, Adam (0.9, 0.99), lr ``lr_ref / sqrt(max(t / lr_iter, 1))``.
     """
-    for name, v in (("iters", iters), ("batch_size", batch_size)):
+    models = train_snapshots(
+        classes, num_layers, hidden_dim, (iters,), batch_size, seed, progress, ema_stds=(ema_std,),
+        lr_ref=lr_ref, lr_iter=lr_iter, P_mean=P_mean, P_std=P_std,
+    )  # fmt: skip
+    return models[(iters, float(ema_std))]
+
+
+def train_snapshots(
+    classes: str = "A",
+    num_layers: int = 4,
+    hidden_dim: int = 64,
+    iters: Sequence[int] = (4096,),
+    batch_size: int = 4096,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    ema_stds: Sequence[float] = (0.010,),
+    lr_ref: float = 1e-2,
+    lr_iter: int = 512,
+    P_mean: float = -2.3,
+    P_std: float = 1.5,
+) -> dict[tuple[int, float], ToyModel]:
+    """One training run of :func:`train`, with the EMA of every width in ``ema_stds`` copied at
+    every iteration count in ``iters``: ``{(iters, ema_std): model}``.
+
+    The learning-rate schedule does not depend on the training length, so the EMA copied at
+    iteration ``t`` equals what ``train(..., iters=t, ema_std=...)`` returns, bit for bit: one run
+    gives every training length of a guide search.
+    """
+    try:
+        lengths = sorted({int(t) for t in iters})
+    except (TypeError, ValueError):
+        raise ValueError(f"iters must be positive integers, got {iters!r}") from None
+    for name, v in [("batch_size", batch_size)] + [("iters", t) for t in iters]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    stds = list(dict.fromkeys(float(s) for s in ema_stds))
     gt = ground_truth(classes)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = ToyModel(num_layers=num_layers, hidden_dim=hidden_dim).train()
-    ema = PowerFunctionEMA(net, [ema_std])
+    ema = PowerFunctionEMA(net, stds)
     opt = torch.optim.Adam(net.parameters(), lr=lr_ref, betas=(0.9, 0.99))
-    steps = range(iters)
+    steps = range(lengths[-1])
     if progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc=f"train {classes} {num_layers}x{hidden_dim}", unit="it", leave=False)
+    out: dict[tuple[int, float], ToyModel] = {}
     for it in steps:
         opt.param_groups[0]["lr"] = lr_ref / math.sqrt(max(it / lr_iter, 1))
         sigma = (torch.randn(batch_size, generator=gen) * P_std + P_mean).exp()
@@ -201,7 +237,21 @@ def train(
         loss.backward()
         opt.step()
         ema.update(it + 1, 1)
-    return ema.emas[0]
+        if it + 1 in lengths:
+            for std, copy_from in zip(ema.stds, ema.emas):
+                out[(it + 1, std)] = copy.deepcopy(copy_from)
+    return out
+
+
+_RADII: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _reference_radii(ref: torch.Tensor, k: int) -> torch.Tensor:
+    # k-NN radii of a cached reference set (the same tensor object every call), computed once.
+    key = (id(ref), k)
+    if key not in _RADII:
+        _RADII[key] = knn_radii(ref, k)
+    return _RADII[key]
 
 
 @functools.lru_cache(maxsize=8)
@@ -242,7 +292,7 @@ def evaluate(
     logp, _, comp = gt._eval(samples, 0)
     masses = gt.branch_masses()
     hist = torch.bincount(comp // COMPONENTS_PER_BRANCH, minlength=len(masses)).double() / len(samples)
-    knn_p, knn_r = knn_precision_recall(ref, samples.float(), k=k)
+    knn_p, knn_r = knn_precision_recall(ref, samples.float(), k=k, real_radii=_reference_radii(ref, k))
     return dict(
         precision=float((logp >= threshold).double().mean()),
         knn_precision=knn_p,
@@ -265,28 +315,37 @@ class ToyRecipe:
     num_samples: int = 8192
     steps: int = 32
     sigma_max: float = 5.0
-    weights: tuple[float, ...] = (2.0, 3.0, 4.0)
+    weights: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 QUICK = ToyRecipe(main_iters=200, guide_iters=50, batch_size=512, num_samples=1024, steps=16)
 METRICS = ("precision", "knn_precision", "knn_recall", "mean_logp", "branch_tvd")
+# Training set k uses the seeds SEED_STRIDE * k + (0, 1, 2) for (main, guide, uncond) and samples
+# with SEED_STRIDE * k + 1: set 0 is the single-seed experiment of earlier versions.
+SEED_STRIDE = 10
+MAX_SETS = 100
 
 
 def _method_name(kind: str, w: float) -> str:
     return f"{kind}_w{w:g}"
 
 
-def _models(out: Path, recipe: ToyRecipe, retrain: bool, progress: bool, log: Callable[[str], None]):
+def set_dir(out: str | Path, k: int) -> Path:
+    """Where training set ``k`` of a toy run keeps its models (``main``, ``guide``, ``uncond``)."""
+    return Path(out) / f"set{k}"
+
+
+def _models(out: Path, recipe: ToyRecipe, offset: int, retrain: bool, progress: bool, log):
     spec = {
         "main": ("A", recipe.main_hidden, recipe.main_iters),
         "guide": ("A", recipe.guide_hidden, recipe.guide_iters),
         "uncond": ("AB", recipe.guide_hidden, recipe.guide_iters),
     }
     models, seconds = {}, {}
-    for seed, (name, (classes, hidden, iters)) in enumerate(spec.items()):
+    for i, (name, (classes, hidden, iters)) in enumerate(spec.items()):
         path = out / f"{name}.safetensors"
         want = dict(classes=classes, layers=recipe.num_layers, hidden=hidden, iters=iters,
-                    batch_size=recipe.batch_size, seed=seed)  # fmt: skip
+                    batch_size=recipe.batch_size, seed=offset + i)  # fmt: skip
         if path.is_file() and not retrain and read_metadata(path).get("recipe") == json.dumps(want):
             models[name] = load_network(path)
             seconds[name] = float(read_metadata(path).get("train_seconds", "nan"))
@@ -294,38 +353,91 @@ def _models(out: Path, recipe: ToyRecipe, retrain: bool, progress: bool, log: Ca
             continue
         t0 = time.perf_counter()
         net = train(
-            classes, recipe.num_layers, hidden, iters, recipe.batch_size, seed=seed, progress=progress
+            classes, recipe.num_layers, hidden, iters, recipe.batch_size, seed=offset + i, progress=progress
         )
         seconds[name] = time.perf_counter() - t0
-        log(f"trained {name} ({classes}, {recipe.num_layers}x{hidden}, {iters} it) in {seconds[name]:.1f} s")
+        log(f"trained {path} ({classes}, {recipe.num_layers}x{hidden}, {iters} it, seed {offset + i}) "
+            f"in {seconds[name]:.1f} s")  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
         save_network(net, path, recipe=want, train_seconds=seconds[name])
         models[name] = net
     return models, seconds
 
 
+def load_set(
+    out: str | Path, k: int, *, quick: bool = False, progress: bool = False, log=print
+) -> tuple[dict[str, ToyModel], dict[str, float]]:
+    """The three models of training set ``k`` of the toy run in ``out`` (trained there if missing):
+    ``({"main", "guide", "uncond"}: model, {name: training seconds})``."""
+    recipe = QUICK if quick else ToyRecipe()
+    return _models(set_dir(out, k), recipe, SEED_STRIDE * k, False, progress, log)
+
+
+def initial_noise(n: int, k: int, sigma_max: float) -> torch.Tensor:
+    """Unit noise of training set ``k``: ``n`` samples of the class-A ground truth at ``sigma_max``
+    divided by ``sigma_max`` (the paper starts its toy sampler from the diffused ground truth)."""
+    gen = torch.Generator().manual_seed(SEED_STRIDE * k + 1)
+    return ground_truth("A").sample(n, sigma_max, generator=gen) / sigma_max
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); the deviation is None for a single value."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
+
+
 def run(
     out: str | Path = "runs/toy",
     *,
+    seeds: int = 3,
     quick: bool = False,
     retrain: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, float]]:
-    """The toy experiment: trains (or reuses) the main model, the autoguidance guide and the
-    unconditional CFG guide in ``out``, samples every method from the class-A ground truth at
-    ``sigma_max``, writes ``metrics.json`` and ``figure.png`` and returns the metrics."""
+    """The toy experiment over ``seeds`` independent training sets: trains (or reuses) the main
+    model, the autoguidance guide and the unconditional CFG guide of every set in ``out/set<k>``
+    (seeds ``10 k``, ``10 k + 1``, ``10 k + 2``), samples every method from the class-A ground
+    truth at ``sigma_max`` (noise seed ``10 k + 1``), and writes ``metrics.json`` (every set's
+    metrics, their mean and standard deviation over sets) and ``figure.png`` (set 0's samples,
+    metric-vs-weight curves with +-1 std bands). Returns the mean metrics per method."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SETS:
+        raise ValueError(f"seeds must be an integer in [1, {MAX_SETS}] (training sets), got {seeds!r}")
     recipe = QUICK if quick else ToyRecipe()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
-    models, seconds = _models(out, recipe, retrain, progress, log)
+    sets, first = [], None
+    for k in range(seeds):
+        offset = SEED_STRIDE * k
+        models, seconds = _models(set_dir(out, k), recipe, offset, retrain, progress, log)
+        t0 = time.perf_counter()
+        methods = _sample_methods(models, recipe, k, progress)
+        metrics = {name: evaluate(x) for name, x in methods.items()}
+        log(f"set {k}: sampled and evaluated {len(methods)} methods in {time.perf_counter() - t0:.1f} s")
+        first = first or methods
+        sets.append(dict(set=k, train_seeds=dict(main=offset, guide=offset + 1, uncond=offset + 2),
+                         noise_seed=offset + 1, train_seconds=seconds, metrics=metrics))  # fmt: skip
+    names = list(sets[0]["metrics"])
+    stats = {n: {m: mean_std([s["metrics"][n][m] for s in sets]) for m in METRICS} for n in names}
+    mean = {n: {m: v[0] for m, v in ms.items()} for n, ms in stats.items()}
+    std = {n: {m: v[1] for m, v in ms.items()} for n, ms in stats.items()}
+    result = dict(recipe=asdict(recipe), seeds=seeds, metrics=mean, std=std, sets=sets)
+    atomic_write_bytes(out / "metrics.json", (strict_json(result, indent=2) + "\n").encode())
+    plot(first, out / "figure.png", mean=mean, std=std if seeds > 1 else None, seeds=seeds)
+    log(format_table(mean, std if seeds > 1 else None))
+    total = sum(sum(s["train_seconds"].values()) for s in sets)
+    log(f"training time: {total:.1f} s over {seeds} set(s) (set 0: "
+        f"{', '.join(f'{k} {v:.1f} s' for k, v in sets[0]['train_seconds'].items())})")  # fmt: skip
+    log(f"wrote {out / 'metrics.json'} and {out / 'figure.png'}")
+    return mean
 
-    gt = ground_truth("A")
-    gen = torch.Generator().manual_seed(1)
-    x_init = gt.sample(recipe.num_samples, recipe.sigma_max, generator=gen)
-    noise = x_init / recipe.sigma_max
-    methods: dict[str, torch.Tensor] = {"ground_truth": gt.sample(recipe.num_samples, 0, generator=gen)}
+
+def _sample_methods(models, recipe: ToyRecipe, k: int, progress: bool) -> dict[str, torch.Tensor]:
+    noise = initial_noise(recipe.num_samples, k, recipe.sigma_max)
+    gen = torch.Generator().manual_seed(SEED_STRIDE * k + 2)
+    methods: dict[str, torch.Tensor] = {"ground_truth": ground_truth("A").sample(recipe.num_samples, 0, gen)}
     runs = [("none", None)]
     for kind, cls, guide in (("autoguidance", Autoguidance, "guide"), ("cfg", CFG, "uncond")):
         runs += [(_method_name(kind, w), cls(models[guide], w)) for w in recipe.weights]
@@ -334,36 +446,48 @@ def run(
             models["main"], noise, guidance=guidance, steps=recipe.steps, sigma_max=recipe.sigma_max,
             progress=progress,
         )  # fmt: skip
-    metrics = {name: evaluate(x) for name, x in methods.items()}
-    result = dict(recipe=asdict(recipe), train_seconds=seconds, metrics=metrics)
-    atomic_write_bytes(out / "metrics.json", (strict_json(result, indent=2) + "\n").encode())
-    plot(methods, out / "figure.png", weight=recipe.weights[0])
-    log(format_table(metrics))
-    log(
-        f"training time: {sum(seconds.values()):.1f} s "
-        f"({', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())})"
-    )
-    log(f"wrote {out / 'metrics.json'} and {out / 'figure.png'}")
-    return metrics
+    return methods
 
 
-def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """Markdown table of :func:`evaluate` results, one row per method."""
+def format_table(metrics: dict[str, dict[str, float]], std: dict[str, dict[str, float]] | None = None) -> str:
+    """Markdown table of :func:`evaluate` results, one row per method (``mean ± std`` when
+    ``std`` is given)."""
     lines = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
     for name, m in metrics.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in METRICS) + " |")
+        cells = [f"{m[k]:.3f}" + (f" ± {std[name][k]:.3f}" if std else "") for k in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(methods: dict[str, torch.Tensor], path: str | Path, weight: float = 2.0) -> None:
+PLOT_WEIGHTS = (2.0, 3.0, 4.0)
+CURVES = (
+    ("precision", "precision (higher is better)"),
+    ("knn_precision", "k-NN precision"),
+    ("knn_recall", "k-NN recall (higher is better)"),
+    ("branch_tvd", "branch TVD (lower is better)"),
+)
+
+
+def plot(
+    methods: dict[str, torch.Tensor],
+    path: str | Path,
+    weight: float = 2.0,
+    *,
+    mean: dict[str, dict[str, float]] | None = None,
+    std: dict[str, dict[str, float]] | None = None,
+    seeds: int = 1,
+) -> None:
     """Figure in the spirit of the paper's Figure 1: samples of the ground truth, no guidance,
-    CFG and autoguidance (rows: each guidance weight) over the class-A outline."""
+    CFG and autoguidance (rows: guidance weights 2, 3, 4 where sampled) over the class-A
+    outline; with ``mean`` (and ``std``), a third column of metric-vs-weight curves (bands: +-1
+    standard deviation over ``seeds`` training sets; weight 1 is no guidance)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    weights = sorted({float(n.rsplit("_w", 1)[1]) for n in methods if n.startswith("cfg_w")}) or [weight]
+    sampled = sorted({float(n.rsplit("_w", 1)[1]) for n in methods if n.startswith("cfg_w")})
+    weights = [w for w in sampled if w in PLOT_WEIGHTS] or sampled[:3] or [weight]
     gt = ground_truth("A")
     lo, hi = (gt.mu.min(0).values - 0.12).tolist(), (gt.mu.max(0).values + 0.12).tolist()
     grid = [torch.linspace(lo[d], hi[d], 300, dtype=torch.float64) for d in range(2)]
@@ -380,9 +504,13 @@ def plot(methods: dict[str, torch.Tensor], path: str | Path, weight: float = 2.0
                 (_method_name("autoguidance", w), f"autoguidance w={w:g}"),
             ]
         )
-    fig, axes = plt.subplots(len(panels), 2, figsize=(8, 4 * len(panels)), squeeze=False)
+    rows, cols = max(len(panels), len(CURVES) if mean else 0), 3 if mean else 2
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
     for row, pair in zip(axes, panels):
         for ax, (key, title) in zip(row, pair):
+            ax.set_visible(True)
             ax.imshow(
                 density.numpy(), extent=(lo[0], hi[0], lo[1], hi[1]), origin="lower", cmap="Greys", alpha=0.35
             )
@@ -398,8 +526,32 @@ def plot(methods: dict[str, torch.Tensor], path: str | Path, weight: float = 2.0
             ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle("2D toy (class A): samples over the ground-truth outline (1% log-density quantile)")
+    if mean:
+        for ax, (metric, title) in zip(axes[:, 2], CURVES):
+            ax.set_visible(True)
+            _curves(ax, metric, mean, std, sampled)
+            ax.set_title(title)
+        axes[0, 2].legend(fontsize=8)
+    bands = f"; curves: mean and +-1 std over {seeds} training seeds" if mean and seeds > 1 else ""
+    fig.suptitle(f"2D toy (class A): samples over the ground-truth outline (1% log-density quantile){bands}")
     fig.tight_layout(rect=(0, 0, 1, 0.985))
     with atomic_path(path) as tmp:  # the temporary ends in .tmp: name the format
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)
     plt.close(fig)
+
+
+def _curves(ax, metric: str, mean, std, weights: list[float]) -> None:
+    # Metric vs weight for CFG and autoguidance (weight 1 = no guidance), bands of +-1 std.
+    for kind, color in (("autoguidance", "tab:red"), ("cfg", "tab:blue")):
+        names = ["none"] + [_method_name(kind, w) for w in weights]
+        ws = np.array([1.0] + list(weights))
+        m = np.array([mean[n][metric] for n in names])
+        ax.plot(ws, m, "o-", color=color, label="CFG" if kind == "cfg" else kind, ms=3)
+        if std:
+            s = np.array([std[n][metric] for n in names], dtype=np.float64)
+            if np.isfinite(s).all():
+                ax.fill_between(ws, m - s, m + s, color=color, alpha=0.2, linewidth=0)
+    ref = mean["ground_truth"][metric]
+    ax.axhline(ref, color="k", lw=0.8, ls="--", label="ground truth")
+    ax.set_xlabel("guidance weight")
+    ax.grid(alpha=0.3)

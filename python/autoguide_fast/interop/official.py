@@ -116,7 +116,9 @@ def _rebuild_tensor(storage, offset, size, stride, *_rest) -> torch.Tensor:
         raise pickle.UnpicklingError("tensor with malformed offset, size or stride")
     dtype, storage = storage
     if dtype is None and len(_rest) >= 3 and isinstance(_rest[2], torch.dtype):
-        dtype = _rest[2]  # _rebuild_tensor_v3 names it
+        # _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, ...): the
+        # dtype is its 7th argument, for a storage that carries none (an untyped one).
+        dtype = _rest[2]
     if dtype is None:
         raise pickle.UnpicklingError("tensor of unknown dtype")
     return torch.empty((0,), dtype=dtype).set_(storage, offset, size, stride)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..networks.mp import normalize
 
-__all__ = ["guided_euler", "guided_heun", "guided_denoised", "mp_attention"]
+__all__ = ["guided_euler", "guided_heun", "guided_denoised", "mp_attention", "mp_attention_float64"]
 
 
 def guided_denoised(d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float) -> torch.Tensor:
@@ -39,3 +41,15 @@ def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2)
     )
     return out.transpose(-1, -2).reshape(n, c3 // 3, h, w)
+
+
+def mp_attention_float64(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """:func:`mp_attention` in float64, written out with einsum (no fused path): the yardstick the
+    kernels' tests and benchmarks measure every attention path against. Returns float64."""
+    n, c3, h, w = qkv.shape
+    y = qkv.double().reshape(n, num_heads, -1, 3, h * w)
+    d = y.shape[2]
+    y = y / (1e-4 + y.norm(dim=2, keepdim=True) / math.sqrt(d))
+    q, k, v = y.unbind(3)
+    a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(d)).softmax(dim=3)
+    return torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c3 // 3, h, w)

@@ -288,9 +288,10 @@ PRESETS: dict[str, dict] = {
         for k, c in dict(xxs=64, xs=128, s=192, m=256, l=320, xl=384, xxl=448).items()
     },
     **{f"edm2-img64-{k}": _img64(c) for k, c in dict(xs=128, s=192, m=256, l=320, xl=384).items()},
-    # 8x8 images (e.g. the digits set), 10 classes: 4.0 M parameters and a 0.7 M guide.
+    # 8x8 images (e.g. the digits set), 10 classes: 4.0 M parameters and guides of 0.7 M and 0.2 M.
     "digits-s": _small(8, 1, model_channels=64, channel_mult=[1, 2], num_blocks=2, attn_resolutions=[4]),
     "digits-xs": _small(8, 1, model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
+    "digits-xxs": _small(8, 1, model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4]),
     # 32x32 RGB images, 10 classes: 6.8 M and 1.2 M parameters.
     "img32-s": _small(32, 3, model_channels=64, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[8]),
     "img32-xs": _small(32, 3, model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8]),
