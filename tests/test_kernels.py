@@ -4,7 +4,6 @@ dispatch, fake implementations, and, on a CUDA machine, the kernels against floa
 ``gpu`` mark (``pytest -m gpu`` runs them alone, as ``make gpu-check`` does) and need nothing from
 ``../shared``."""
 
-
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
-"""Guidance experiments on the embedded digits set: the digits experiment (no guidance, CFG,
-CFG with a guidance interval, autoguidance over a grid of weights) and the guidance sweep
-(guide weight x EMA lengths, resumable)."""
+"""Guidance experiments: the digits experiment on the embedded digits set (no guidance, CFG, CFG
+with a guidance interval, autoguidance over a grid of weights), the guidance sweep over snapshots
+(guide weight x EMA lengths, resumable) and the sweep over any denoisers (guides x weights with
+the caller's metric, resumable)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,20 @@ from .checkpoint import atomic_path, atomic_write_bytes, load_network, strict_js
 from .generation import Batch, generate
 from .guidance import CFG, Autoguidance
 
-__all__ = ["MAX_WEIGHTS", "digits_experiment", "evaluate_guidance", "parse_weights", "sweep"]
+__all__ = [
+    "MAX_WEIGHTS",
+    "digits_experiment",
+    "evaluate_guidance",
+    "parse_weights",
+    "sweep",
+    "sweep_denoisers",
+]
 
 
-def _samples(net, guidance, seeds, steps) -> Batch:
-    batches = list(generate(net, seeds, guidance=guidance, batch=500, steps=steps, device="cpu"))
+def _samples(net, guidance, seeds, steps, **options) -> Batch:
+    # All of seeds' images in one Batch; options go to generate (default: batches of 500 on the CPU).
+    options = {"batch": 500, "device": "cpu", **options}
+    batches = list(generate(net, seeds, guidance=guidance, steps=steps, **options))
     classes = None if batches[0].classes is None else torch.cat([b.classes for b in batches])
     return Batch(sum((b.seeds for b in batches), []), torch.cat([b.images for b in batches]), classes)
 
@@ -251,33 +262,19 @@ def _read_cells(path: Path, log) -> dict:
     return doc["cells"]
 
 
-def sweep(
-    main: str | os.PathLike,
-    guide: str | os.PathLike,
-    weights: str | Sequence[float],
-    out: str | os.PathLike,
-    *,
-    ema_main: Sequence[float] | None = None,
-    ema_guide: Sequence[float] | None = None,
-    seeds: Sequence[int] = range(500),
-    steps: int = 16,
-    metric: str = "fd_digits",
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Evaluates autoguidance for every (main EMA, guide EMA, weight) with a fixed seed set.
-    ``main``/``guide`` are snapshot files or run directories; with EMA lengths given, run
-    directories are reconstructed post hoc. Finished cells are kept in ``cells.json``, keyed on
-    everything that determines them (the models' files, EMA length, weight, seeds, steps, metric,
-    package version): a cell computed under other settings is recomputed, never reused. Every
-    argument is checked before ``out`` is created. Writes ``table.md`` and ``heatmap.png``;
-    returns the best setting."""
-    from . import __version__
-    from .checkpoint import remove_stale_temporaries
-    from .generation import compact_seeds
+def _write_cells(path: Path, cells: dict) -> None:
+    doc = dict(format=_CELLS_FORMAT, cells=cells)
+    atomic_write_bytes(path, (strict_json(doc, indent=1) + "\n").encode())
 
-    # Every argument is checked before anything is created on disk.
-    if metric != "fd_digits":
-        raise ValueError(f"metric must be 'fd_digits' (the digits feature space), got {metric!r}")
+
+def _cell_key(settings: dict) -> str:
+    # A cell is keyed on everything that determines its numbers.
+    return hashlib.sha256(strict_json(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _checked_grid(weights, seeds, steps, out) -> tuple[list[float], list[int], Path]:
+    """A sweep's weights, seeds, step count and output directory, checked before anything is
+    created: (weights, seeds, out)."""
     if isinstance(weights, str):
         ws = parse_weights(weights)
     else:
@@ -298,17 +295,47 @@ def sweep(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory, got the file {out}")
+    return ws, seeds, out
+
+
+def sweep(
+    main: str | os.PathLike,
+    guide: str | os.PathLike,
+    weights: str | Sequence[float],
+    out: str | os.PathLike,
+    *,
+    ema_main: Sequence[float] | None = None,
+    ema_guide: Sequence[float] | None = None,
+    seeds: Sequence[int] = range(500),
+    steps: int = 16,
+    metric: str = "fd_digits",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Evaluates autoguidance for every (main EMA, guide EMA, weight) with a fixed seed set.
+    ``main``/``guide`` are snapshot files or run directories; with EMA lengths given, run
+    directories are reconstructed post hoc. Finished cells are kept in ``cells.json``, keyed on
+    everything that determines them (the models' files, EMA length, weight, seeds, steps, metric,
+    package version): a cell computed under other settings is recomputed, never reused. Every
+    argument is checked before ``out`` is created. Writes ``table.md`` and ``heatmap.png``;
+    returns the best setting. For in-memory models (diffusers UNets) and other metrics see
+    :func:`sweep_denoisers`."""
+    from . import __version__
+    from .checkpoint import remove_stale_temporaries
+    from .generation import compact_seeds
+
+    # Every argument is checked before anything is created on disk.
+    if metric != "fd_digits":
+        raise ValueError(f"metric must be 'fd_digits' (the digits feature space), got {metric!r}")
+    ws, seeds, out = _checked_grid(weights, seeds, steps, out)
     main, main_stds, main_id = _source(main, ema_main, "main")
     guide, guide_stds, guide_id = _source(guide, ema_guide, "guide")
 
-    # A cell is keyed on everything that determines its numbers; cells of other settings stay in
-    # the file but are neither returned nor shown.
+    # Cells of other settings stay in the file but are neither returned nor shown.
     common = dict(main=main_id, guide=guide_id, seeds=compact_seeds(seeds), steps=steps, metric=metric,
                   version=__version__)  # fmt: skip
 
     def key(em, eg, w) -> str:
-        settings = dict(common, ema_main=em, ema_guide=eg, weight=w)
-        return hashlib.sha256(strict_json(settings, sort_keys=True).encode()).hexdigest()[:24]
+        return _cell_key(dict(common, ema_main=em, ema_guide=eg, weight=w))
 
     plan = [(em, eg, w, key(em, eg, w)) for em in main_stds for eg in guide_stds for w in ws]
     out.mkdir(parents=True, exist_ok=True)
@@ -329,8 +356,7 @@ def sweep(
                 for w, k in pending:
                     m, _ = evaluate_guidance(net, Autoguidance(g, w), seeds, steps, ref, classifier)
                     cells[k] = dict(ema_main=em, ema_guide=eg, weight=w, **m)
-                    doc = dict(format=_CELLS_FORMAT, cells=cells)
-                    atomic_write_bytes(cells_path, (strict_json(doc, indent=1) + "\n").encode())
+                    _write_cells(cells_path, cells)
                     log(f"main={em}|guide={eg}|w={w:g}: fd={m['fd']:.3f} precision={m['precision']:.3f} "
                         f"recall={m['recall']:.3f}")  # fmt: skip
     rows = [cells[k] for *_, k in plan]
@@ -346,27 +372,207 @@ def sweep(
             + (f"{c['alignment']:.3f} |" if "alignment" in c else "- |")  # unconditional: no alignment
         )
     atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
-    _heatmap(rows, ws, out / "heatmap.png")
+    pairs = sorted({(str(r["ema_main"]), str(r["ema_guide"])) for r in rows})
+    values = {(f"main {r['ema_main']} / guide {r['ema_guide']}", r["weight"]): r["fd"] for r in rows}
+    _heatmap(values, [f"main {a} / guide {b}" for a, b in pairs], ws, out / "heatmap.png", "FD_digits")
     log(f"best: {best}")
     return best
 
 
-def _heatmap(rows, ws, path):
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _metric_values(metric, images, classes, objective) -> dict[str, float]:
+    values = metric(images, classes)
+    if not isinstance(values, Mapping) or not all(isinstance(k, str) for k in values):
+        raise TypeError(f"metric must return a dict of {{name: number}}, got {type(values).__name__}")
+    try:
+        values = {k: float(v) for k, v in values.items()}
+    except (TypeError, ValueError):
+        raise TypeError(f"metric must return a dict of {{name: number}}, got {values!r}") from None
+    if objective not in values:
+        raise ValueError(f"objective {objective!r} is not among the metric's values {sorted(values)}")
+    return values
+
+
+def sweep_denoisers(
+    main,
+    guides: Mapping[str, object],
+    weights: str | Sequence[float],
+    seeds: Sequence[int],
+    out: str | os.PathLike,
+    *,
+    identity=None,
+    metric: Callable[[torch.Tensor, torch.Tensor | None], Mapping[str, float]] | None = None,
+    objective: str = "fd",
+    minimize: bool = True,
+    steps: int = 32,
+    batch: int = 16,
+    class_idx: int | None = None,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    vae: str | os.PathLike | torch.nn.Module | None = None,
+    device: torch.device | str | None = None,
+    thumbnails: int = 8,
+    log: Callable[[str], None] = print,
+) -> dict | None:
+    """Autoguidance of ``main`` by every guide at every weight, with one seed set: which guide and
+    which weight. Any denoisers ``generate`` takes (the package's networks, diffusers UNets
+    through :func:`autoguide_fast.adapters.diffusers.denoiser`); one process.
+
+    Each cell (guide, weight) is generated with :func:`autoguide_fast.generation.generate` (the
+    same seeds, hence the same noise, for every cell), scored by ``metric`` and kept in
+    ``out/cells.json`` with a grid of its first images (``out/grids/``). A cell is reused when a
+    later call has the same settings: it is keyed on the guide's NAME, the weight, the seeds, the
+    sampler settings, the metric's name, the package version and ``identity``. In-memory models
+    are known only by the names given here and by ``identity``: change a name or ``identity``
+    (e.g. the checkpoints' paths and the prompt) whenever the models or their conditioning change,
+    or cells of the old models are reused. Every argument is checked before ``out`` is created.
+    Writes ``table.md`` (every cell), ``contact_sheet.png`` (one grid per cell, guides by rows,
+    weights by columns) and, with a metric, ``heatmap.png``.
+
+    Args:
+        main: the main model (D1).
+        guides: {name: guide model (D0)}; names are file-name safe (letters, digits, ``._-``,
+            at most 64). The paper's guide: a smaller and/or shorter-trained model of the same
+            family with the same conditioning.
+        weights: guidance weights, ``"lo:hi:step"``, ``"w1,w2"`` or numbers (1 = no guidance).
+        seeds: distinct seeds, one image each.
+        out: output directory (created).
+        identity: JSON data identifying the models and their conditioning (see above).
+        metric: ``metric(images, classes) -> {name: number}`` over all of a cell's images (uint8
+            [N, C, H, W]) and classes ([N] or None), e.g. an FID against the user's reference
+            set; None: no scores, only grids and the table (nothing is "best").
+        objective, minimize: the metric value that picks the best cell, and its direction.
+        steps, batch, class_idx, sigma_min, sigma_max, rho, vae, device: as in ``generate``
+            (a VAE folder is loaded once).
+        thumbnails: images per cell grid (the first seeds).
+        log: progress lines.
+
+    Returns:
+        The best cell ``{"guide", "weight", "grid", **metric values}``, or None without a metric.
+    """
+    from . import __version__
+    from .checkpoint import remove_stale_temporaries
+    from .generation import compact_seeds, save_grid
+    from .sampling import sigma_range
+
+    # Every argument is checked before anything is created on disk.
+    if not isinstance(guides, Mapping) or not guides:
+        raise TypeError(f"guides must be a non-empty mapping {{name: denoiser}}, got {guides!r}")
+    for name, g in guides.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(
+                f"guides: name {name!r} must be 1-64 letters, digits, '.', '_' or '-' (it names files)"
+            )
+        if g is None or not callable(g):
+            raise TypeError(f"guides[{name!r}] must be a denoiser, got {type(g).__name__}")
+    ws, seeds, out = _checked_grid(weights, seeds, steps, out)
+    if metric is not None and not callable(metric):
+        raise TypeError(f"metric must be None or a callable (images, classes) -> dict, got {metric!r}")
+    if not isinstance(objective, str) or not objective:
+        raise ValueError(f"objective must be the name of a metric value, got {objective!r}")
+    if not isinstance(minimize, bool):
+        raise TypeError(f"minimize must be True or False, got {minimize!r}")
+    if isinstance(thumbnails, bool) or not isinstance(thumbnails, int) or thumbnails < 1:
+        raise ValueError(f"thumbnails must be a positive integer, got {thumbnails!r}")
+    try:
+        identity_json = json.loads(strict_json(identity, sort_keys=True))
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"identity must be JSON data (str, numbers, lists, dicts), got {identity!r}"
+        ) from None
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError("sweep_denoisers runs in one process (the metric needs every image of a cell)")
+    if isinstance(vae, (str, os.PathLike)):
+        from .interop.vae import load_vae
+
+        vae = load_vae(vae, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    options = dict(batch=batch, class_idx=class_idx, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                   vae=vae, device=device)  # fmt: skip
+    for g in guides.values():  # generate checks models, options and VAE before it yields anything
+        generate(main, seeds, guidance=Autoguidance(g, ws[0]), steps=steps, **options)
+    sigma_min, sigma_max = sigma_range(main, sigma_min, sigma_max)
+    metric_name = None if metric is None else f"{metric.__module__}.{getattr(metric, '__qualname__', '?')}"
+    common = dict(kind="denoisers", identity=identity_json, seeds=compact_seeds(seeds), steps=steps,
+                  class_idx=class_idx, sigma_min=sigma_min, sigma_max=sigma_max, rho=float(rho),
+                  metric=metric_name, version=__version__)  # fmt: skip
+    plan = [(name, w, _cell_key(dict(common, guide=name, weight=w))) for name in guides for w in ws]
+
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    cells_path = out / "cells.json"
+    cells = _read_cells(cells_path, log)
+    for name, w, k in plan:
+        if k in cells and (out / str(cells[k].get("grid", ""))).is_file():
+            continue
+        b = _samples(main, Autoguidance(guides[name], w), seeds, steps, **options)
+        grid = f"grids/{name}_w{w:g}_{k[:8]}.png"
+        save_grid(b.images[:thumbnails], out / grid, columns=min(thumbnails, len(seeds), 4))
+        values = {} if metric is None else _metric_values(metric, b.images, b.classes, objective)
+        cells[k] = dict(guide=name, weight=w, grid=grid, **values)
+        _write_cells(cells_path, cells)
+        log(f"guide={name} w={w:g}: " + (" ".join(f"{m}={v:.4g}" for m, v in values.items()) or grid))
+    rows = [cells[k] for *_, k in plan]
+    keys = list(dict.fromkeys(m for r in rows for m in r if m not in ("guide", "weight", "grid")))
+    lines = [
+        "| guide | weight | " + "".join(f"{m} | " for m in keys) + "grid |",
+        "|---" * (len(keys) + 3) + "|",
+    ]
+    for r in rows:
+        values = "".join("- | " if r.get(m) is None else f"{r[m]:.4g} | " for m in keys)
+        lines.append(f"| {r['guide']} | {r['weight']:g} | {values}{r['grid']} |")
+    atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
+    _contact_sheet(rows, list(guides), ws, out, objective if metric is not None else None)
+    scored = [r for r in rows if isinstance(r.get(objective), float) and math.isfinite(r[objective])]
+    if metric is None or not scored:
+        return None
+    values = {(r["guide"], r["weight"]): r[objective] for r in rows}
+    _heatmap(values, list(guides), ws, out / "heatmap.png", objective)
+    best = (min if minimize else max)(scored, key=lambda r: r[objective])
+    log(f"best: guide={best['guide']} w={best['weight']:g} {objective}={best[objective]:.4g}")
+    return best
+
+
+def _contact_sheet(rows, names, ws, out: Path, objective):
+    # One panel per cell: guides by rows, weights by columns, each the cell's grid PNG.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = sorted({(str(r["ema_main"]), str(r["ema_guide"])) for r in rows})
-    grid = np.full((len(pairs), len(ws)), np.nan)
+    fig, axes = plt.subplots(len(names), len(ws), figsize=(2.4 * len(ws) + 0.4, 2.2 * len(names) + 0.4),
+                             squeeze=False)  # fmt: skip
     for r in rows:
-        grid[pairs.index((str(r["ema_main"]), str(r["ema_guide"]))), ws.index(r["weight"])] = r["fd"]
-    fig, ax = plt.subplots(figsize=(1.2 * len(ws) + 3, 0.6 * len(pairs) + 2))
+        ax = axes[names.index(r["guide"]), ws.index(r["weight"])]
+        ax.imshow(plt.imread(out / r["grid"]), cmap="gray")
+        score = r.get(objective) if objective else None
+        title = f"{r['guide']} w={r['weight']:g}" + ("" if score is None else f"\n{objective}={score:.4g}")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(out / "contact_sheet.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label: str):
+    # values: {(row name, weight): number or None}; rows in the order of names, columns of ws.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = np.full((len(names), len(ws)), np.nan)
+    for (name, w), v in values.items():
+        grid[names.index(name), ws.index(w)] = np.nan if v is None else v
+    fig, ax = plt.subplots(figsize=(1.2 * len(ws) + 3, 0.6 * len(names) + 2))
     im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(ws)), [f"{w:g}" for w in ws])
-    ax.set_yticks(range(len(pairs)), [f"main {a} / guide {b}" for a, b in pairs])
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("guidance weight")
-    for i in range(len(pairs)):
+    for i in range(len(names)):
         for j in range(len(ws)):
             if not np.isnan(grid[i, j]):
                 light = grid[i, j] < np.nanmin(grid) + 0.5 * (np.nanmax(grid) - np.nanmin(grid))
@@ -379,7 +585,7 @@ def _heatmap(rows, ws, path):
                     color="k" if light else "w",
                     fontsize=8,
                 )
-    fig.colorbar(im, label="FD_digits")
+    fig.colorbar(im, label=label)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

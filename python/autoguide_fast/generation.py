@@ -1,5 +1,8 @@
-"""Seeded image generation at scale: every image depends only on its seed and the settings,
-never on the batch size or the number of processes (``torchrun`` shards the seeds)."""
+"""Seeded image generation at scale: every image's noise, class and churn noise depend only on
+its seed and the settings, never on the batch size or the number of processes (``torchrun``
+shards the seeds). The images themselves are equal across batch sizes up to the network's own
+arithmetic: where a backend rounds a batched matrix product differently for another batch size
+(torch's CPU GEMMs do, for some diffusers UNets), a pixel may move by one level."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import _core
 from .guidance import Guidance
 from .sampling import PerSampleRNG, sample
 
@@ -97,8 +101,8 @@ def generate(
     class_idx: int | None = None,
     batch: int = 64,
     steps: int = 32,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
     rho: float = 7.0,
     churn: float = 0.0,
     churn_min: float = 0.0,
@@ -114,12 +118,33 @@ def generate(
     ``class_idx`` fixes it), then the churn noise come from one generator seeded with it, so images
     do not depend on batching and equal the official ones for the same network and seeds.
 
+    ``net`` is an image model: it has ``img_channels`` and ``img_resolution`` (square samples), and
+    optionally ``label_dim`` (a class per seed is drawn and passed as one-hot labels) and
+    ``encoder`` (how samples become pixels). The package's networks and
+    :func:`autoguide_fast.adapters.diffusers.denoiser` (diffusers UNets) are.
+
     Args:
+        net: the main model. Conditioning a diffusers denoiser carries (prompt embeddings) must
+            have a batch of 1, shared by every seed: seeds are sampled in chunks of ``batch``.
+        seeds: one image per seed.
+        guidance: None, ``Autoguidance(guide, w)``, ``CFG(uncond, w)`` or ``Combined(...)``.
+        class_idx: a fixed class for every image (conditional models); None draws one per seed.
+        batch: seeds per sampler call (images do not depend on it).
+        steps, rho: the EDM schedule.
+        sigma_min, sigma_max: None: EDM's 0.002 / 80 limited to the range ``net`` declares
+            (a diffusers denoiser's training grid; see :func:`autoguide_fast.sampling.sigma_range`).
         churn, churn_min, churn_max, churn_noise: EDM's S_churn, S_min, S_max and S_noise.
-        vae: for a latent network (encoder ``stability_vae``): the VAE folder (diffusers
-            ``save_pretrained`` layout) or a loaded ``AutoencoderKL``.
+        vae: for a latent network: the VAE folder (diffusers ``save_pretrained`` layout, e.g. a
+            pipeline's ``vae/``) or a loaded ``AutoencoderKL`` (``pipe.vae``). Encoder
+            ``stability_vae`` (EDM2 latent models) decodes as the official code, ``diffusers_vae``
+            (diffusers latent UNets) as the diffusers pipelines.
+        device: where noise and samples live (default: CUDA when available).
+        progress: a progress bar over the batches (rank 0).
+
+    Yields:
+        :class:`Batch` per chunk of seeds: uint8 images [B, C, H, W].
     """
-    from .sampling import MAX_STEPS, _check_models
+    from .sampling import MAX_STEPS, _check_models, sigma_range
 
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
@@ -136,7 +161,13 @@ def generate(
     dummy = torch.empty(1, *shape, device="meta")
     _check_models(net, dummy, dummy.new_empty(1, label_dim) if label_dim else None, guidance)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = list(seeds)[rank::world]
+    seeds = list(seeds)
+    _check_conditioning_batch(net, guidance, len(seeds), batch, world)
+    sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
+    # The schedule is checked here (a ValueError naming the bad value) before any work.
+    _core.step_plan(steps, sigma_min, sigma_max, float(rho), float(churn), float(churn_min),
+                    float(churn_max), 0.0, math.inf)  # fmt: skip
+    mine = seeds[rank::world]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     decode = _decoder(net, vae, device)
     chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
@@ -146,6 +177,28 @@ def generate(
     # such as write_outputs creates anything).
     return _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device,
                     progress and rank == 0)  # fmt: skip
+
+
+def _check_conditioning_batch(net, guidance, n_seeds: int, batch: int, world: int) -> None:
+    """Per-sample conditioning rows (a diffusers denoiser's ``conditioning_batch`` B > 1) go to the
+    samples of one sampler call in order; generate's chunks of ``batch`` seeds (and torchrun's
+    shards) would pair rows with seeds by position in the chunk, so only B == every seed in one
+    chunk is meaningful."""
+    models = [("net", net)]
+    if guidance is not None:
+        models += [
+            ("guidance's guide", guidance.guide),
+            ("guidance's uncond", getattr(guidance, "uncond", None)),
+        ]
+    for role, m in models:
+        b = getattr(m, "conditioning_batch", 1)
+        if b != 1 and not (world == 1 and b == n_seeds and batch >= b):
+            raise ValueError(
+                f"{role} carries per-sample conditioning of batch {b}, but generate samples {n_seeds} "
+                f"seeds in chunks of batch={batch} ({world} process(es)); give it a batch of 1 "
+                f"(shared by every seed), or exactly {b} seeds with batch >= {b}, or call sample() "
+                "with your own noise"
+            )
 
 
 def _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device, progress):

@@ -17,7 +17,7 @@ from . import _core, kernels
 from ._core import AutoguideError
 from .guidance import CFG, Denoiser, Guidance
 
-__all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "step_plan"]
+__all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "sigma_range", "step_plan"]
 
 edm_sigmas = _core.edm_sigmas
 step_plan = _core.step_plan
@@ -125,10 +125,40 @@ def _check_inputs(noise, labels, guidance, generator):
 
 MAX_STEPS = 1_000_000  # the Rust core refuses more (schedule::MAX_STEPS)
 
+# EDM's schedule ends (Karras et al. 2022, Table 1), used where a model declares no range.
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
+
+
+def _declared(value) -> float | None:
+    # A declared range end is a real number (bool is not); anything else is not a declaration.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def sigma_range(net, sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[float, float]:
+    """The schedule's ends for ``net``: explicit values as given; for None, EDM's 0.002 / 80
+    limited to the range the model declares with the float attributes ``sigma_min`` /
+    ``sigma_max``, i.e. ``max(0.002, net.sigma_min)`` and ``min(80, net.sigma_max)`` (the rule of
+    EDM's ``generate.py``). A :class:`~autoguide_fast.adapters.diffusers.DiffusersDenoiser`
+    declares its training grid's ends (about 0.0292 / 14.6 for Stable Diffusion's scaled_linear
+    schedule); the package's EDM2 and toy networks declare nothing, so they keep 0.002 / 80."""
+    declared_min, declared_max = (
+        _declared(getattr(net, "sigma_min", None)),
+        _declared(getattr(net, "sigma_max", None)),
+    )
+    if sigma_min is None:
+        sigma_min = EDM_SIGMA_MIN if declared_min is None else max(EDM_SIGMA_MIN, declared_min)
+    if sigma_max is None:
+        sigma_max = EDM_SIGMA_MAX if declared_max is None else min(EDM_SIGMA_MAX, declared_max)
+    return float(sigma_min), float(sigma_max)
+
 
 def _check_models(net, noise, labels, guidance) -> None:
     """What the package's networks declare (label_dim, img_channels, img_resolution) must fit the
-    inputs and each other; other denoisers are taken as they are."""
+    inputs and each other; other denoisers are taken as they are. A model whose resolution is
+    only a default (``img_resolution_fixed = False``, as a diffusers UNet's ``sample_size``) has
+    its channels checked, not its height and width."""
     from .guidance import CFG
 
     label_dim = getattr(net, "label_dim", None)
@@ -154,7 +184,10 @@ def _check_models(net, noise, labels, guidance) -> None:
                 )
     for role, m in roles:
         c, r = getattr(m, "img_channels", None), getattr(m, "img_resolution", None)
-        if c is not None and r is not None and len(shape) == 3 and shape != (c, r, r):
+        if not getattr(m, "img_resolution_fixed", True) and c is not None and len(shape) == 3:
+            if shape[0] != c:
+                raise ValueError(f"noise has {shape[0]} channels per sample, but the {role} makes {c}")
+        elif c is not None and r is not None and len(shape) == 3 and shape != (c, r, r):
             raise ValueError(f"noise has shape {shape} per sample, but the {role} makes {(c, r, r)}")
 
 
@@ -180,8 +213,8 @@ def sample(
     *,
     guidance: Guidance | None = None,
     steps: int = 32,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
     rho: float = 7.0,
     churn: float = 0.0,
     churn_range: tuple[float, float] = (0.0, math.inf),
@@ -198,7 +231,8 @@ def sample(
         labels: None or [N, label_dim] (one-hot or soft), passed to ``net`` (and to an
             autoguidance guide).
         guidance: None, :class:`Autoguidance` or :class:`CFG`.
-        steps, sigma_min, sigma_max, rho: the EDM schedule.
+        steps, sigma_min, sigma_max, rho: the EDM schedule. ``sigma_min`` / ``sigma_max`` None:
+            EDM's 0.002 / 80, limited to the main model's declared range (see :func:`sigma_range`).
         churn, churn_range, churn_noise: EDM's ``S_churn``, ``(S_min, S_max)`` and ``S_noise``.
         generator: source of churn noise: None (global RNG), a ``torch.Generator`` or a
             :class:`PerSampleRNG` (a sample then depends only on its seed).
@@ -219,6 +253,7 @@ def sample(
     except (TypeError, ValueError):
         raise TypeError(f"churn_range must be a pair (S_min, S_max), got {churn_range!r}") from None
     lo, hi = guidance.interval if guidance is not None else (0.0, math.inf)
+    sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
     plan = _core.step_plan(
         int(steps), float(sigma_min), float(sigma_max), float(rho), float(churn), churn_min, churn_max, lo, hi
     )

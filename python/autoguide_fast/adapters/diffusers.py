@@ -52,6 +52,41 @@ def _check_conditioning(name: str, value):
     return value
 
 
+def _batch_sizes(name: str, value) -> dict[str, int]:
+    # {name: B} of every conditioning tensor with a batch of more than 1 (per-sample rows).
+    if isinstance(value, dict):
+        return {n: b for k, v in value.items() for n, b in _batch_sizes(f"{name}[{k!r}]", v).items()}
+    if isinstance(value, torch.Tensor) and value.shape[0] != 1:
+        return {name: value.shape[0]}
+    return {}
+
+
+def _image_shape(unet, resolution, latent) -> tuple[int | None, int | None, bool]:
+    """(channels, resolution, latent) of the images the UNet makes, from its config and the
+    adapter options; None where the UNet does not say."""
+    config = getattr(unet, "config", None)
+    channels = getattr(config, "in_channels", None)
+    channels = channels if isinstance(channels, int) and not isinstance(channels, bool) else None
+    if latent is not None and not isinstance(latent, bool):
+        raise TypeError(f"latent must be None, True or False, got {latent!r}")
+    if latent is None:
+        latent = channels == 4  # the Stable Diffusion family's VAE latents
+    if resolution is not None:
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+            raise ValueError(f"resolution must be a positive integer (square images), got {resolution!r}")
+        return channels, resolution, latent
+    size = getattr(config, "sample_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if isinstance(size, (tuple, list)):
+        raise ValueError(
+            f"unet.config.sample_size is {tuple(size)}, not square: the package generates square images; "
+            "pass resolution=N to denoiser(...) (the side, in the UNet's sample space) to choose one"
+        )
+    size = size if isinstance(size, int) and not isinstance(size, bool) else None
+    return channels, size, latent
+
+
 def _batched(name: str, value, n: int):
     # A batch of 1 serves every sample (a view, no copy); a batch of n is taken as is.
     if isinstance(value, dict):
@@ -81,16 +116,45 @@ class DiffusersDenoiser(torch.nn.Module):
         unet: the wrapped UNet (a submodule: ``.to()``, ``.eval()`` reach it).
         prediction_type: "epsilon", "v_prediction" or "sample".
         sigmas: float64 [T], the training grid ``sigma_t``, increasing in ``t``.
-        sigma_min, sigma_max: the grid's ends (pass them to :func:`autoguide_fast.sample`).
+        sigma_min, sigma_max: the grid's ends, the model's declared range: :func:`autoguide_fast.sample`
+            and ``generate`` limit EDM's 0.002 / 80 to it when no sigma range is given.
         conditioning: the keyword arguments given to every UNet call.
+        conditioning_batch: B of the per-sample conditioning tensors (batch > 1), or 1 when every
+            conditioning tensor is shared by all samples.
         label_dim: the number of classes when the UNet has a class-embedding table and
             ``class_labels`` is not carried (labels are then one-hot [N, label_dim]); else None.
+        img_channels: ``unet.config.in_channels`` (None when the UNet has no config).
+        img_resolution: the side of the square samples ``generate`` draws: ``resolution`` given to
+            :func:`denoiser`, else ``unet.config.sample_size``. Only a default: :func:`sample`
+            takes any size the UNet does (``img_resolution_fixed`` is False).
+        encoder: how samples become pixels (:class:`~autoguide_fast.interop.vae.EncoderInfo`):
+            ``diffusers_vae`` for a latent UNet (decoded by the pipeline's ``AutoencoderKL``),
+            ``standard_rgb`` for a pixel UNet (samples in [-1, 1]).
     """
 
+    img_resolution_fixed = False
+
     def __init__(
-        self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str, conditioning
+        self,
+        unet: torch.nn.Module,
+        alphas_cumprod: torch.Tensor,
+        prediction_type: str,
+        conditioning,
+        resolution: int | None = None,
+        latent: bool | None = None,
     ):
+        from ..interop.vae import EncoderInfo
+
         super().__init__()
+        self.img_channels, self.img_resolution, is_latent = _image_shape(unet, resolution, latent)
+        self.encoder = EncoderInfo("diffusers_vae" if is_latent else "standard_rgb")
+        batches = {n: b for k, v in conditioning.items() for n, b in _batch_sizes(k, v).items()}
+        if len(set(batches.values())) > 1:
+            raise ValueError(
+                "conditioning tensors must have a batch of 1 (shared) or one common batch size, "
+                f"got {batches}"
+            )
+        self.conditioning_batch = next(iter(batches.values()), 1)
         self.unet = unet
         self.prediction_type = prediction_type
         # Plain float64 attributes, not buffers: ``.half()`` on the wrapper must not round the grid.
@@ -189,7 +253,14 @@ class DiffusersDenoiser(torch.nn.Module):
         )
 
 
-def denoiser(unet: torch.nn.Module, scheduler, **conditioning) -> DiffusersDenoiser:
+def denoiser(
+    unet: torch.nn.Module,
+    scheduler,
+    *,
+    resolution: int | None = None,
+    latent: bool | None = None,
+    **conditioning,
+) -> DiffusersDenoiser:
     """Wraps a diffusers UNet and its training scheduler as an EDM denoiser ``D(x, sigma, labels=None)``.
 
     Args:
@@ -204,10 +275,16 @@ def denoiser(unet: torch.nn.Module, scheduler, **conditioning) -> DiffusersDenoi
             SDXL) or ``class_labels`` [B]. ``B`` is 1 (shared by every sample) or the batch size
             the sampler uses. For CFG, wrap the same UNet a second time with the negative
             (or empty-prompt) embeddings.
+        resolution, latent: adapter options, not passed to the UNet (no diffusers UNet takes
+            keywords of these names). ``resolution``: the side of the square samples ``generate``
+            draws (default ``unet.config.sample_size``, which must then be square; in the UNet's
+            sample space: 64 for Stable Diffusion 1.x latents of 512-pixel images). ``latent``:
+            whether samples are VAE latents, decoded by ``generate(..., vae=pipe.vae)``
+            (default: True iff the UNet has 4 input channels, the Stable Diffusion family).
 
     Returns:
-        A :class:`DiffusersDenoiser`; sample with
-        ``sample(d, noise, sigma_min=d.sigma_min, sigma_max=d.sigma_max)`` to stay on the training grid.
+        A :class:`DiffusersDenoiser`; ``sample(d, noise)`` and ``generate(d, seeds)`` without a
+        sigma range stay on the training grid (``max(0.002, d.sigma_min)`` to ``min(80, d.sigma_max)``).
     """
     if not isinstance(unet, torch.nn.Module):
         raise TypeError(f"unet must be a torch.nn.Module (a diffusers UNet), got {type(unet)}")
@@ -223,4 +300,6 @@ def denoiser(unet: torch.nn.Module, scheduler, **conditioning) -> DiffusersDenoi
         if reserved in conditioning:
             raise ValueError(f"conditioning must not contain {reserved!r}: the denoiser sets it")
     conditioning = {k: _check_conditioning(k, v) for k, v in conditioning.items()}
-    return DiffusersDenoiser(unet, _alphas_cumprod(scheduler), prediction_type, conditioning)
+    return DiffusersDenoiser(
+        unet, _alphas_cumprod(scheduler), prediction_type, conditioning, resolution, latent
+    )
