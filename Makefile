@@ -28,8 +28,8 @@ demo: install
 lint: install
 	cd rust && cargo fmt --all --check
 	cd rust && cargo clippy --workspace --all-targets -- -D warnings
-	$(BIN)/ruff check python tests benchmarks scripts
-	$(BIN)/ruff format --check python tests benchmarks scripts
+	$(BIN)/ruff check python tests benchmarks scripts examples
+	$(BIN)/ruff format --check python tests benchmarks scripts examples
 
 rust-test:
 	cd rust && cargo test --workspace

@@ -175,6 +175,37 @@ def test_torchrun_generation_matches_one_process(tmp_path):
         assert a == (tmp_path / "one" / f"{seed:06d}.png").read_bytes()
 
 
+def test_sweep_over_guide_training_lengths(tmp_path):
+    # One guide run gives every training length: each cell's guide is the run reconstructed post
+    # hoc at the newest snapshot at or before the asked length.
+    from autoguide_fast.ema import list_snapshots, reconstruct
+    from autoguide_fast.experiment import evaluate_guidance, sweep
+    from autoguide_fast.training import TrainOptions, train
+
+    _, net = tiny(tmp_path)
+    opts = TrainOptions(preset="digits-xs", kimg=0.096, batch=32, snapshot_kimg=0.032, checkpoint_kimg=0.096,
+                        log_kimg=0.032, lr_decay_kimg=0.064, rampup_kimg=0, ema_stds=(0.05, 0.1))  # fmt: skip
+    train("digits", tmp_path / "g", opts, progress=False, log=lambda _: None)
+    assert sorted({s.nimg for s in list_snapshots(tmp_path / "g")}) == [32, 64, 96]
+    lines = []
+    sweep(net, tmp_path / "g", "2.0", tmp_path / "sw", ema_guide=[0.10], guide_kimg=[0.05, 0.096, 0.1],
+          seeds=range(20), steps=3, log=lines.append)  # fmt: skip
+    cells = json.loads((tmp_path / "sw" / "cells.json").read_text())["cells"].values()
+    assert sorted(c["guide_kimg"] for c in cells) == [0.032, 0.096]  # 0.1 and 0.096 are one time
+    assert "| 0.032 | 2 |" in (tmp_path / "sw" / "table.md").read_text()
+    (early,) = [c for c in cells if c["guide_kimg"] == 0.032]
+    ref_guide = reconstruct(tmp_path / "g", [0.10], 32, out_dir=tmp_path / "ref", progress=False)[0]
+    classifier = digits.load_classifier()
+    m, _ = evaluate_guidance(ag.load(net), ag.Autoguidance(ag.load(ref_guide), 2.0), list(range(20)), 3,
+                             digits.reference_stats(classifier), classifier)  # fmt: skip
+    assert early["fd"] == pytest.approx(m["fd"], rel=1e-12)
+    with pytest.raises(ValueError, match="no snapshot at or before 0.01 kimg"):
+        sweep(net, tmp_path / "g", "2.0", tmp_path / "x", ema_guide=[0.10], guide_kimg=[0.01])
+    with pytest.raises(ValueError, match="needs a guide run directory"):
+        sweep(net, net, "2.0", tmp_path / "x", guide_kimg=[0.05])
+    assert not (tmp_path / "x").exists()
+
+
 def test_sweep_is_resumable(tmp_path):
     from autoguide_fast.experiment import sweep
 

@@ -294,7 +294,8 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     # sweep checks the rest (models, EMA lengths, --out) before it creates anything.
     sweep(args.main, args.guide, weights, args.out, ema_main=args.ema_main, ema_guide=args.ema_guide,
-          seeds=parse_seeds(args.seeds), steps=args.steps, metric=args.metric)  # fmt: skip
+          guide_kimg=args.guide_kimg, seeds=parse_seeds(args.seeds), steps=args.steps,
+          metric=args.metric)  # fmt: skip
     return 0
 
 
@@ -451,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("--ema-main", type=_floats, default=None, help="EMA lengths of the main model (post hoc)")
     sw.add_argument("--ema-guide", type=_floats, default=None, help="EMA lengths of the guide (post hoc)")
+    sw.add_argument(
+        "--guide-kimg", type=_floats, default=None,
+        help="guide training lengths: the guide run reconstructed at these times (kimg), e.g. 7.5,15,30",
+    )  # fmt: skip
     sw.add_argument("--seeds", default="0-499", help="the fixed seed set of every cell, e.g. 0-499")
     sw.add_argument("--steps", type=int, default=16, help="sampler steps per image")
     sw.add_argument("--metric", default="fd_digits", choices=["fd_digits"])

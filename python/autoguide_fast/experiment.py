@@ -233,14 +233,42 @@ def _source(path, stds, tag: str) -> tuple[Path, list[float | None], dict]:
     return path, [None], dict(path=str(path.resolve()), file=_file_id(path))
 
 
-def _models(source: Path, stds: list, out_dir: Path) -> dict:
+def _models(source: Path, stds: list, out_dir: Path, out_nimg: int | None = None) -> dict:
     # {EMA length: snapshot file}: a file as it is ({None: file}), a run directory's lengths
-    # reconstructed post hoc into out_dir.
+    # reconstructed post hoc into out_dir (at training time out_nimg; None: the newest snapshot).
     from .ema import reconstruct
 
     if stds == [None]:
         return {None: source}
-    return dict(zip(stds, reconstruct(source, stds, out_dir=out_dir, progress=False)))
+    return dict(zip(stds, reconstruct(source, stds, out_nimg, out_dir=out_dir, progress=False)))
+
+
+def _training_times(run: Path, kimgs, stds) -> list[int | None]:
+    """The training times (nimg) at which a guide run directory is reconstructed: for each of
+    ``kimgs``, the newest snapshot time at or before it (post-hoc EMA needs snapshots up to the
+    output time). ``[None]`` (the newest snapshot) without ``kimgs``."""
+    from .ema import list_snapshots
+
+    if kimgs is None:
+        return [None]
+    kimgs = list(kimgs)
+    if stds == [None]:
+        raise ValueError(
+            f"guide_kimg (--guide-kimg) needs a guide run directory, but guide is the file {run}"
+        )
+    if not kimgs or not all(isinstance(k, (int, float)) and math.isfinite(k) and k > 0 for k in kimgs):
+        raise ValueError(f"guide_kimg must list training lengths > 0 in kimg, got {kimgs!r}")
+    times = sorted({s.nimg for s in list_snapshots(run)})
+    out = []
+    for k in kimgs:
+        before = [t for t in times if t <= round(k * 1000)]
+        if not before:
+            raise ValueError(
+                f"guide_kimg {k:g}: the guide run {run} has no snapshot at or before {k:g} kimg "
+                f"(its first is at {times[0] / 1000:g} kimg)"
+            )
+        out.append(before[-1])
+    return list(dict.fromkeys(out))
 
 
 _CELLS_FORMAT = "autoguide_fast.sweep-cells/2"
@@ -306,17 +334,23 @@ def sweep(
     *,
     ema_main: Sequence[float] | None = None,
     ema_guide: Sequence[float] | None = None,
+    guide_kimg: Sequence[float] | None = None,
     seeds: Sequence[int] = range(500),
     steps: int = 16,
     metric: str = "fd_digits",
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Evaluates autoguidance for every (main EMA, guide EMA, weight) with a fixed seed set.
-    ``main``/``guide`` are snapshot files or run directories; with EMA lengths given, run
-    directories are reconstructed post hoc. Finished cells are kept in ``cells.json``, keyed on
-    everything that determines them (the models' files, EMA length, weight, seeds, steps, metric,
-    package version): a cell computed under other settings is recomputed, never reused. Every
-    argument is checked before ``out`` is created. Writes ``table.md`` and ``heatmap.png``;
+    """Evaluates autoguidance for every (main EMA, guide EMA, guide training length, weight) with
+    a fixed seed set. ``main``/``guide`` are snapshot files or run directories; with EMA lengths
+    given, run directories are reconstructed post hoc, the guide at each training length in
+    ``guide_kimg`` (the newest snapshot at or before it; default: the newest snapshot). With a
+    learning-rate schedule that does not depend on the run's length (the same ``lr_decay_kimg``
+    and ``rampup_kimg``), a guide at time t of a longer run is the guide a run of length t makes.
+
+    Finished cells are kept in ``cells.json``, keyed on everything that determines them (the
+    models' files, EMA lengths, guide training time, weight, seeds, steps, metric, package
+    version): a cell computed under other settings is recomputed, never reused. Every argument is
+    checked before ``out`` is created. Writes ``table.md`` and ``heatmap.png``;
     returns the best setting. For in-memory models (diffusers UNets) and other metrics see
     :func:`sweep_denoisers`."""
     from . import __version__
@@ -329,15 +363,18 @@ def sweep(
     ws, seeds, out = _checked_grid(weights, seeds, steps, out)
     main, main_stds, main_id = _source(main, ema_main, "main")
     guide, guide_stds, guide_id = _source(guide, ema_guide, "guide")
+    guide_times = _training_times(guide, guide_kimg, guide_stds)
 
     # Cells of other settings stay in the file but are neither returned nor shown.
     common = dict(main=main_id, guide=guide_id, seeds=compact_seeds(seeds), steps=steps, metric=metric,
                   version=__version__)  # fmt: skip
 
-    def key(em, eg, w) -> str:
-        return _cell_key(dict(common, ema_main=em, ema_guide=eg, weight=w))
+    def key(em, eg, gt, w) -> str:
+        at = {} if gt is None else dict(guide_nimg=gt)  # keys of sweeps without lengths unchanged
+        return _cell_key(dict(common, ema_main=em, ema_guide=eg, weight=w, **at))
 
-    plan = [(em, eg, w, key(em, eg, w)) for em in main_stds for eg in guide_stds for w in ws]
+    plan = [(em, (eg, gt), w, key(em, eg, gt, w)) for em in main_stds for gt in guide_times
+            for eg in guide_stds for w in ws]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
     cells_path = out / "cells.json"
@@ -347,34 +384,51 @@ def sweep(
         classifier = digits.load_classifier()
         ref = digits.reference_stats(classifier)
         mains = _models(main, sorted({p[0] for p in todo}), out / "phema-main")
-        guides = _models(guide, sorted({p[1] for p in todo}), out / "phema-guide")
+        guides = {}
+        for gt in sorted({p[1][1] for p in todo}, key=lambda t: -1 if t is None else t):
+            stds = sorted({p[1][0] for p in todo if p[1][1] == gt})
+            folder = out / "phema-guide" / ("" if gt is None else f"nimg{gt:09d}")
+            guides.update({(eg, gt): f for eg, f in _models(guide, stds, folder, gt).items()})
         for em, mp in mains.items():
             net = load_network(mp)
-            for eg, gp in guides.items():
-                pending = [(w, k) for e_m, e_g, w, k in todo if (e_m, e_g) == (em, eg)]
+            for (eg, gt), gp in guides.items():
+                pending = [(w, k) for e_m, e_g, w, k in todo if (e_m, e_g) == (em, (eg, gt))]
                 g = load_network(gp) if pending else None
+                at = {} if gt is None else dict(guide_kimg=gt / 1000)
                 for w, k in pending:
                     m, _ = evaluate_guidance(net, Autoguidance(g, w), seeds, steps, ref, classifier)
-                    cells[k] = dict(ema_main=em, ema_guide=eg, weight=w, **m)
+                    cells[k] = dict(ema_main=em, ema_guide=eg, weight=w, **at, **m)
                     _write_cells(cells_path, cells)
-                    log(f"main={em}|guide={eg}|w={w:g}: fd={m['fd']:.3f} precision={m['precision']:.3f} "
-                        f"recall={m['recall']:.3f}")  # fmt: skip
+                    where = "" if gt is None else f"@{gt / 1000:g}kimg"
+                    log(f"main={em}|guide={eg}{where}|w={w:g}: fd={m['fd']:.3f} "
+                        f"precision={m['precision']:.3f} recall={m['recall']:.3f}")  # fmt: skip
     rows = [cells[k] for *_, k in plan]
     best = min(rows, key=lambda c: c["fd"])
+    timed = guide_kimg is not None
     lines = [
-        "| ema_main | ema_guide | weight | FD_digits | precision | recall | alignment |",
-        "|---" * 7 + "|",
+        "| ema_main | ema_guide | "
+        + ("guide_kimg | " if timed else "")
+        + "weight | FD_digits | precision | recall | alignment |",
+        "|---" * (8 if timed else 7) + "|",
     ]
-    for c in sorted(rows, key=lambda c: (str(c["ema_main"]), str(c["ema_guide"]), c["weight"])):
+
+    def label(r) -> str:
+        at = f" @ {r['guide_kimg']:g} kimg" if timed else ""
+        return f"main {r['ema_main']} / guide {r['ema_guide']}{at}"
+
+    order = sorted(
+        rows, key=lambda c: (str(c["ema_main"]), c.get("guide_kimg", 0), str(c["ema_guide"]), c["weight"])
+    )
+    for c in order:
         lines.append(
-            f"| {c['ema_main']} | {c['ema_guide']} | {c['weight']:g} | {c['fd']:.3f} "
-            f"| {c['precision']:.3f} | {c['recall']:.3f} | "
+            f"| {c['ema_main']} | {c['ema_guide']} | "
+            + (f"{c['guide_kimg']:g} | " if timed else "")
+            + f"{c['weight']:g} | {c['fd']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} | "
             + (f"{c['alignment']:.3f} |" if "alignment" in c else "- |")  # unconditional: no alignment
         )
     atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
-    pairs = sorted({(str(r["ema_main"]), str(r["ema_guide"])) for r in rows})
-    values = {(f"main {r['ema_main']} / guide {r['ema_guide']}", r["weight"]): r["fd"] for r in rows}
-    _heatmap(values, [f"main {a} / guide {b}" for a, b in pairs], ws, out / "heatmap.png", "FD_digits")
+    values = {(label(r), r["weight"]): r["fd"] for r in rows}
+    _heatmap(values, list(dict.fromkeys(label(r) for r in order)), ws, out / "heatmap.png", "FD_digits")
     log(f"best: {best}")
     return best
 
