@@ -279,9 +279,14 @@ def _classifier(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
+    if args.name == "digits-seeds":
+        from .digits_study import digits_seeds
+
+        digits_seeds(args.out or "runs/digits-seeds", seeds=args.seeds, quick=args.quick)
+        return 0
     from .experiment import digits_experiment
 
-    digits_experiment(args.out, quick=args.quick)
+    digits_experiment(args.out or "runs/digits", quick=args.quick)
     return 0
 
 
@@ -438,9 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--no-progress", action="store_true")
     cl.set_defaults(func=_classifier)
 
-    ex = sub.add_parser("experiment", help="the digits guidance experiment")
-    ex.add_argument("name", choices=["digits"])
-    ex.add_argument("--out", default="runs/digits")
+    ex = sub.add_parser(
+        "experiment",
+        help="the digits guidance experiment (digits), or the same over training seeds with a guide search "
+        "(digits-seeds)",
+    )
+    ex.add_argument("name", choices=["digits", "digits-seeds"])
+    ex.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    ex.add_argument("--seeds", type=int, default=3, help="digits-seeds: independent training sets")
     ex.add_argument("--quick", action="store_true", help="tiny sizes, for tests only")
     ex.set_defaults(func=_experiment)
 

@@ -243,32 +243,37 @@ def _models(source: Path, stds: list, out_dir: Path, out_nimg: int | None = None
     return dict(zip(stds, reconstruct(source, stds, out_nimg, out_dir=out_dir, progress=False)))
 
 
+def snapshot_time(times: Sequence[int], kimg: float, run) -> int:
+    """The snapshot time (nimg) of a run nearest to ``kimg`` (a snapshot is written on the first
+    step past each interval, so its time is a batch or so after the round number). ValueError when
+    the run has no snapshot within half a snapshot interval of it."""
+    times = sorted(times)
+    target = kimg * 1000
+    best = min(times, key=lambda t: (abs(t - target), t))
+    spacing = float(np.median(np.diff(times))) if len(times) > 1 else float(times[0])
+    if abs(best - target) > 0.5 * spacing:
+        raise ValueError(
+            f"guide_kimg {kimg:g}: the guide run {run} has no snapshot near {kimg:g} kimg (its "
+            f"{len(times)} snapshots run from {times[0] / 1000:g} to {times[-1] / 1000:g} kimg)"
+        )
+    return best
+
+
 def _training_times(run: Path, kimgs, stds) -> list[int | None]:
     """The training times (nimg) at which a guide run directory is reconstructed: for each of
-    ``kimgs``, the newest snapshot time at or before it (post-hoc EMA needs snapshots up to the
-    output time). ``[None]`` (the newest snapshot) without ``kimgs``."""
+    ``kimgs``, the snapshot time nearest to it (:func:`snapshot_time`). ``[None]`` (the newest
+    snapshot) without ``kimgs``."""
     from .ema import list_snapshots
 
     if kimgs is None:
         return [None]
     kimgs = list(kimgs)
     if stds == [None]:
-        raise ValueError(
-            f"guide_kimg (--guide-kimg) needs a guide run directory, but guide is the file {run}"
-        )
+        raise ValueError(f"guide_kimg (--guide-kimg) needs a guide run directory, got the file {run}")
     if not kimgs or not all(isinstance(k, (int, float)) and math.isfinite(k) and k > 0 for k in kimgs):
         raise ValueError(f"guide_kimg must list training lengths > 0 in kimg, got {kimgs!r}")
     times = sorted({s.nimg for s in list_snapshots(run)})
-    out = []
-    for k in kimgs:
-        before = [t for t in times if t <= round(k * 1000)]
-        if not before:
-            raise ValueError(
-                f"guide_kimg {k:g}: the guide run {run} has no snapshot at or before {k:g} kimg "
-                f"(its first is at {times[0] / 1000:g} kimg)"
-            )
-        out.append(before[-1])
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(snapshot_time(times, k, run) for k in kimgs))
 
 
 _CELLS_FORMAT = "autoguide_fast.sweep-cells/2"
@@ -343,7 +348,7 @@ def sweep(
     """Evaluates autoguidance for every (main EMA, guide EMA, guide training length, weight) with
     a fixed seed set. ``main``/``guide`` are snapshot files or run directories; with EMA lengths
     given, run directories are reconstructed post hoc, the guide at each training length in
-    ``guide_kimg`` (the newest snapshot at or before it; default: the newest snapshot). With a
+    ``guide_kimg`` (the snapshot nearest to it; default: the newest snapshot). With a
     learning-rate schedule that does not depend on the run's length (the same ``lr_decay_kimg``
     and ``rampup_kimg``), a guide at time t of a longer run is the guide a run of length t makes.
 
