@@ -261,3 +261,43 @@ def test_per_sample_conditioning_and_generate_chunks():
     _, samples, _ = run(d, [7, 8, 9], batch=4, vae=vae)
     ref, _ = reference_images(d, [7, 8, 9], 4)
     torch.testing.assert_close(samples, ref, rtol=0, atol=0)
+
+
+def test_learned_variance_unet_uses_the_prediction_half():
+    # A UNet with 2C output channels (variance_type learned_range) predicts eps in the first C.
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()  # fmt: skip
+    d = denoiser(unet, sd_scheduler())
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
+    s = sigma[:, None, None, None]
+    with torch.no_grad():  # the adapter's arithmetic, step by step: equal bit for bit
+        eps = unet(x * (s * s + 1).rsqrt(), d.sigma_to_t(sigma).float()).sample[:, :3]
+        torch.testing.assert_close(d(x, sigma), x - s * eps, rtol=0, atol=0)
+    wrong = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    ).eval()  # fmt: skip
+    with pytest.raises(ValueError, match="returned 4 channels for 3 input channels"), torch.no_grad():
+        denoiser(wrong, sd_scheduler())(x, sigma)
+
+
+def test_generate_refuses_labels_it_cannot_draw():
+    # A class embedding that is not a table (e.g. "timestep" type) takes labels generate cannot draw.
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, class_embed_type="timestep",
+    ).eval()  # fmt: skip
+    d = denoiser(unet, sd_scheduler())
+    assert d.labels_required and d.label_dim is None
+    with pytest.raises(ValueError, match="needs class labels that generate cannot draw"):
+        generate(d, [0, 1], steps=STEPS, device="cpu")
+    carried = denoiser(unet, sd_scheduler(), class_labels=torch.tensor([3]))
+    assert not carried.labels_required
+    assert next(generate(carried, [0, 1], steps=STEPS, device="cpu")).images.shape == (2, 3, 8, 8)

@@ -155,6 +155,12 @@ def generate(
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
     label_dim = getattr(net, "label_dim", 0)
+    if getattr(net, "labels_required", False) and not label_dim:
+        raise ValueError(
+            "net needs class labels that generate cannot draw (its class embedding is not a table of "
+            "classes): carry them in the denoiser (denoiser(unet, scheduler, class_labels=...)), or call "
+            "sample() with your own labels"
+        )
     if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):
         raise ValueError(f"class_idx must be in [0, {label_dim}) for this model, got {class_idx}")
     shape = (net.img_channels, net.img_resolution, net.img_resolution)

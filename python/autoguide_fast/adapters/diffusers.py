@@ -167,6 +167,8 @@ class DiffusersDenoiser(torch.nn.Module):
         self._class_table = isinstance(embedding, torch.nn.Embedding)
         self._class_conditional = embedding is not None and "class_labels" not in conditioning
         self.label_dim = embedding.num_embeddings if self._class_table and self._class_conditional else None
+        # Labels the caller must pass that generate cannot draw (a class embedding that is not a table).
+        self.labels_required = self._class_conditional and not self._class_table
 
     def _grid(self, device: torch.device) -> torch.Tensor:
         if device not in self._grids:
@@ -237,6 +239,15 @@ class DiffusersDenoiser(torch.nn.Module):
         t = self.sigma_to_t(sigma).to(param.device, torch.float32)
         x_in = (x.to(work) * c_in).to(param.device, param.dtype)
         out = self.unet(x_in, t, **kwargs, return_dict=False)[0].to(x.device, work)
+        if out.shape[1] == 2 * x.shape[1]:
+            # A learned-variance UNet (variance_type "learned"/"learned_range", e.g. DeepFloyd IF)
+            # outputs the prediction and the variance interpolation: the ODE needs the first half.
+            out = out[:, : x.shape[1]]
+        elif out.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"the UNet returned {out.shape[1]} channels for {x.shape[1]} input channels (expected "
+                f"{x.shape[1]}, or {2 * x.shape[1]} for a learned-variance UNet)"
+            )
         xw = x.to(work)
         if self.prediction_type == "epsilon":
             d = xw - s * out
