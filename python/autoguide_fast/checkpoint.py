@@ -231,6 +231,19 @@ def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
         raise
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100, rect=None) -> None:
+    """Lays out a matplotlib figure (``tight_layout``, within ``rect`` if given), writes it
+    atomically to ``path`` in the format its suffix names (PNG without one) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(**({} if rect is None else dict(rect=rect)))
+    try:
+        with atomic_path(path) as tmp:  # the temporary ends in .tmp: name the format
+            fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_path, atomic_write_bytes, load_network, strict_json
+from .checkpoint import atomic_write_bytes, load_network, save_figure, strict_json
 
 __all__ = ["QUICK_STUDY", "DigitsStudy", "digits_seeds"]
 
@@ -316,7 +316,4 @@ def _figure(s: dict, path: Path) -> None:
     ax2.set_title(f"Best cells on {s['seeds']} training sets x 2 seed sets (bar: mean ± std)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import digits
-from .checkpoint import atomic_path, atomic_write_bytes, load_network, strict_json
+from .checkpoint import atomic_write_bytes, load_network, save_figure, strict_json
 from .generation import Batch, generate
 from .guidance import CFG, Autoguidance
 
@@ -140,10 +140,7 @@ def _figure(results, grids, best, path):
             ax.imshow(plt.imread(Path(tmp) / "grid.png"), cmap="gray")
         ax.set_title(f"{name}, w={r['weight']:g}")
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 MAX_WEIGHTS = 1000  # cells per (main EMA, guide EMA) pair: each one samples the whole seed set
@@ -610,10 +607,7 @@ def _contact_sheet(rows, names, ws, out: Path, objective):
         title = f"{r['guide']} w={r['weight']:g}" + ("" if score is None else f"\n{objective}={score:.4g}")
         ax.set_title(title, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(out / "contact_sheet.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, out / "contact_sheet.png", dpi=100)
 
 
 def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label: str):
@@ -645,7 +639,4 @@ def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label:
                     fontsize=8,
                 )
     fig.colorbar(im, label=label)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

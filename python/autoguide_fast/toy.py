@@ -25,10 +25,10 @@ import torch
 
 from . import _core
 from .checkpoint import (
-    atomic_path,
     atomic_write_bytes,
     load_network,
     read_metadata,
+    save_figure,
     save_network,
     strict_json,
 )
@@ -534,10 +534,7 @@ def plot(
         axes[0, 2].legend(fontsize=8)
     bands = f"; curves: mean and +-1 std over {seeds} training seeds" if mean and seeds > 1 else ""
     fig.suptitle(f"2D toy (class A): samples over the ground-truth outline (1% log-density quantile){bands}")
-    fig.tight_layout(rect=(0, 0, 1, 0.985))
-    with atomic_path(path) as tmp:  # the temporary ends in .tmp: name the format
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, rect=(0, 0, 1, 0.985))
 
 
 def _curves(ax, metric: str, mean, std, weights: list[float]) -> None:

@@ -31,10 +31,10 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import (
-    atomic_path,
     atomic_write_bytes,
     load_network,
     read_metadata,
+    save_figure,
     save_network,
     strict_json,
 )
@@ -387,7 +387,4 @@ def _figure(final, fronts, screen, space: SearchSpace, seeds: int, path: Path) -
     ax2.set_title("Screen: guide capacity and training length")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -217,7 +217,7 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_path
+    from .checkpoint import save_figure
 
     if not stats_path.exists():  # a checkpoint before the first stats line
         return
@@ -229,10 +229,7 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     ax.set_xlabel("kimg")
     ax.set_ylabel("EDM2 loss (with uncertainty)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, dpi=100)
 
 
 class _StopRequest:
