@@ -15,13 +15,13 @@ STEPS = 6
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
-def small_unet(seed: int = 0) -> UNet2DModel:
+def small_unet(seed: int = 0, **config) -> UNet2DModel:
+    """A small random UNet2DModel on 8x8x3 images; ``config`` overrides or adds constructor arguments."""
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).eval()  # fmt: skip
+    base = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=8)  # fmt: skip
+    return UNet2DModel(**{**base, **config}).eval()
 
 
 def small_cond_unet(seed: int, width: int = 32) -> UNet2DConditionModel:
@@ -283,12 +283,7 @@ def test_labels_and_configuration_errors():
 
 
 def test_class_labels_one_hot():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, num_class_embeds=5,
-    ).eval()  # fmt: skip
+    unet = small_unet(0, num_class_embeds=5)
     train = DDPMScheduler()
     d = denoiser(unet, train)
     assert d.label_dim == 5

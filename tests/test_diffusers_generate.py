@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from autoguide_fast import Autoguidance, PerSampleRNG, sample  # noqa: E402
@@ -160,12 +160,7 @@ def test_adapter_image_attributes():
 
 
 def test_generate_pixel_unet_equals_sample_and_ignores_batching():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, num_class_embeds=5,
-    ).eval()  # fmt: skip
+    unet = small_unet(0, num_class_embeds=5)
     d = denoiser(unet, sd_scheduler("v_prediction"))
     seeds = [3, 1, 4, 15, 9, 2, 6]
     images3, samples3, classes3 = run(d, seeds, batch=3)
@@ -265,35 +260,21 @@ def test_per_sample_conditioning_and_generate_chunks():
 
 def test_learned_variance_unet_uses_the_prediction_half():
     # A UNet with 2C output channels (variance_type learned_range) predicts eps in the first C.
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).eval()  # fmt: skip
+    unet = small_unet(0, out_channels=6)
     d = denoiser(unet, sd_scheduler())
     x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 3.0])
     s = sigma[:, None, None, None]
     with torch.no_grad():  # the adapter's arithmetic, step by step: equal bit for bit
         eps = unet(x * (s * s + 1).rsqrt(), d.sigma_to_t(sigma).float()).sample[:, :3]
         torch.testing.assert_close(d(x, sigma), x - s * eps, rtol=0, atol=0)
-    wrong = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    ).eval()  # fmt: skip
+    wrong = small_unet(0, out_channels=4)
     with pytest.raises(ValueError, match="returned 4 channels for 3 input channels"), torch.no_grad():
         denoiser(wrong, sd_scheduler())(x, sigma)
 
 
 def test_generate_refuses_labels_it_cannot_draw():
     # A class embedding that is not a table (e.g. "timestep" type) takes labels generate cannot draw.
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=8, class_embed_type="timestep",
-    ).eval()  # fmt: skip
+    unet = small_unet(0, class_embed_type="timestep")
     d = denoiser(unet, sd_scheduler())
     assert d.labels_required and d.label_dim is None
     with pytest.raises(ValueError, match="needs class labels that generate cannot draw"):
