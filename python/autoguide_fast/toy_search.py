@@ -68,7 +68,7 @@ class SearchSpace:
     ema_stds: tuple[float, ...] = (0.005, 0.010, 0.020, 0.050)  # guide EMA widths
     screen_weights: tuple[float, ...] = (2.0, 3.0)
     screen_samples: int = 4096
-    finalists: int = 4  # guides carried to the final stage (plus the paper's guide)
+    finalists: int = 4  # (capacity, length) groups carried to the final stage, plus the paper's guide
     weights: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0, 4.0)
     # Guidance intervals (sigma_lo, sigma_hi); None guides at every noise level (sigma_max is 5).
     intervals: tuple[tuple[float, float] | None, ...] = (None, (0.0, 0.5), (0.1, 5.0))
@@ -239,8 +239,12 @@ def search(
     for r in screen:
         if r["guide"] not in best_per_guide or r["margin"] > best_per_guide[r["guide"]]["margin"]:
             best_per_guide[r["guide"]] = r
-    ranked = sorted(best_per_guide.values(), key=lambda r: -r["margin"])
-    finalists = [r["guide"] for r in ranked[: space.finalists]]
+    # One finalist per (capacity, length), with its best EMA: guides that differ only in their EMA
+    # length measure alike here and would crowd out the other capacities and lengths.
+    per_group = {}
+    for r in sorted(best_per_guide.values(), key=lambda r: -r["margin"]):
+        per_group.setdefault(r["guide"].rsplit("-ema", 1)[0], r)
+    finalists = [r["guide"] for r in list(per_group.values())[: space.finalists]]
     paper = _guide_name(*PAPER_GUIDE)
     if paper in names and paper not in finalists:
         finalists.append(paper)
