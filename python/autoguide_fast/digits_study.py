@@ -96,28 +96,6 @@ def _time(run: Path, kimg: float) -> int:
     return snapshot_time(sorted({s.nimg for s in list_snapshots(run)}), kimg, run)
 
 
-class _Cache:
-    """Finished evaluations (keyed by a description of the cell), saved atomically after each."""
-
-    def __init__(self, path: Path, identity: dict):
-        self.path, self.identity, self.cells = path, identity, {}
-        if path.is_file():
-            try:
-                doc = json.loads(path.read_text())
-            except (OSError, ValueError):
-                doc = None
-            if isinstance(doc, dict) and doc.get("identity") == identity:
-                self.cells = doc.get("cells", {})
-
-    def get(self, key: str, compute: Callable[[], dict]) -> dict:
-        if key not in self.cells:
-            self.cells[key] = compute()
-            atomic_write_bytes(
-                self.path, (strict_json(dict(identity=self.identity, cells=self.cells)) + "\n").encode()
-            )
-        return self.cells[key]
-
-
 def _pm(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.3f}"
@@ -138,6 +116,7 @@ def digits_seeds(
     from . import digits
     from .experiment import evaluate_guidance, sweep
     from .guidance import CFG, Autoguidance
+    from .toy_search import CellCache
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
         raise ValueError(f"seeds must be an integer in [1, 100] (training sets), got {seeds!r}")
@@ -168,7 +147,7 @@ def digits_seeds(
                 cells.append(dict(c, guide=preset, guide_kimg=times[round(c["guide_kimg"], 6)],
                                   snapshot_kimg=c["guide_kimg"]))  # fmt: skip
     identity = dict(study=asdict(study), seeds=seeds)
-    cache = _Cache(out / "evaluations.json", json.loads(strict_json(identity)))
+    cache = CellCache(out / "evaluations.json", json.loads(strict_json(identity)), log)
     models: dict[tuple, object] = {}
 
     def model(k: int, role: str, std: float, kimg: float | None = None):

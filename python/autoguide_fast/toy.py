@@ -243,17 +243,6 @@ def train_snapshots(
     return out
 
 
-_RADII: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _reference_radii(ref: torch.Tensor, k: int) -> torch.Tensor:
-    # k-NN radii of a cached reference set (the same tensor object every call), computed once.
-    key = (id(ref), k)
-    if key not in _RADII:
-        _RADII[key] = knn_radii(ref, k)
-    return _RADII[key]
-
-
 @functools.lru_cache(maxsize=8)
 def _reference(classes: str, num_knn: int, num_threshold: int, seed: int) -> tuple[torch.Tensor, float]:
     gt = ground_truth(classes)
@@ -261,6 +250,12 @@ def _reference(classes: str, num_knn: int, num_threshold: int, seed: int) -> tup
     knn_ref = gt.sample(num_knn, 0, gen)
     threshold = torch.quantile(gt.logp(gt.sample(num_threshold, 0, gen).double()), 0.01)
     return knn_ref, float(threshold)
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_radii(classes: str, num_knn: int, num_threshold: int, seed: int, k: int) -> torch.Tensor:
+    # k-NN radii of the cached reference set, computed once per reference and k.
+    return knn_radii(_reference(classes, num_knn, num_threshold, seed)[0], k)
 
 
 def evaluate(
@@ -292,7 +287,8 @@ def evaluate(
     logp, _, comp = gt._eval(samples, 0)
     masses = gt.branch_masses()
     hist = torch.bincount(comp // COMPONENTS_PER_BRANCH, minlength=len(masses)).double() / len(samples)
-    knn_p, knn_r = knn_precision_recall(ref, samples.float(), k=k, real_radii=_reference_radii(ref, k))
+    radii = _reference_radii(classes, num_knn_ref, num_threshold_ref, seed, k)
+    knn_p, knn_r = knn_precision_recall(ref, samples.float(), k=k, real_radii=radii)
     return dict(
         precision=float((logp >= threshold).double().mean()),
         knn_precision=knn_p,

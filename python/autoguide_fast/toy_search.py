@@ -134,13 +134,14 @@ def _guides(root: Path, k: int, space: SearchSpace, recipe: ToyRecipe, progress:
     return models
 
 
-class _Cells:
-    """The finished cells of a search, saved atomically after every cell; a file made under other
-    settings (recipe, space, package version, main models) is set aside and recomputed."""
+class CellCache:
+    """Finished cells of an experiment ``{key: result}``, saved atomically after every new cell; a
+    file made under other settings (``identity``: recipe, space, package version, models) is set
+    aside and every cell recomputed."""
 
-    FORMAT = "autoguide_fast.toy-search/1"
+    FORMAT = "autoguide_fast.cells/1"
 
-    def __init__(self, path: Path, identity: dict, log):
+    def __init__(self, path: Path, identity: dict, log=print):
         self.path, self.identity, self.cells = path, identity, {}
         if path.is_file():
             try:
@@ -197,7 +198,7 @@ def search(
     sets = [load_set(out, k, quick=quick, progress=progress, log=log)[0] for k in range(seeds)]
     mains = [(out / f"set{k}" / "main.safetensors").stat().st_mtime_ns for k in range(seeds)]
     identity = dict(recipe=asdict(recipe), space=asdict(space), version=__version__, mains=mains)
-    cells = _Cells(root / "cells.json", json.loads(strict_json(identity)), log)
+    cells = CellCache(root / "cells.json", json.loads(strict_json(identity)), log)
     guides = [_guides(root / f"set{k}", k, space, recipe, progress, log) for k in range(seeds)]
     t_guides = time.perf_counter() - t_start
 
@@ -242,7 +243,8 @@ def search(
     # One finalist per (capacity, length), with its best EMA: guides that differ only in their EMA
     # length measure alike here and would crowd out the other capacities and lengths.
     per_group = {}
-    for r in sorted(best_per_guide.values(), key=lambda r: -r["margin"]):
+    screen_best = sorted(best_per_guide.values(), key=lambda r: -r["margin"])
+    for r in screen_best:
         per_group.setdefault(r["guide"].rsplit("-ema", 1)[0], r)
     finalists = [r["guide"] for r in list(per_group.values())[: space.finalists]]
     paper = _guide_name(*PAPER_GUIDE)
@@ -277,7 +279,7 @@ def search(
     summary = dict(seeds=seeds, recipe=asdict(recipe), space=asdict(space), target=TARGET,
                    finalists=finalists, best=best, best_cfg=best_cfg, seconds=seconds,
                    fronts={k: [_settings(r) for r in v] for k, v in fronts.items()},
-                   final=final, screen=screen)  # fmt: skip
+                   final=final, screen=screen, screen_best=screen_best)  # fmt: skip
     atomic_write_bytes(root / "search.json", (strict_json(summary, indent=1) + "\n").encode())
     text = _report(summary)
     atomic_write_bytes(root / "search.md", text.encode())
@@ -332,11 +334,7 @@ def _report(s: dict) -> str:
         "## Screen (every guide at its best screen weight, fewer samples, no interval)",
         "",
     ]
-    best_screen = {}
-    for r in s["screen"]:
-        if r["guide"] not in best_screen or r["margin"] > best_screen[r["guide"]]["margin"]:
-            best_screen[r["guide"]] = r
-    lines += _table(sorted(best_screen.values(), key=lambda r: -r["margin"]))
+    lines += _table(s["screen_best"])
     t = s["seconds"]
     lines += ["", f"Time: {t['total']:.0f} s (guides {t['guides']:.0f} s, screen {t['screen']:.0f} s, "
               f"final {t['final']:.0f} s).", ""]  # fmt: skip
