@@ -1,8 +1,7 @@
 """Fused kernels: NVRTC compilation (no GPU needed), the torch references against float64,
 dispatch, fake implementations, and, on a CUDA machine, the kernels against float64 references
 (skipped cleanly elsewhere; nothing queries the GPU at import time). The GPU tests carry the
-``gpu`` mark (``pytest -m gpu`` runs them alone, as ``make gpu-check`` does) and need nothing from
-``../shared``."""
+``gpu`` mark (``pytest -m gpu`` runs them alone, as ``make gpu-check`` does) and need no reference files."""
 
 import pytest
 import torch

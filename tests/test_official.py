@@ -1,5 +1,5 @@
 """Official EDM2 pickles: read without executing anything, converted bit for bit, and every output of
-the official tools in ../shared/reference/edm2/official reproduced (tolerances of its README)."""
+the official tools in tests/data/edm2/official reproduced (tolerances of its README)."""
 
 import io
 import json
