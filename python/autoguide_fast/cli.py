@@ -98,15 +98,11 @@ def _preset_models(args: argparse.Namespace) -> None:
         args.weight = preset.guidance
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from . import __version__
-    from .generation import compact_seeds, generate, parse_seeds, write_outputs
+def _models_and_guidance(args: argparse.Namespace):
+    """The main model, the guidance and the manifest entries from the model flags of ``generate``
+    (also ``metrics gen``)."""
     from .guidance import CFG, Autoguidance, Combined
 
-    seeds = parse_seeds(args.seeds)
-    out = Path(args.out)
-    if out.suffix != ".npz" and out.exists() and not out.is_dir():
-        raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
     if args.preset:
         _preset_models(args)
     elif not args.net:
@@ -142,22 +138,140 @@ def _generate(args: argparse.Namespace) -> int:
     if guidance is not None:
         guidance_info = dict(kind=type(guidance).__name__, weight=guidance.weight, interval=guidance.interval,
                              alpha=getattr(guidance, "alpha", None))  # fmt: skip
-    churn = dict(churn=args.churn, churn_min=args.churn_min, churn_max=args.churn_max,
-                 churn_noise=args.churn_noise)  # fmt: skip
+    return net, guidance, models, guidance_info
+
+
+def _sampler_options(args: argparse.Namespace) -> dict:
+    return dict(
+        steps=args.steps,
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        rho=args.rho,
+        churn=args.churn,
+        churn_min=args.churn_min,
+        churn_max=args.churn_max,
+        churn_noise=args.churn_noise,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .generation import compact_seeds, generate, parse_seeds, write_outputs
+
+    seeds = parse_seeds(args.seeds)
+    out = Path(args.out)
+    if out.suffix != ".npz" and out.exists() and not out.is_dir():
+        raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
+    net, guidance, models, guidance_info = _models_and_guidance(args)
+    sampler = _sampler_options(args)
     manifest = dict(
         version=__version__, preset=args.preset, models=models, guidance=guidance_info,
-        seeds=compact_seeds(seeds), class_idx=args.class_idx,
-        sampler=dict(
-            steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, **churn
-        ),
+        seeds=compact_seeds(seeds), class_idx=args.class_idx, sampler=sampler,
         vae=str(Path(args.vae).resolve()) if args.vae else None,
     )  # fmt: skip
     batches = generate(
-        net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch, steps=args.steps,
-        sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho, vae=args.vae,
-        progress=not args.no_progress, **churn,
+        net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch, vae=args.vae,
+        progress=not args.no_progress, **sampler,
     )  # fmt: skip
     write_outputs(batches, out, manifest, subdirs=args.subdirs)
+    return 0
+
+
+def _distributed() -> str | None:
+    """Under torchrun: joins the process group (NCCL on GPUs, gloo on CPUs) and returns this
+    rank's device; None alone (the library's default device)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+
+
+def _detectors(args: argparse.Namespace, device) -> dict:
+    from .metrics import DETECTORS, detector
+
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    bad = [m for m in names if m not in DETECTORS]
+    if not names or bad or len(set(names)) != len(names):
+        raise ValueError(f"--metrics must be distinct names from {','.join(DETECTORS)}, got {args.metrics!r}")
+    files = {"fid": args.inception, "fd_dinov2": args.dinov2}
+    return {m: detector(m, files[m], device) for m in names}
+
+
+def _report(args: argparse.Namespace, result: dict) -> None:
+    import torch.distributed as dist
+
+    from .checkpoint import atomic_write_bytes, strict_json
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    line = "  ".join(f"{k} {v:.6g}" for k, v in result.items() if k != "num_images")
+    print(f"{line}  ({result['num_images']} images)")
+    if args.out:
+        atomic_write_bytes(args.out, (strict_json(result, indent=2) + "\n").encode())
+
+
+def _check_outputs(*paths) -> None:
+    from .checkpoint import check_replaceable
+
+    for p in paths:
+        if p:
+            check_replaceable(Path(p))
+
+
+def _metrics_ref(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from .metrics import image_stats, save_ref
+
+    if Path(args.out).suffix.lower() not in (".pkl", ".npz"):
+        raise ValueError(f"--out must be a .pkl (the official layout) or an .npz file, got {args.out}")
+    _check_outputs(args.out)
+    device = _distributed()
+    detectors = _detectors(args, device)
+    stats = image_stats(args.data, detectors, num=args.num, batch=args.batch, workers=args.workers,
+                        device=device, progress=not args.no_progress)  # fmt: skip
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_ref(stats, args.out)
+        names = ", ".join(k for k in stats if k != "num_images")
+        print(f"wrote {args.out} ({names}; {stats['num_images']} images)")
+    return 0
+
+
+def _metrics_calc(args: argparse.Namespace) -> int:
+    from .metrics import image_stats, load_ref, metrics_from_stats
+
+    _check_outputs(args.out)
+    ref = load_ref(args.ref)  # checked before any image is read
+    device = _distributed()
+    detectors = _detectors(args, device)
+    stats = image_stats(args.images, detectors, num=args.num, seed=args.seed, batch=args.batch,
+                        workers=args.workers, device=device, progress=not args.no_progress)  # fmt: skip
+    _report(args, {**metrics_from_stats(stats, ref), "num_images": stats["num_images"]})
+    return 0
+
+
+def _metrics_gen(args: argparse.Namespace) -> int:
+    from .generation import generate, parse_seeds
+    from .metrics import load_ref, metrics_from_stats, stats_of_batches
+
+    _check_outputs(args.out)
+    ref = load_ref(args.ref)
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num))
+    device = _distributed()
+    net, guidance, _, _ = _models_and_guidance(args)
+    detectors = _detectors(args, device)
+    batches = generate(net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch,
+                       vae=args.vae, device=device, **_sampler_options(args))  # fmt: skip
+    stats = stats_of_batches((b.images for b in batches), detectors, device=device, total=len(seeds),
+                             progress=not args.no_progress)  # fmt: skip
+    _report(args, {**metrics_from_stats(stats, ref), "num_images": stats["num_images"]})
     return 0
 
 
@@ -298,10 +412,107 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     # sweep checks the rest (models, EMA lengths, --out) before it creates anything.
-    sweep(args.main, args.guide, weights, args.out, ema_main=args.ema_main, ema_guide=args.ema_guide,
-          guide_kimg=args.guide_kimg, seeds=parse_seeds(args.seeds), steps=args.steps,
-          metric=args.metric)  # fmt: skip
+    detector = {"fid": args.inception, "fd_dinov2": args.dinov2}.get(args.metric)
+    sweep(
+        args.main,
+        args.guide,
+        weights,
+        args.out,
+        ema_main=args.ema_main,
+        ema_guide=args.ema_guide,
+        guide_kimg=args.guide_kimg,
+        seeds=parse_seeds(args.seeds),
+        steps=args.steps,
+        metric=args.metric,
+        ref=args.ref,
+        detector=detector,
+    )
     return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    # The main model, guide and guidance flags of `generate` and `metrics gen`.
+    p.add_argument("--net", help="main model: a snapshot (.safetensors) or an official EDM2 .pkl")
+    p.add_argument("--guide", help="autoguidance guide (.safetensors or official .pkl)")
+    p.add_argument("--cfg", help="unconditional model for CFG (with --guide too: combined guidance)")
+    p.add_argument("--preset", help="an official preset (autoguide presets lists them), with --models")
+    p.add_argument("--models", help="folder holding the preset's files under their official names")
+    p.add_argument("--vae", help="VAE folder for latent models (a downloaded stabilityai/sd-vae-ft-mse)")
+    p.add_argument(
+        "--dtype", choices=["same", "float32", "float16", "bfloat16"], default="same",
+        help="network weights as stored (default: float16 models compute as the official code) or cast",
+    )  # fmt: skip
+    p.add_argument(
+        "--weight", type=float, default=None, help="guidance weight (1 = none; default: 1 or the preset's)"
+    )
+    p.add_argument("--alpha", type=float, default=None, help="CFG share of the weight when combining (0.5)")
+    p.add_argument("--interval", help="guidance interval lo,hi in sigma units")
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--sigma-min", type=float, default=0.002)
+    p.add_argument("--sigma-max", type=float, default=80.0)
+    p.add_argument("--rho", type=float, default=7.0)
+    p.add_argument("--churn", type=float, default=0.0, help="EDM S_churn (0 = deterministic sampler)")
+    p.add_argument("--churn-min", type=float, default=0.0, help="EDM S_min: churn for sigma >= it")
+    p.add_argument("--churn-max", type=float, default=float("inf"), help="EDM S_max: churn for sigma <= it")
+    p.add_argument("--churn-noise", type=float, default=1.0, help="EDM S_noise")
+
+
+def _add_metrics(sub) -> None:
+    me = sub.add_parser(
+        "metrics",
+        help="FID and FD_DINOv2 as NVlabs/edm2's calculate_metrics.py computes them: ref, calc, gen",
+        description="FID and FD_DINOv2 from local detector files (nothing is downloaded). Under torchrun "
+        "the images are split over the ranks and the statistics summed.",
+    )
+    ms = me.add_subparsers(dest="metrics_command", required=True)
+
+    def common(p: argparse.ArgumentParser, batch: int) -> None:
+        p.add_argument("--metrics", default="fid,fd_dinov2", help="comma list of fid, fd_dinov2")
+        p.add_argument(
+            "--inception", default=None,
+            help="FID detector weights, pt_inception-2015-12-05-6726825d.pth (default: $AUTOGUIDE_INCEPTION)",
+        )  # fmt: skip
+        p.add_argument(
+            "--dinov2", default=None,
+            help="FD_DINOv2 detector weights, dinov2_vitl14_pretrain.pth (default: $AUTOGUIDE_DINOV2)",
+        )  # fmt: skip
+        p.add_argument("--batch", type=int, default=batch, help="images per batch and process")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ref = ms.add_parser("ref", help="reference statistics of a data set (all its images by default)")
+    ref.add_argument("--data", required=True, help="folder, .zip or .npz of images")
+    ref.add_argument("--out", required=True, help="statistics file: .pkl (official layout) or .npz")
+    ref.add_argument("--num", type=int, default=None, help="use this many images (default: all)")
+    ref.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    common(ref, 64)
+    ref.set_defaults(func=_metrics_ref)
+
+    calc = ms.add_parser("calc", help="metrics of a folder, .zip or .npz of images against a reference")
+    calc.add_argument("--images", required=True, help="folder, .zip or .npz of images")
+    calc.add_argument("--ref", required=True, help="reference statistics (.pkl official layout, or .npz)")
+    calc.add_argument("--num", type=int, default=50000, help="images to use, a seeded subset if more")
+    calc.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    calc.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    calc.add_argument("--out", help="also write the result as JSON to this file")
+    common(calc, 64)
+    calc.set_defaults(func=_metrics_calc)
+
+    gen = ms.add_parser("gen", help="generate and measure without writing images (as the official gen)")
+    gen.add_argument("--ref", required=True, help="reference statistics (.pkl official layout, or .npz)")
+    gen.add_argument("--num", type=int, default=50000, help="images: seeds --seed .. --seed + num - 1")
+    gen.add_argument("--seed", type=int, default=0, help="first seed")
+    gen.add_argument("--seeds", default=None, help="explicit seeds instead, e.g. 0-9999")
+    gen.add_argument(
+        "--class", dest="class_idx", type=int, default=None, help="class (default: random per seed)"
+    )
+    gen.add_argument("--out", help="also write the result as JSON to this file")
+    _add_model_args(gen)
+    _add_sampler_args(gen)
+    common(gen, 32)
+    gen.set_defaults(func=_metrics_gen)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -382,29 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate images from seeds (autoguidance, CFG or both); official EDM2 .pkl files are read "
         "safely, as are the official presets",
     )
-    ge.add_argument("--net", help="main model: a snapshot (.safetensors) or an official EDM2 .pkl")
-    ge.add_argument("--guide", help="autoguidance guide (.safetensors or official .pkl)")
-    ge.add_argument("--cfg", help="unconditional model for CFG (with --guide too: combined guidance)")
-    ge.add_argument("--preset", help="an official preset (autoguide presets lists them), with --models")
-    ge.add_argument("--models", help="folder holding the preset's files under their official names")
-    ge.add_argument("--vae", help="VAE folder for latent models (a downloaded stabilityai/sd-vae-ft-mse)")
-    ge.add_argument(
-        "--dtype", choices=["same", "float32", "float16", "bfloat16"], default="same",
-        help="network weights as stored (default: float16 models compute as the official code) or cast",
-    )  # fmt: skip
-    ge.add_argument(
-        "--weight", type=float, default=None, help="guidance weight (1 = none; default: 1 or the preset's)"
-    )
-    ge.add_argument("--alpha", type=float, default=None, help="CFG share of the weight when combining (0.5)")
-    ge.add_argument("--interval", help="guidance interval lo,hi in sigma units")
-    ge.add_argument("--steps", type=int, default=32)
-    ge.add_argument("--sigma-min", type=float, default=0.002)
-    ge.add_argument("--sigma-max", type=float, default=80.0)
-    ge.add_argument("--rho", type=float, default=7.0)
-    ge.add_argument("--churn", type=float, default=0.0, help="EDM S_churn (0 = deterministic sampler)")
-    ge.add_argument("--churn-min", type=float, default=0.0, help="EDM S_min: churn for sigma >= it")
-    ge.add_argument("--churn-max", type=float, default=float("inf"), help="EDM S_max: churn for sigma <= it")
-    ge.add_argument("--churn-noise", type=float, default=1.0, help="EDM S_noise")
+    _add_model_args(ge)
+    _add_sampler_args(ge)
     ge.add_argument("--seeds", default="0-63", help="e.g. 0-9999 or 1,5,7-9")
     ge.add_argument(
         "--class", dest="class_idx", type=int, default=None, help="class (default: random per seed)"
@@ -468,9 +658,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sw.add_argument("--seeds", default="0-499", help="the fixed seed set of every cell, e.g. 0-499")
     sw.add_argument("--steps", type=int, default=16, help="sampler steps per image")
-    sw.add_argument("--metric", default="fd_digits", choices=["fd_digits"])
+    sw.add_argument(
+        "--metric",
+        default="fd_digits",
+        choices=["fd_digits", "fid", "fd_dinov2"],
+        help="what picks the cell: the digits feature distance, or FID / FD_DINOv2 against --ref",
+    )
+    sw.add_argument("--ref", default=None, help="fid, fd_dinov2: reference statistics (.pkl or .npz)")
+    sw.add_argument("--inception", default=None, help="fid: detector weights (default: $AUTOGUIDE_INCEPTION)")
+    sw.add_argument("--dinov2", default=None, help="fd_dinov2: detector weights (default: $AUTOGUIDE_DINOV2)")
     sw.add_argument("--out", required=True, help="output directory (finished cells are reused from it)")
     sw.set_defaults(func=_sweep)
+    _add_metrics(sub)
     return parser
 
 

@@ -23,7 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MAX_CLASSES", "ImageDataset", "load_dataset", "read_npz", "read_png", "to_float"]
+__all__ = [
+    "MAX_CLASSES",
+    "ImageDataset",
+    "ImageFiles",
+    "load_dataset",
+    "open_images",
+    "read_npz",
+    "read_png",
+    "to_float",
+]
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -278,3 +287,77 @@ def load_dataset(source: str | Path) -> ImageDataset:
     if path.suffix == ".npz":
         return _npz(path)
     raise ValueError(f"data set must be 'digits', a folder, a .zip or a .npz, got {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming image sources (metrics over data sets of any size): one image decoded at a time.
+
+_STREAM_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_PREVIEW = "grid.png"  # the preview grid `autoguide generate` writes beside the images
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images of a folder (recursive), a zip or an ``.npz``, in file-name order, decoded on
+    demand: ``ds[i]`` is uint8 [C, H, W]. A zip is opened once per process (DataLoader workers
+    each open their own); an ``.npz`` is read whole (numpy cannot stream it). ``grid.png``, the
+    preview ``autoguide generate`` writes, is not an image of the set."""
+
+    def __init__(self, path: str | Path):
+        from .checkpoint import check_regular_file
+
+        self.path = Path(path)
+        self._zip: zipfile.ZipFile | None = None
+        self._array: np.ndarray | None = None
+        if not self.path.exists():
+            raise FileNotFoundError(f"images not found: {self.path} (give a folder, a .zip or an .npz)")
+        if self.path.is_dir():
+            self.names = sorted(
+                p.relative_to(self.path).as_posix()
+                for p in self.path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(_STREAM_SUFFIXES) and p.name != _PREVIEW
+            )
+        elif self.path.suffix.lower() == ".zip":
+            check_regular_file(self.path)
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    names = z.namelist()
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+                raise ValueError(f"{self.path}: not a readable zip file ({e})") from None
+            self.names = sorted(
+                n for n in names if n.lower().endswith(_STREAM_SUFFIXES) and n.rsplit("/", 1)[-1] != _PREVIEW
+            )
+        elif self.path.suffix.lower() == ".npz":
+            self._array = _npz(self.path).images.numpy()
+            self.names = [f"{self.path.name}[{i}]" for i in range(len(self._array))]
+        else:
+            raise ValueError(f"images must be a folder, a .zip or an .npz, got {self.path}")
+        if not self.names:
+            raise ValueError(f"{self.path}: holds no images ({', '.join(_STREAM_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _bytes(self, name: str) -> bytes:
+        if self.path.is_dir():
+            return (self.path / name).read_bytes()
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
+        try:
+            return self._zip.read(name)
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+            raise ValueError(f"{self.path}/{name}: damaged zip entry ({e})") from None
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if self._array is not None:
+            return torch.from_numpy(np.ascontiguousarray(self._array[i]))
+        name = self.names[i]
+        arr = read_png(self._bytes(name), f"{self.path}/{name}")[0]
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def __getstate__(self):  # DataLoader workers: each opens the zip anew
+        return {**self.__dict__, "_zip": None}
+
+
+def open_images(path: str | Path) -> ImageFiles:
+    """A streaming :class:`ImageFiles` over a folder, a zip or an ``.npz`` of images."""
+    return ImageFiles(path)

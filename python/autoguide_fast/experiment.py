@@ -22,6 +22,7 @@ from . import digits
 from .checkpoint import atomic_write_bytes, load_network, save_figure, strict_json
 from .generation import Batch, generate
 from .guidance import CFG, Autoguidance
+from .metrics import FrechetMetric
 
 __all__ = [
     "MAX_WEIGHTS",
@@ -340,6 +341,8 @@ def sweep(
     seeds: Sequence[int] = range(500),
     steps: int = 16,
     metric: str = "fd_digits",
+    ref: str | os.PathLike | None = None,
+    detector: str | os.PathLike | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Evaluates autoguidance for every (main EMA, guide EMA, guide training length, weight) with
@@ -354,14 +357,27 @@ def sweep(
     version): a cell computed under other settings is recomputed, never reused. Every argument is
     checked before ``out`` is created. Writes ``table.md`` and ``heatmap.png``;
     returns the best setting. For in-memory models (diffusers UNets) and other metrics see
-    :func:`sweep_denoisers`."""
+    :func:`sweep_denoisers`.
+
+    ``metric``: ``'fd_digits'`` (the digits feature space, with precision, recall and alignment),
+    or ``'fid'`` / ``'fd_dinov2'`` as the official tools compute them against the statistics file
+    ``ref`` (:func:`autoguide_fast.metrics.load_ref`), the detector from ``detector`` (a weight
+    file; default: ``AUTOGUIDE_INCEPTION`` / ``AUTOGUIDE_DINOV2``). The detector file and the
+    reference are part of the cell key."""
     from . import __version__
     from .checkpoint import remove_stale_temporaries
     from .generation import compact_seeds
 
     # Every argument is checked before anything is created on disk.
-    if metric != "fd_digits":
-        raise ValueError(f"metric must be 'fd_digits' (the digits feature space), got {metric!r}")
+    frechet = None
+    if metric in ("fid", "fd_dinov2"):
+        if ref is None:
+            raise ValueError(f"metric {metric!r} needs ref, the reference statistics of the data set")
+        frechet = FrechetMetric(metric, ref, detector)
+    elif metric != "fd_digits":
+        raise ValueError(f"metric must be 'fd_digits', 'fid' or 'fd_dinov2', got {metric!r}")
+    elif ref is not None or detector is not None:
+        raise ValueError("ref and detector are for metric 'fid' or 'fd_dinov2' (fd_digits has its own)")
     ws, seeds, out = _checked_grid(weights, seeds, steps, out)
     main, main_stds, main_id = _source(main, ema_main, "main")
     guide, guide_stds, guide_id = _source(guide, ema_guide, "guide")
@@ -370,6 +386,8 @@ def sweep(
     # Cells of other settings stay in the file but are neither returned nor shown.
     common = dict(main=main_id, guide=guide_id, seeds=compact_seeds(seeds), steps=steps, metric=metric,
                   version=__version__)  # fmt: skip
+    if frechet is not None:  # keys of fd_digits sweeps unchanged
+        common["measure"] = frechet.identity
 
     def key(em, eg, gt, w) -> str:
         at = {} if gt is None else dict(guide_nimg=gt)  # keys of sweeps without lengths unchanged
@@ -382,9 +400,10 @@ def sweep(
     cells_path = out / "cells.json"
     cells = _read_cells(cells_path, log)
     todo = [p for p in plan if p[3] not in cells]
-    if todo:
+    if todo and frechet is None:
         classifier = digits.load_classifier()
-        ref = digits.reference_stats(classifier)
+        digits_ref = digits.reference_stats(classifier)
+    if todo:
         mains = _models(main, sorted({p[0] for p in todo}), out / "phema-main")
         guides = {}
         for gt in sorted({p[1][1] for p in todo}, key=lambda t: -1 if t is None else t):
@@ -398,20 +417,26 @@ def sweep(
                 g = load_network(gp) if pending else None
                 at = {} if gt is None else dict(guide_kimg=gt / 1000)
                 for w, k in pending:
-                    m, _ = evaluate_guidance(net, Autoguidance(g, w), seeds, steps, ref, classifier)
+                    if frechet is None:
+                        m, _ = evaluate_guidance(
+                            net, Autoguidance(g, w), seeds, steps, digits_ref, classifier
+                        )
+                    else:  # streamed: a cell's images are never held together
+                        batches = generate(net, seeds, guidance=Autoguidance(g, w), steps=steps)
+                        m = {"fd": frechet.of_batches(b.images for b in batches)[metric]}
                     cells[k] = dict(ema_main=em, ema_guide=eg, weight=w, **at, **m)
                     _write_cells(cells_path, cells)
                     where = "" if gt is None else f"@{gt / 1000:g}kimg"
-                    log(f"main={em}|guide={eg}{where}|w={w:g}: fd={m['fd']:.3f} "
-                        f"precision={m['precision']:.3f} recall={m['recall']:.3f}")  # fmt: skip
+                    shown = " ".join(f"{n}={m[n]:.3f}" for n in ("fd", "precision", "recall") if n in m)
+                    log(f"main={em}|guide={eg}{where}|w={w:g}: {shown}")
     rows = [cells[k] for *_, k in plan]
     best = min(rows, key=lambda c: c["fd"])
     timed = guide_kimg is not None
+    title = _METRIC_TITLES[metric]
+    extra = " precision | recall | alignment |" if frechet is None else ""
     lines = [
-        "| ema_main | ema_guide | "
-        + ("guide_kimg | " if timed else "")
-        + "weight | FD_digits | precision | recall | alignment |",
-        "|---" * (8 if timed else 7) + "|",
+        "| ema_main | ema_guide | " + ("guide_kimg | " if timed else "") + f"weight | {title} |" + extra,
+        "|---" * (4 + timed + (3 if frechet is None else 0)) + "|",
     ]
 
     def label(r) -> str:
@@ -425,16 +450,22 @@ def sweep(
         lines.append(
             f"| {c['ema_main']} | {c['ema_guide']} | "
             + (f"{c['guide_kimg']:g} | " if timed else "")
-            + f"{c['weight']:g} | {c['fd']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} | "
-            + (f"{c['alignment']:.3f} |" if "alignment" in c else "- |")  # unconditional: no alignment
+            + f"{c['weight']:g} | {c['fd']:.3f} |"
+            + (
+                ""
+                if frechet is not None
+                else f" {c['precision']:.3f} | {c['recall']:.3f} | "
+                + (f"{c['alignment']:.3f} |" if "alignment" in c else "- |")  # unconditional: no alignment
+            )
         )
     atomic_write_bytes(out / "table.md", ("\n".join(lines) + "\n").encode())
     values = {(label(r), r["weight"]): r["fd"] for r in rows}
-    _heatmap(values, list(dict.fromkeys(label(r) for r in order)), ws, out / "heatmap.png", "FD_digits")
+    _heatmap(values, list(dict.fromkeys(label(r) for r in order)), ws, out / "heatmap.png", title)
     log(f"best: {best}")
     return best
 
 
+_METRIC_TITLES = {"fd_digits": "FD_digits", "fid": "FID", "fd_dinov2": "FD_DINOv2"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -550,7 +581,12 @@ def sweep_denoisers(
     for g in guides.values():  # generate checks models, options and VAE before it yields anything
         generate(main, seeds, guidance=Autoguidance(g, ws[0]), steps=steps, **options)
     sigma_min, sigma_max = sigma_range(main, sigma_min, sigma_max)
-    metric_name = None if metric is None else f"{metric.__module__}.{getattr(metric, '__qualname__', '?')}"
+    metric_name = None
+    if metric is not None:  # a FrechetMetric also names its detector file and reference
+        name = getattr(metric, "__qualname__", type(metric).__qualname__)
+        metric_name = f"{metric.__module__}.{name}"
+        if getattr(metric, "identity", None) is not None:
+            metric_name = [metric_name, metric.identity]
     common = dict(kind="denoisers", identity=identity_json, seeds=compact_seeds(seeds), steps=steps,
                   class_idx=class_idx, sigma_min=sigma_min, sigma_max=sigma_max, rho=float(rho),
                   metric=metric_name, version=__version__)  # fmt: skip

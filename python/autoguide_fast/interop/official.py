@@ -174,27 +174,58 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    """Resolves the allow-list only; ``persistent_load`` is unsupported (the base class refuses)."""
+def _np_frombuffer(buf, dtype, shape, order="C") -> np.ndarray:
+    # numpy's ndarray.__reduce_ex__ for pickle protocol 5: the raw bytes in band.
+    if not isinstance(buf, (bytes, bytearray)) or not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError("numpy _frombuffer needs raw bytes and a plain dtype")
+    if not isinstance(shape, tuple) or order not in ("C", "F"):
+        raise pickle.UnpicklingError("numpy _frombuffer with a malformed shape or order")
+    return np.frombuffer(bytes(buf), dtype=dtype).reshape(shape, order=order).copy()
 
-    def __init__(self, file, path: str):
+
+def _latin1_bytes(text, encoding="latin1") -> bytes:
+    # Protocol 2 pickles bytes as _codecs.encode(str, 'latin1').
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode other than str -> latin1 bytes")
+    return text.encode("latin1")
+
+
+# Data pickles (metric reference statistics): dictionaries of numpy arrays, nothing else.
+_ARRAYS: dict[tuple[str, str], Any] = {
+    ("dnnlib.util", "EasyDict"): EasyDict,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _np_dtype,
+    **{(m, "_reconstruct"): _np_reconstruct for m in _NP_CORE},
+    **{(m, "scalar"): _np_scalar for m in _NP_CORE},
+    **{(m, "_frombuffer"): _np_frombuffer for m in ("numpy._core.numeric", "numpy.core.numeric")},
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves an allow-list only; ``persistent_load`` is unsupported (the base class refuses)."""
+
+    def __init__(self, file, path: str, allowed=None, kind: str = "an official EDM2 checkpoint"):
         super().__init__(file)
-        self._path = path
+        self._path, self._allowed, self._kind = path, _ALLOWED if allowed is None else allowed, kind
 
     def find_class(self, module: str, name: str):
         try:
-            return _ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
             raise AutoguideError(
-                f"{self._path}: refused to load: the pickle names the global {module}.{name}, which an "
-                "official EDM2 checkpoint does not use (nothing was executed)"
+                f"{self._path}: refused to load: the pickle names the global {module}.{name}, which "
+                f"{self._kind} does not use (nothing was executed)"
             ) from None
 
 
-def unpickle(path: str | os.PathLike) -> Any:
+def unpickle(path: str | os.PathLike, *, arrays_only: bool = False) -> Any:
     """The contents of an official EDM2 pickle as data (:class:`Record` objects for persistent
     classes and torch modules), executing nothing. Raises FileNotFoundError, or AutoguideError
-    naming the file when it is not a pickle, is truncated, or names a global outside the allow-list."""
+    naming the file when it is not a pickle, is truncated, or names a global outside the allow-list.
+    ``arrays_only``: a data pickle (dictionaries of numpy arrays, e.g. the official metric reference
+    statistics); any class or tensor is refused."""
     from ..checkpoint import check_regular_file
 
     path = Path(path)
@@ -210,6 +241,8 @@ def unpickle(path: str | os.PathLike) -> Any:
             raise AutoguideError(f"{path}: not an official EDM2 pickle (no pickle protocol header)")
         f.seek(0)
         try:
+            if arrays_only:
+                return _Unpickler(f, str(path), _ARRAYS, "a file of numpy arrays").load()
             return _Unpickler(f, str(path)).load()
         except AutoguideError:
             raise

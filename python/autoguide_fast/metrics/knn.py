@@ -1,40 +1,10 @@
-"""Sample-quality metrics on feature vectors."""
+"""Improved precision and recall (Kynkaanniemi et al. 2019) on feature vectors."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-__all__ = ["feature_stats", "frechet_distance", "knn_precision_recall", "knn_radii"]
-
-
-def feature_stats(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Mean [D] and covariance [D, D] (float64) of features [N, D]."""
-    f = features.detach().to("cpu", torch.float64).numpy()
-    if f.ndim != 2 or len(f) < 2:
-        raise ValueError(f"features must be [N, D] with N >= 2, got {f.shape}")
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
-def frechet_distance(mu1, cov1, mu2, cov2) -> float:
-    """Frechet distance between Gaussians N(mu1, cov1) and N(mu2, cov2), float64:
-    ``|mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr((cov1^1/2 cov2 cov1^1/2)^1/2)``. The matrix
-    square roots come from symmetric eigendecompositions (negative round-off eigenvalues are
-    clipped), which stays real and stable where a general sqrtm can fail."""
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    cov1, cov2 = np.atleast_2d(np.asarray(cov1, np.float64)), np.atleast_2d(np.asarray(cov2, np.float64))
-    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (mu1.size, mu1.size):
-        raise ValueError(
-            f"shapes do not match: mu {mu1.shape} / {mu2.shape}, cov {cov1.shape} / {cov2.shape}"
-        )
-
-    def sqrt_psd(a):
-        w, v = np.linalg.eigh((a + a.T) / 2)
-        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-
-    s1 = sqrt_psd(cov1)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(s1 @ cov2 @ s1), 0, None)).sum()
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * cross)
+__all__ = ["knn_precision_recall", "knn_radii"]
 
 
 def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
