@@ -660,3 +660,65 @@ def test_sweep_by_fd_dinov2(tmp_path, dinov2_file):
         sweep(
             tmp_path / "main.safetensors", tmp_path / "guide.safetensors", "2.0", tmp_path / "x", metric="fid"
         )
+
+
+def _nvidia_archive(state: dict, path: Path) -> None:
+    # A TorchScript module with NVIDIA's layout (layers.<TF graph path>.{weight, beta, mean, var},
+    # output.*), holding the same weights: what torch.jit.save makes of such a module.
+    from autoguide_fast.metrics.detectors import _NVIDIA_LAYERS
+
+    class Conv(torch.nn.Module):
+        def __init__(self, prefix):
+            super().__init__()
+            self.weight = torch.nn.Parameter(state[f"{prefix}.conv.weight"])
+            self.beta = torch.nn.Parameter(state[f"{prefix}.bn.bias"])
+            self.register_buffer("mean", state[f"{prefix}.bn.running_mean"])
+            self.register_buffer("var", state[f"{prefix}.bn.running_var"])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Module()
+            for nv, ours in _NVIDIA_LAYERS.items():
+                parent = self.layers
+                *heads, last = nv.split(".")
+                for h in heads:
+                    if not hasattr(parent, h):
+                        parent.add_module(h, torch.nn.Module())
+                    parent = getattr(parent, h)
+                parent.add_module(last, Conv(ours))
+            self.output = torch.nn.Linear(2048, 1008)
+            self.output.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.output(x)
+
+    torch.jit.save(torch.jit.script(Net()), str(path))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_inception_from_nvidia_torchscript(tmp_path, inception_file):
+    state = torch.load(inception_file, weights_only=True)
+    state = {k: torch.ones_like(v) if k.endswith("bn.weight") else v for k, v in state.items()}
+    torch.save(state, tmp_path / "pt.pth")
+    _nvidia_archive(state, tmp_path / "inception-2015-12-05.pt")
+    x = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    want = ag.metrics.inception(tmp_path / "pt.pth")(x)
+    got = ag.metrics.inception(tmp_path / "inception-2015-12-05.pt")(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same tensors, the same arithmetic
+
+
+def test_nvidia_resize_equals_tf1_resize():
+    # NVIDIA's detector resizes by an affine grid (border padding, align_corners=False) shifted by
+    # 1/in - 1/299: the same sampling points i * in / 299 as TF1's bilinear resize.
+    from autoguide_fast.metrics.inception import resize_tf1_bilinear
+
+    for size in (32, 64, 300, 512):
+        x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size)) * 255
+        theta = torch.eye(2, 3)
+        theta[0, 2] += theta[0, 0] / size - theta[0, 0] / 299
+        theta[1, 2] += theta[1, 1] / size - theta[1, 1] / 299
+        grid = F.affine_grid(theta[None].repeat(2, 1, 1), [2, 3, 299, 299], align_corners=False)
+        nv = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # grid_sample recovers the source coordinate from float32 normalised ones: ~1e-5 px.
+        assert (resize_tf1_bilinear(x, 299) - nv).abs().max() <= 255 * 1e-4

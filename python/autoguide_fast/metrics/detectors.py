@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..interop.official import Record, _module_tensors, is_official_pickle, unpickle
+from ..interop.torchscript import is_torchscript, read_tensors
 from .dinov2 import DINOv2
 from .inception import FEATURES, InceptionV3
 
@@ -83,6 +85,107 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# NVIDIA's translation of the TF graph (inception-2015-12-05.pt / .pkl) names its layers after the
+# graph (layers.mixed_4.tower_1.conv_4 ...) and stores per convolution weight, beta, mean, var (no
+# batch-norm scale: the graph's is 1). Its names -> pt_inception's, block by block.
+_A = {
+    "conv": "branch1x1",
+    "tower.conv": "branch5x5_1",
+    "tower.conv_1": "branch5x5_2",
+    "tower_1.conv": "branch3x3dbl_1",
+    "tower_1.conv_1": "branch3x3dbl_2",
+    "tower_1.conv_2": "branch3x3dbl_3",
+    "tower_2.conv": "branch_pool",
+}
+_B = {
+    "conv": "branch3x3",
+    "tower.conv": "branch3x3dbl_1",
+    "tower.conv_1": "branch3x3dbl_2",
+    "tower.conv_2": "branch3x3dbl_3",
+}
+_C = {
+    "conv": "branch1x1",
+    "tower.conv": "branch7x7_1",
+    "tower.conv_1": "branch7x7_2",
+    "tower.conv_2": "branch7x7_3",
+    **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7dbl_{i + 1}" for i in range(5)},
+    "tower_2.conv": "branch_pool",
+}
+_D = {
+    "tower.conv": "branch3x3_1",
+    "tower.conv_1": "branch3x3_2",
+    **{f"tower_1.conv{'' if i == 0 else f'_{i}'}": f"branch7x7x3_{i + 1}" for i in range(4)},
+}
+_E = {
+    "conv": "branch1x1",
+    "tower_conv": "branch3x3_1",
+    "tower_mixed_conv": "branch3x3_2a",
+    "tower_mixed_conv_1": "branch3x3_2b",
+    "tower_1_conv": "branch3x3dbl_1",
+    "tower_1_conv_1": "branch3x3dbl_2",
+    "tower_1_mixed_conv": "branch3x3dbl_3a",
+    "tower_1_mixed_conv_1": "branch3x3dbl_3b",
+    "tower_2_conv": "branch_pool",
+}
+_NVIDIA_LAYERS = {
+    "conv": "Conv2d_1a_3x3",
+    "conv_1": "Conv2d_2a_3x3",
+    "conv_2": "Conv2d_2b_3x3",
+    "conv_3": "Conv2d_3b_1x1",
+    "conv_4": "Conv2d_4a_3x3",
+    **{
+        f"mixed{s}.{k}": f"Mixed_{b}.{v}"
+        for s, b in (("", "5b"), ("_1", "5c"), ("_2", "5d"))
+        for k, v in _A.items()
+    },
+    **{f"mixed_3.{k}": f"Mixed_6a.{v}" for k, v in _B.items()},
+    **{
+        f"mixed_{i + 4}.{k}": f"Mixed_{b}.{v}"
+        for i, b in enumerate(("6b", "6c", "6d", "6e"))
+        for k, v in _C.items()
+    },
+    **{f"mixed_8.{k}": f"Mixed_7a.{v}" for k, v in _D.items()},
+    **{f"mixed_{i + 9}.{k}": f"Mixed_{b}.{v}" for i, b in enumerate(("7b", "7c")) for k, v in _E.items()},
+}
+_NVIDIA_PARAMS = {
+    "weight": "conv.weight",
+    "beta": "bn.bias",
+    "mean": "bn.running_mean",
+    "var": "bn.running_var",
+}
+
+
+def _from_nvidia(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in state.items():
+        if key in ("output.weight", "output.bias"):
+            out["fc." + key.split(".")[1]] = t
+            continue
+        layer, _, param = key.removeprefix("layers.").rpartition(".")
+        if layer not in _NVIDIA_LAYERS or param not in _NVIDIA_PARAMS:
+            raise ValueError(f"{path}: not NVIDIA's inception-2015-12-05 (unknown tensor {key})")
+        out[f"{_NVIDIA_LAYERS[layer]}.{_NVIDIA_PARAMS[param]}"] = t
+        if param == "beta":
+            out[f"{_NVIDIA_LAYERS[layer]}.bn.weight"] = torch.ones_like(t)
+    return out
+
+
+def _inception_state(path: Path) -> dict[str, torch.Tensor]:
+    """pt_inception's layout from any of the three files: the .pth state dict, NVIDIA's TorchScript
+    ``.pt`` (its tensors; its code is not run) or NVIDIA's ``.pkl`` (through the restricted reader)."""
+    if is_torchscript(path):
+        return _from_nvidia(read_tensors(path), path)
+    if is_official_pickle(path):
+        root = unpickle(path)
+        tensors: dict[str, torch.Tensor] = {}
+        if isinstance(root, Record):
+            _module_tensors(root, "", tensors)
+        if not tensors:
+            raise ValueError(f"{path}: holds no network (expected NVIDIA's inception-2015-12-05.pkl)")
+        return _from_nvidia(tensors, path)
+    return _read_state(path)
+
+
 def _load(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
@@ -93,9 +196,12 @@ def _load(module: torch.nn.Module, state: dict, path: Path, what: str) -> None:
 
 def inception(weights: str | os.PathLike | None = None, device=None) -> InceptionV3:
     """The FID detector: uint8 [N, 3, H, W] -> [N, 2048] float32 features (see
-    :mod:`autoguide_fast.metrics.inception`), from ``pt_inception-2015-12-05-*.pth``."""
+    :mod:`autoguide_fast.metrics.inception`), from ``pt_inception-2015-12-05-*.pth`` (pytorch-fid,
+    torch-fidelity), NVIDIA's TorchScript ``inception-2015-12-05.pt`` (its tensors are read, its
+    code is not run) or NVIDIA's ``inception-2015-12-05.pkl`` where the restricted pickle reader
+    can take its tensors."""
     path = weights_path("fid", weights)
-    state = {k: v for k, v in _read_state(path).items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in _inception_state(path).items() if not k.endswith("num_batches_tracked")}
     net = InceptionV3()
     # num_batches_tracked is a training counter, absent from converted files: not required.
     missing = {k for k in net.state_dict() if k.endswith("num_batches_tracked")}
