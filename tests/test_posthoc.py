@@ -68,6 +68,24 @@ def test_a_profile_equal_to_an_input_reproduces_it(tmp_path):
     assert json.loads(meta["posthoc"])["inputs"] == 6  # the snapshots up to nimg 3000
 
 
+def test_a_time_between_snapshots_reconstructs(tmp_path):
+    # nimg 2500 lies between the snapshots at 2000 and 3000: the inputs are those up to 3000, and
+    # the result is their combination by the solved coefficients (float64 here, float32 sums there).
+    run, states = make_run(tmp_path)
+    [path] = reconstruct(run, 0.07, out_nimg=2500, out_dir=tmp_path / "out", progress=False)
+    meta = checkpoint.read_metadata(path)
+    assert meta["nimg"] == "2500" and json.loads(meta["posthoc"])["inputs"] == 6
+    keys = sorted(k for k in states if k[0] <= 3000)
+    x = solve_coefficients([n for n, _ in keys], [s for _, s in keys], 2500, 0.07)[:, 0]
+    got = checkpoint.load(path)
+    for name, v in got.items():
+        if v.is_floating_point():
+            want = sum(float(c) * states[k][name].double() for c, k in zip(x, keys))
+            torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out_nimg"):
+        reconstruct(run, 0.07, out_nimg=4001, out_dir=tmp_path / "o2", progress=False)
+
+
 def assert_rounded_once(got: torch.Tensor, want: torch.Tensor, want32: torch.Tensor) -> None:
     """``got`` (16-bit) is the float64 sum ``want`` rounded once to its dtype, as ``Tensor.to``
     rounds, with no more error than torch summing in float32 (``want32``) and rounding at the end:

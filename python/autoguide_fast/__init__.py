@@ -52,6 +52,12 @@ _LAZY_SUBMODULES = {
     "digits",
     "training",
     "data",
+    "experiment",
+    "sampling",
+    "guidance",
+    "kernels",
+    "digits_study",
+    "toy_search",
 }
 
 

@@ -31,12 +31,22 @@ def _train(args: argparse.Namespace) -> int:
     from .training import TrainOptions, train
 
     opts = TrainOptions(
-        preset=args.preset, cond=args.cond, kimg=args.kimg, batch=args.batch, batch_gpu=args.batch_gpu,
-        lr=args.lr, lr_decay_kimg=args.lr_decay_kimg, rampup_kimg=args.rampup_kimg, ema_stds=args.ema,
+        preset=args.preset,
+        cond=args.cond,
+        kimg=args.kimg,
+        batch=args.batch,
+        batch_gpu=args.batch_gpu,
+        lr=args.lr,
+        lr_decay_kimg=args.lr_decay_kimg,
+        rampup_kimg=args.rampup_kimg,
+        ema_stds=args.ema,
         snapshot_kimg=args.snapshot_kimg,
         checkpoint_kimg=args.snapshot_kimg if args.checkpoint_kimg is None else args.checkpoint_kimg,
-        log_kimg=args.log_kimg, dropout=args.dropout, precision=args.precision, seed=args.seed,
-    )  # fmt: skip
+        log_kimg=args.log_kimg,
+        dropout=args.dropout,
+        precision=args.precision,
+        seed=args.seed,
+    )
     result = train(args.data, args.out, opts, progress=not args.no_progress)
     return 0 if result["status"] == "done" else 3
 
@@ -136,8 +146,12 @@ def _models_and_guidance(args: argparse.Namespace):
     models = {key: _model_info(p) for key, p in sources if p}
     guidance_info = None
     if guidance is not None:
-        guidance_info = dict(kind=type(guidance).__name__, weight=guidance.weight, interval=guidance.interval,
-                             alpha=getattr(guidance, "alpha", None))  # fmt: skip
+        guidance_info = dict(
+            kind=type(guidance).__name__,
+            weight=guidance.weight,
+            interval=guidance.interval,
+            alpha=getattr(guidance, "alpha", None),
+        )
     return net, guidance, models, guidance_info
 
 
@@ -165,14 +179,25 @@ def _generate(args: argparse.Namespace) -> int:
     net, guidance, models, guidance_info = _models_and_guidance(args)
     sampler = _sampler_options(args)
     manifest = dict(
-        version=__version__, preset=args.preset, models=models, guidance=guidance_info,
-        seeds=compact_seeds(seeds), class_idx=args.class_idx, sampler=sampler,
+        version=__version__,
+        preset=args.preset,
+        models=models,
+        guidance=guidance_info,
+        seeds=compact_seeds(seeds),
+        class_idx=args.class_idx,
+        sampler=sampler,
         vae=str(Path(args.vae).resolve()) if args.vae else None,
-    )  # fmt: skip
+    )
     batches = generate(
-        net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch, vae=args.vae,
-        progress=not args.no_progress, **sampler,
-    )  # fmt: skip
+        net,
+        seeds,
+        guidance=guidance,
+        class_idx=args.class_idx,
+        batch=args.batch,
+        vae=args.vae,
+        progress=not args.no_progress,
+        **sampler,
+    )
     write_outputs(batches, out, manifest, subdirs=args.subdirs)
     return 0
 
@@ -235,8 +260,15 @@ def _metrics_ref(args: argparse.Namespace) -> int:
     _check_outputs(args.out)
     device = _distributed()
     detectors = _detectors(args, device)
-    stats = image_stats(args.data, detectors, num=args.num, batch=args.batch, workers=args.workers,
-                        device=device, progress=not args.no_progress)  # fmt: skip
+    stats = image_stats(
+        args.data,
+        detectors,
+        num=args.num,
+        batch=args.batch,
+        workers=args.workers,
+        device=device,
+        progress=not args.no_progress,
+    )
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_ref(stats, args.out)
         names = ", ".join(k for k in stats if k != "num_images")
@@ -251,8 +283,16 @@ def _metrics_calc(args: argparse.Namespace) -> int:
     ref = load_ref(args.ref)  # checked before any image is read
     device = _distributed()
     detectors = _detectors(args, device)
-    stats = image_stats(args.images, detectors, num=args.num, seed=args.seed, batch=args.batch,
-                        workers=args.workers, device=device, progress=not args.no_progress)  # fmt: skip
+    stats = image_stats(
+        args.images,
+        detectors,
+        num=args.num,
+        seed=args.seed,
+        batch=args.batch,
+        workers=args.workers,
+        device=device,
+        progress=not args.no_progress,
+    )
     _report(args, {**metrics_from_stats(stats, ref), "num_images": stats["num_images"]})
     return 0
 
@@ -267,10 +307,19 @@ def _metrics_gen(args: argparse.Namespace) -> int:
     device = _distributed()
     net, guidance, _, _ = _models_and_guidance(args)
     detectors = _detectors(args, device)
-    batches = generate(net, seeds, guidance=guidance, class_idx=args.class_idx, batch=args.batch,
-                       vae=args.vae, device=device, **_sampler_options(args))  # fmt: skip
-    stats = stats_of_batches((b.images for b in batches), detectors, device=device, total=len(seeds),
-                             progress=not args.no_progress)  # fmt: skip
+    batches = generate(
+        net,
+        seeds,
+        guidance=guidance,
+        class_idx=args.class_idx,
+        batch=args.batch,
+        vae=args.vae,
+        device=device,
+        **_sampler_options(args),
+    )
+    stats = stats_of_batches(
+        (b.images for b in batches), detectors, device=device, total=len(seeds), progress=not args.no_progress
+    )
     _report(args, {**metrics_from_stats(stats, ref), "num_images": stats["num_images"]})
     return 0
 
@@ -439,9 +488,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", help="folder holding the preset's files under their official names")
     p.add_argument("--vae", help="VAE folder for latent models (a downloaded stabilityai/sd-vae-ft-mse)")
     p.add_argument(
-        "--dtype", choices=["same", "float32", "float16", "bfloat16"], default="same",
+        "--dtype",
+        choices=["same", "float32", "float16", "bfloat16"],
+        default="same",
         help="network weights as stored (default: float16 models compute as the official code) or cast",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--weight", type=float, default=None, help="guidance weight (1 = none; default: 1 or the preset's)"
     )
@@ -450,10 +501,20 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--sigma-min", type=float, default=0.002)
-    p.add_argument("--sigma-max", type=float, default=80.0)
-    p.add_argument("--rho", type=float, default=7.0)
+    p.add_argument("--steps", type=int, default=32, help="sampler steps (Heun; the last one Euler)")
+    p.add_argument(
+        "--sigma-min",
+        type=float,
+        default=None,
+        help="lowest noise level (default: EDM's 0.002, raised to the lowest the model declares)",
+    )
+    p.add_argument(
+        "--sigma-max",
+        type=float,
+        default=None,
+        help="highest noise level (default: EDM's 80, lowered to the highest the model declares)",
+    )
+    p.add_argument("--rho", type=float, default=7.0, help="EDM's schedule exponent")
     p.add_argument("--churn", type=float, default=0.0, help="EDM S_churn (0 = deterministic sampler)")
     p.add_argument("--churn-min", type=float, default=0.0, help="EDM S_min: churn for sigma >= it")
     p.add_argument("--churn-max", type=float, default=float("inf"), help="EDM S_max: churn for sigma <= it")
@@ -472,13 +533,15 @@ def _add_metrics(sub) -> None:
     def common(p: argparse.ArgumentParser, batch: int) -> None:
         p.add_argument("--metrics", default="fid,fd_dinov2", help="comma list of fid, fd_dinov2")
         p.add_argument(
-            "--inception", default=None,
+            "--inception",
+            default=None,
             help="FID detector weights, pt_inception-2015-12-05-6726825d.pth (default: $AUTOGUIDE_INCEPTION)",
-        )  # fmt: skip
+        )
         p.add_argument(
-            "--dinov2", default=None,
+            "--dinov2",
+            default=None,
             help="FD_DINOv2 detector weights, dinov2_vitl14_pretrain.pth (default: $AUTOGUIDE_DINOV2)",
-        )  # fmt: skip
+        )
         p.add_argument("--batch", type=int, default=batch, help="images per batch and process")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -515,8 +578,27 @@ def _add_metrics(sub) -> None:
     gen.set_defaults(func=_metrics_gen)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # "(default: X)" after every help text, except where there is nothing to show (None, a
+    # switch) or the text already says what the default means.
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if nothing or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser and subparser shows each flag's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoguide", description="Autoguidance for diffusion models.")
+    parser = _Parser(prog="autoguide", description="Autoguidance for diffusion models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also AUTOGUIDE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     toy = sub.add_parser(
@@ -526,13 +608,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     toy.add_argument("--out", default="runs/toy", help="run directory (models are reused from it)")
     toy.add_argument(
-        "--seeds", type=int, default=3,
+        "--seeds",
+        type=int,
+        default=3,
         help="independent training sets (seeds 10k, 10k+1, 10k+2); metrics are mean +- std over them",
-    )  # fmt: skip
+    )
     toy.add_argument(
-        "--search", action="store_true",
+        "--search",
+        action="store_true",
         help="then search guides (capacity, training length, EMA, weight, interval) over the same sets",
-    )  # fmt: skip
+    )
     toy.add_argument("--quick", action="store_true", help="tiny sizes, for tests only")
     toy.add_argument(
         "--retrain", action="store_true", help="train the models even if the run directory has them"
@@ -566,10 +651,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-kimg", type=float, default=1.0, help="stats.jsonl interval")
     tr.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
     tr.add_argument(
-        "--precision", choices=["fp32", "fp16", "bf16", "fp64"], default="fp32",
+        "--precision",
+        choices=["fp32", "fp16", "bf16", "fp64"],
+        default="fp32",
         help="fp16/bf16: autocast on CUDA; fp64: float64 reference-precision run (slow)",
-    )  # fmt: skip
-    tr.add_argument("--seed", type=int, default=0)
+    )
+    tr.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)
 
@@ -585,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="same",
         help="dtype of the outputs (default: that of the snapshots)",
     )
-    em.add_argument("--no-progress", action="store_true")
+    em.add_argument("--no-progress", action="store_true", help="no progress bar")
     em.set_defaults(func=_ema)
 
     ge = sub.add_parser(
@@ -599,10 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument(
         "--class", dest="class_idx", type=int, default=None, help="class (default: random per seed)"
     )
-    ge.add_argument("--batch", type=int, default=64)
+    ge.add_argument(
+        "--batch", type=int, default=64, help="images per sampler call (images do not depend on it)"
+    )
     ge.add_argument("--out", required=True, help="directory of PNGs, or a .npz file")
     ge.add_argument("--subdirs", action="store_true", help="one subdirectory per 1000 seeds")
-    ge.add_argument("--no-progress", action="store_true")
+    ge.add_argument("--no-progress", action="store_true", help="no progress bar")
     ge.set_defaults(func=_generate)
 
     co = sub.add_parser(
@@ -630,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", required=True, help="where to save its weights (.safetensors)")
     cl.add_argument("--epochs", type=int, default=40, help="training epochs (>= 1)")
     cl.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (>= 0)")
-    cl.add_argument("--no-progress", action="store_true")
+    cl.add_argument("--no-progress", action="store_true", help="no progress bar")
     cl.set_defaults(func=_classifier)
 
     ex = sub.add_parser(
@@ -638,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the digits guidance experiment (digits), or the same over training seeds with a guide search "
         "(digits-seeds)",
     )
-    ex.add_argument("name", choices=["digits", "digits-seeds"])
+    ex.add_argument("name", choices=["digits", "digits-seeds"], help="which experiment")
     ex.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
     ex.add_argument("--seeds", type=int, default=3, help="digits-seeds: independent training sets")
     ex.add_argument("--quick", action="store_true", help="tiny sizes, for tests only")
@@ -653,9 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--ema-main", type=_floats, default=None, help="EMA lengths of the main model (post hoc)")
     sw.add_argument("--ema-guide", type=_floats, default=None, help="EMA lengths of the guide (post hoc)")
     sw.add_argument(
-        "--guide-kimg", type=_floats, default=None,
+        "--guide-kimg",
+        type=_floats,
+        default=None,
         help="guide training lengths: the guide run reconstructed at these times (kimg), e.g. 7.5,15,30",
-    )  # fmt: skip
+    )
     sw.add_argument("--seeds", default="0-499", help="the fixed seed set of every cell, e.g. 0-499")
     sw.add_argument("--steps", type=int, default=16, help="sampler steps per image")
     sw.add_argument(
@@ -703,8 +794,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"{prefix}: error: unexpected {type(e).__name__}: {_message(e)} (--debug shows the traceback)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{prefix}: error: unexpected {type(e).__name__}: {_message(e)} (--debug shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -129,7 +129,9 @@ def reconstruct(
     """Reconstructs EMA profiles of widths ``out_std`` at training time ``out_nimg`` (default:
     the newest snapshot) from the snapshots of a run, reading each input once.
 
-    Inputs are the snapshots with ``0 < nimg <= out_nimg``. Outputs are network snapshots
+    Inputs are the snapshots with ``0 < nimg <= out_nimg`` at a snapshot's time (as the official
+    ``reconstruct_phema.py``); any other time up to the newest snapshot also works, from the
+    snapshots up to the first one after it. Outputs are network snapshots
     (metadata ``nimg``, ``ema_std``, ``config``...) named
     ``{prefix}-{nimg:09d}-{std:.3f}.safetensors`` in ``out_dir``, loadable with
     ``autoguide_fast.load``. Nothing is written unless every input is valid and consistent.
@@ -161,7 +163,11 @@ def reconstruct(
     out_nimg = last if out_nimg is None else int(out_nimg)
     if not 0 < out_nimg <= last:
         raise ValueError(f"out_nimg must be in (0, {last}] (the newest snapshot), got {out_nimg}")
-    inputs = [s for s in found if 0 < s.nimg <= out_nimg]
+    # At a snapshot's time, the snapshots up to it (as the official tool); between two snapshot
+    # times, those up to the next one: only a profile that reaches past out_nimg can fit the tail
+    # of the target profile (the solve is a least-squares fit over the inputs' profiles).
+    until = min(s.nimg for s in found if s.nimg >= out_nimg)
+    inputs = [s for s in found if 0 < s.nimg <= until]
     coefs = solve_coefficients([s.nimg for s in inputs], [s.std for s in inputs], out_nimg, stds)
 
     if not isinstance(prefix, str) or not _PREFIX.fullmatch(prefix):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import _core
 from .checkpoint import (
@@ -437,11 +438,13 @@ def _sample_methods(models, recipe: ToyRecipe, k: int, progress: bool) -> dict[s
     runs = [("none", None)]
     for kind, cls, guide in (("autoguidance", Autoguidance, "guide"), ("cfg", CFG, "uncond")):
         runs += [(_method_name(kind, w), cls(models[guide], w)) for w in recipe.weights]
-    for name, guidance in runs:
+    # One labelled bar over the methods (set, method), not one unlabelled bar per sampler run.
+    bar = tqdm(runs, desc=f"set {k}: sampling", unit="method", leave=False, disable=not progress)
+    for name, guidance in bar:
+        bar.set_postfix_str(name)
         methods[name] = sample(
-            models["main"], noise, guidance=guidance, steps=recipe.steps, sigma_max=recipe.sigma_max,
-            progress=progress,
-        )  # fmt: skip
+            models["main"], noise, guidance=guidance, steps=recipe.steps, sigma_max=recipe.sigma_max
+        )
     return methods
 
 
