@@ -191,11 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--guide", action="append", default=[], metavar="[NAME=]DIR",
                    help="a guide UNet folder (or a pipeline folder); repeat for several")  # fmt: skip
-    p.add_argument("--weights", default="1.5,2,2.5,3", help="guidance weights: 'w1,w2,...' or 'lo:hi:step'")
     p.add_argument(
-        "--seeds", default="0-15", help="seeds, e.g. '0-63' (one image each, the same in every cell)"
+        "--weights", default=None, help="guidance weights: 'w1,w2,...' or 'lo:hi:step' (default 1.5,2,2.5,3)"
     )
-    p.add_argument("--steps", type=int, default=32, help="Heun steps")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="seeds, e.g. '0-63' (one image each, the same in every cell; default 0-15)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="Heun steps (default 32)")
     p.add_argument("--batch", type=int, default=8, help="images per sampler call")
     p.add_argument("--out", type=Path, default=Path("runs/diffusers_autoguidance"), help="output folder")
     p.add_argument("--embeddings", type=Path, help="safetensors file with encoder_hidden_states [1, L, C]")
@@ -210,9 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="UNet dtype (default: float16 on CUDA, else float32; the VAE: float32)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--tiny", action="store_true", help="tiny random models in a temporary folder (a smoke test)"
+        "--tiny", action="store_true", help="tiny random models in a temporary folder (a smoke test, ~10 s on 2 CPU cores)"
     )
     args = p.parse_args(argv)
+    # --tiny is a smoke test: 2 guides x 2 weights x 4 seeds x 8 steps (~10 s on 2 CPU cores)
+    # unless given otherwise; real models keep the full defaults.
+    small = dict(weights="2,3", seeds="0-3", steps=8) if args.tiny else {}
+    for name, full in (("weights", "1.5,2,2.5,3"), ("seeds", "0-15"), ("steps", 32)):
+        if getattr(args, name) is None:
+            setattr(args, name, small.get(name, full))
 
     from diffusers import AutoencoderKL
 

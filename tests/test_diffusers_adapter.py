@@ -296,3 +296,29 @@ def test_class_labels_one_hot():
         d(x, sigma)
     with pytest.raises(ValueError, match="one-hot"):
         d(x, sigma, torch.full((2, 5), 0.2))
+
+
+def test_null_class_makes_the_cfg_model():
+    # A DiT-style class-conditional UNet: 4 classes + a "no class" row (index 4) for label dropout.
+    unet = small_unet(0, num_class_embeds=5)
+    train = DDPMScheduler()
+    main, uncond = denoiser(unet, train), denoiser(unet, train, null_class=4)
+    assert main.label_dim == 5 and uncond.label_dim == 0
+    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.full((2,), 2.0), torch.eye(5)[[1, 3]]
+    with torch.no_grad():
+        guided = CFG(uncond, 2.5).evaluate(main, x, sigma, labels, True)
+        d_main = main(x, sigma, labels)
+        d_null = denoiser(unet, train, class_labels=torch.tensor([4, 4]))(x, sigma)
+    torch.testing.assert_close(guided[0], d_main, rtol=0, atol=0)
+    torch.testing.assert_close(guided[1], d_null, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"null_class must be in \[0, 5\)"):
+        denoiser(unet, train, null_class=5)
+    with pytest.raises(ValueError, match="class embedding is a table"):
+        denoiser(small_unet(0), train, null_class=0)
+
+
+def test_flow_matching_scheduler_is_named():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="flow-matching scheduler.*not supported yet"):
+        denoiser(small_unet(0), FlowMatchEulerDiscreteScheduler())

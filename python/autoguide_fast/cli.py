@@ -48,6 +48,12 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     result = train(args.data, args.out, opts, progress=not args.no_progress)
+    import torch.distributed as dist  # (after training: the process group is up under torchrun)
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(
+            f"{result['status']}: {result['nimg']} images, {result['step']} steps; run folder {result['out']}"
+        )
     return 0 if result["status"] == "done" else 3
 
 
@@ -176,6 +182,8 @@ def _generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix != ".npz" and out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".safetensors", ".pkl") and not out.is_dir():
+        raise ValueError(f"--out must be a directory of PNGs or a .npz file, got {out}")
     net, guidance, models, guidance_info = _models_and_guidance(args)
     sampler = _sampler_options(args)
     manifest = dict(

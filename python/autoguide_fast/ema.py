@@ -230,7 +230,11 @@ def _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_d
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=100, unit="%", desc=f"post-hoc EMA: {len(inputs)} snapshots -> {len(stds)}")
+        bar = tqdm(
+            total=100,
+            desc=f"post-hoc EMA: {len(inputs)} snapshots -> {len(stds)}",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",  # no rate of "%"
+        )
 
         def callback(done: int, total: int) -> None:
             bar.n = round(100 * done / total)

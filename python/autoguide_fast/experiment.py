@@ -400,6 +400,8 @@ def sweep(
     cells_path = out / "cells.json"
     cells = _read_cells(cells_path, log)
     todo = [p for p in plan if p[3] not in cells]
+    if len(todo) < len(plan):
+        log(f"{len(plan) - len(todo)} of {len(plan)} cells reused from {cells_path}")
     if todo and frechet is None:
         classifier = digits.load_classifier()
         digits_ref = digits.reference_stats(classifier)
@@ -440,8 +442,14 @@ def sweep(
     ]
 
     def label(r) -> str:
-        at = f" @ {r['guide_kimg']:g} kimg" if timed else ""
-        return f"main {r['ema_main']} / guide {r['ema_guide']}{at}"
+        # Plain snapshot files have no EMA length to show.
+        parts = [
+            f"{who} EMA {r[key]}"
+            for who, key in (("main", "ema_main"), ("guide", "ema_guide"))
+            if r[key] is not None
+        ]
+        parts += [f"guide @ {r['guide_kimg']:g} kimg"] if timed else []
+        return " / ".join(parts) or "models as given"
 
     order = sorted(
         rows, key=lambda c: (str(c["ema_main"]), c.get("guide_kimg", 0), str(c["ema_guide"]), c["weight"])
@@ -596,6 +604,9 @@ def sweep_denoisers(
     remove_stale_temporaries(out)
     cells_path = out / "cells.json"
     cells = _read_cells(cells_path, log)
+    reused = sum(k in cells and (out / str(cells[k].get("grid", ""))).is_file() for *_, k in plan)
+    if reused:
+        log(f"{reused} of {len(plan)} cells reused from {cells_path}")
     for name, w, k in plan:
         if k in cells and (out / str(cells[k].get("grid", ""))).is_file():
             continue
@@ -621,7 +632,7 @@ def sweep_denoisers(
     if metric is None or not scored:
         return None
     values = {(r["guide"], r["weight"]): r[objective] for r in rows}
-    _heatmap(values, list(guides), ws, out / "heatmap.png", objective)
+    _heatmap(values, list(guides), ws, out / "heatmap.png", objective, minimize)
     best = (min if minimize else max)(scored, key=lambda r: r[objective])
     log(f"best: guide={best['guide']} w={best['weight']:g} {objective}={best[objective]:.4g}")
     return best
@@ -646,8 +657,9 @@ def _contact_sheet(rows, names, ws, out: Path, objective):
     save_figure(fig, out / "contact_sheet.png", dpi=100)
 
 
-def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label: str):
+def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label: str, minimize: bool = True):
     # values: {(row name, weight): number or None}; rows in the order of names, columns of ws.
+    # The better end of the colour map is the lighter one; the best cell is outlined.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -656,15 +668,16 @@ def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label:
     grid = np.full((len(names), len(ws)), np.nan)
     for (name, w), v in values.items():
         grid[names.index(name), ws.index(w)] = np.nan if v is None else v
-    fig, ax = plt.subplots(figsize=(1.2 * len(ws) + 3, 0.6 * len(names) + 2))
-    im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    fig, ax = plt.subplots(figsize=(1.2 * len(ws) + 4, 0.6 * len(names) + 2))
+    im = ax.imshow(grid, cmap="viridis_r" if minimize else "viridis", aspect="auto")
     ax.set_xticks(range(len(ws)), [f"{w:g}" for w in ws])
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("guidance weight")
+    lo, hi = np.nanmin(grid), np.nanmax(grid)
     for i in range(len(names)):
         for j in range(len(ws)):
             if not np.isnan(grid[i, j]):
-                light = grid[i, j] < np.nanmin(grid) + 0.5 * (np.nanmax(grid) - np.nanmin(grid))
+                light = (grid[i, j] < lo + 0.5 * (hi - lo)) == minimize
                 ax.text(
                     j,
                     i,
@@ -674,5 +687,10 @@ def _heatmap(values: dict, names: list[str], ws: list[float], path: Path, label:
                     color="k" if light else "w",
                     fontsize=8,
                 )
-    fig.colorbar(im, label=label)
+    best = np.unravel_index(np.nanargmin(grid) if minimize else np.nanargmax(grid), grid.shape)
+    ax.add_patch(
+        plt.Rectangle((best[1] - 0.5, best[0] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+    )
+    ax.set_title(f"{label}: {'lower' if minimize else 'higher'} is better (best outlined)", fontsize=10)
+    fig.colorbar(im, label=label, fraction=0.05, pad=0.02)
     save_figure(fig, path, dpi=100)

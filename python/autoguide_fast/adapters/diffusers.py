@@ -270,6 +270,7 @@ def denoiser(
     *,
     resolution: int | None = None,
     latent: bool | None = None,
+    null_class: int | None = None,
     **conditioning,
 ) -> DiffusersDenoiser:
     """Wraps a diffusers UNet and its training scheduler as an EDM denoiser ``D(x, sigma, labels=None)``.
@@ -292,6 +293,10 @@ def denoiser(
             sample space: 64 for Stable Diffusion 1.x latents of 512-pixel images). ``latent``:
             whether samples are VAE latents, decoded by ``generate(..., vae=pipe.vae)``
             (default: True iff the UNet has 4 input channels, the Stable Diffusion family).
+        null_class: for a class-conditional UNet trained with label dropout (DiT-style, a
+            class-embedding table with one extra "no class" row): that row's index. The denoiser
+            then always passes it and takes no labels (``label_dim`` 0), so it serves as the
+            unconditional model of ``CFG(denoiser(unet, sched, null_class=1000), w)``.
 
     Returns:
         A :class:`DiffusersDenoiser`; ``sample(d, noise)`` and ``generate(d, seeds)`` without a
@@ -304,13 +309,32 @@ def denoiser(
     if prediction_type is None and isinstance(config, Mapping):
         prediction_type = config.get("prediction_type")
     if prediction_type not in PREDICTION_TYPES:
+        named = getattr(config, "_class_name", None) or (config or {}).get("_class_name", "")
+        if "FlowMatch" in type(scheduler).__name__ or "FlowMatch" in str(named):
+            raise ValueError(
+                f"{type(scheduler).__name__} is a flow-matching scheduler: flow-matching models "
+                "(rectified flow, SD3, FLUX) are not supported yet, only diffusion UNets trained "
+                "with epsilon, v_prediction or sample targets"
+            )
         raise ValueError(
             f"scheduler.config.prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
         )
     for reserved in ("sample", "timestep", "return_dict"):
         if reserved in conditioning:
             raise ValueError(f"conditioning must not contain {reserved!r}: the denoiser sets it")
+    if null_class is not None:
+        table = getattr(unet, "class_embedding", None)
+        if not isinstance(table, torch.nn.Embedding):
+            raise ValueError("null_class needs a UNet whose class embedding is a table (nn.Embedding)")
+        if isinstance(null_class, bool) or not isinstance(null_class, int):
+            raise TypeError(f"null_class must be an integer class index, got {null_class!r}")
+        if not 0 <= null_class < table.num_embeddings:
+            raise ValueError(f"null_class must be in [0, {table.num_embeddings}), got {null_class}")
+        if "class_labels" in conditioning:
+            raise ValueError("give null_class or class_labels, not both")
+        conditioning["class_labels"] = torch.tensor([null_class])
     conditioning = {k: _check_conditioning(k, v) for k, v in conditioning.items()}
-    return DiffusersDenoiser(
-        unet, _alphas_cumprod(scheduler), prediction_type, conditioning, resolution, latent
-    )
+    d = DiffusersDenoiser(unet, _alphas_cumprod(scheduler), prediction_type, conditioning, resolution, latent)
+    if null_class is not None:
+        d.label_dim = 0  # unconditional: what CFG asks of its guide
+    return d

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import torch
 
@@ -34,6 +35,13 @@ def mode() -> str:
 
 def _use_cuda(t: torch.Tensor, what: str) -> bool:
     m = mode()
+    if m == "cuda" and t.device.type != "cuda" and ("cpu", what) not in _announced:
+        _announced.add(("cpu", what))
+        warnings.warn(
+            f"AUTOGUIDE_KERNELS=cuda, but the {what} gets {t.device.type} tensors, which the CUDA kernels "
+            "cannot take: the torch reference runs",
+            stacklevel=3,
+        )
     if m == "reference" or t.device.type != "cuda":
         return False
     from . import cuda

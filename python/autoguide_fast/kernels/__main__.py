@@ -31,10 +31,13 @@ def _compile(name: str, arch: str, *extra: str):
     opts = [o.encode() for o in (f"--gpu-architecture={arch}", *NVRTC_OPTIONS, *extra)]
     (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-    log = b" " * size
+    # A writable buffer: NVRTC writes into it. (b" " * size is an immutable bytes object, and for
+    # size 1, an empty log, CPython's shared one-byte b" ": writing there turned every b" " in
+    # the process into b"\x00", which broke torch.save later on.)
+    log = bytearray(size)
     nvrtc.nvrtcGetProgramLog(prog, log)
     ok = res == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    return nvrtc, prog, ok, log.decode(errors="replace").strip("\x00 \n")
+    return nvrtc, prog, ok, bytes(log).decode(errors="replace").strip("\x00 \n")
 
 
 def compile_source(name: str, arch: str) -> tuple[bool, str, int]:
@@ -57,10 +60,10 @@ def ptx_entries(name: str, arch: str = "compute_80") -> dict[str, str]:
         nvrtc.nvrtcDestroyProgram(prog)
         raise RuntimeError(f"{name}: {text}")
     _, size = nvrtc.nvrtcGetPTXSize(prog)
-    buf = b" " * size
+    buf = bytearray(size)
     nvrtc.nvrtcGetPTX(prog, buf)
     nvrtc.nvrtcDestroyProgram(prog)
-    parts = re.split(r"\.visible \.entry (\w+)", buf.decode(errors="replace"))
+    parts = re.split(r"\.visible \.entry (\w+)", bytes(buf).decode(errors="replace"))
     return dict(zip(parts[1::2], parts[2::2]))
 
 
