@@ -208,7 +208,8 @@ def test_outputs_are_atomic_strict_json_and_honour_the_umask(tmp_path, capsys):
         os.umask(old)
     assert code == 0, err
     files = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert files == ["000000.png", "000001.png", "000002.png", "grid.png", "manifest.json"]
+    assert files == ["000000.png", "000001.png", "000002.png", "manifest.json"]  # the grid sits beside
     assert all((tmp_path / "o" / f).stat().st_mode & 0o777 == 0o640 for f in files)
+    assert (tmp_path / "o-grid.png").stat().st_mode & 0o777 == 0o640
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text(), parse_constant=pytest.fail)
     assert manifest["complete"] is True and manifest["sampler"]["churn_max"] is None  # inf -> null

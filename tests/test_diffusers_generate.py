@@ -63,11 +63,13 @@ def decoded(vae, samples, batch):
 
 
 def reference_images(net, seeds, batch, guidance=None, label_dim=None):
-    """generate's per-seed recipe written out, chunk by chunk: noise, then class, then churn from
-    one generator per seed; returns the samples [N, ...] and the labels [N, label_dim] or None."""
+    """generate's per-seed recipe written out, chunk by chunk (the official split: near-equal
+    chunks of at most ``batch``): noise, then class, then churn from one generator per seed;
+    returns the samples [N, ...] and the labels [N, label_dim] or None."""
     samples, labels = [], []
-    for i in range(0, len(seeds), batch):
-        rng = PerSampleRNG(seeds[i : i + batch])
+    count = (len(seeds) - 1) // batch + 1
+    for chunk in np.array_split(np.array(seeds), count):
+        rng = PerSampleRNG(chunk.tolist())
         noise = rng.randn((net.img_channels, net.img_resolution, net.img_resolution))
         onehot = None
         if label_dim:
@@ -228,7 +230,7 @@ def test_autoguidance_through_generate_equals_sample(tmp_path):
         generate(main, seeds, guidance=guidance, batch=4, steps=STEPS, vae=vae, device="cpu"),
         tmp_path / "png", {"model": "tiny"},
     )  # fmt: skip
-    assert manifest["complete"] and (tmp_path / "png" / "grid.png").is_file()
+    assert manifest["complete"] and (tmp_path / "png-grid.png").is_file()
     for seed, img in zip(seeds, images4):
         png = np.asarray(Image.open(tmp_path / "png" / f"{seed:06d}.png"))
         np.testing.assert_array_equal(png, img.permute(1, 2, 0).numpy())

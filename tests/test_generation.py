@@ -128,7 +128,7 @@ def test_cli_generate_and_eval(tmp_path, capsys):
     args = ["generate", "--net", str(net), "--guide", str(guide), "--weight", "2", "--seeds", "0-19",
             "--batch", "7", "--steps", "4", "--out", str(out), "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    assert len(list(out.glob("0000*.png"))) == 20 and (out / "grid.png").is_file()
+    assert len(list(out.glob("0000*.png"))) == 20 and (tmp_path / "imgs-grid.png").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seeds"] == "0-19" and manifest["guidance"]["kind"] == "Autoguidance"
     assert main(args[:-3] + ["--out", str(tmp_path / "a.npz"), "--no-progress"]) == 0
@@ -173,6 +173,13 @@ def test_torchrun_generation_matches_one_process(tmp_path):
     for seed in range(10):
         a = (tmp_path / "ddp" / f"{seed:06d}.png").read_bytes()
         assert a == (tmp_path / "one" / f"{seed:06d}.png").read_bytes()
+    # Each rank made its share of the official split (batches of <= 4 dealt round-robin over 2
+    # ranks: 0-2, 6-7 and 3-5, 8-9): disjoint, all seeds together, nothing else in the folder.
+    shares = json.loads((tmp_path / "ddp" / "manifest.json").read_text())["ranks"]
+    assert shares == ["0-2,6-7", "3-5,8-9"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [f"{s:06d}.png" for s in range(10)] + [
+        "manifest.json"
+    ]
 
 
 def test_sweep_over_guide_training_lengths(tmp_path):

@@ -184,6 +184,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
     if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".safetensors", ".pkl") and not out.is_dir():
         raise ValueError(f"--out must be a directory of PNGs or a .npz file, got {out}")
+    device = _distributed()  # under torchrun: the process group, this rank's device
     net, guidance, models, guidance_info = _models_and_guidance(args)
     sampler = _sampler_options(args)
     manifest = dict(
@@ -203,6 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
         class_idx=args.class_idx,
         batch=args.batch,
         vae=args.vae,
+        device=device,
         progress=not args.no_progress,
         **sampler,
     )

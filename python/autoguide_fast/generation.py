@@ -112,7 +112,8 @@ def generate(
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> Iterator[Batch]:
-    """Yields batches of images for ``seeds`` (this process's share under ``torchrun``).
+    """Yields batches of images for ``seeds`` (this process's share under ``torchrun``: the
+    official split, see :func:`rank_batches`).
 
     As the official ``generate_images.py``: a seed's noise, then its class (drawn even when
     ``class_idx`` fixes it), then the churn noise come from one generator seeded with it, so images
@@ -173,16 +174,26 @@ def generate(
     # The schedule is checked here (a ValueError naming the bad value) before any work.
     _core.step_plan(steps, sigma_min, sigma_max, float(rho), float(churn), float(churn_min),
                     float(churn_max), 0.0, math.inf)  # fmt: skip
-    mine = seeds[rank::world]
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    )
     decode = _decoder(net, vae, device)
-    chunks = [mine[i : i + batch] for i in range(0, len(mine), batch)]
+    chunks = [[seeds[i] for i in b] for b in rank_batches(len(seeds), batch, rank, world) if len(b)]
     sampler = dict(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn,
                    churn_range=(churn_min, churn_max), churn_noise=churn_noise)  # fmt: skip
     # Everything is checked above, before the first batch is asked for (and before a caller
     # such as write_outputs creates anything).
     return _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device,
                     progress and rank == 0)  # fmt: skip
+
+
+def rank_batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """The official split of ``n`` items over ``world`` processes (``generate_images.py``,
+    ``calculate_metrics.py``): ``world`` times as many near-equal contiguous batches as needed for
+    at most ``batch`` items each, dealt round-robin; rank r takes batches r, r + world, ... Every
+    rank gets the same number of batches (some may be empty); indices [k]."""
+    count = max((n - 1) // (batch * world) + 1, 1) * world
+    return np.array_split(np.arange(n), count)[rank::world]
 
 
 def _check_conditioning_batch(net, guidance, n_seeds: int, batch: int, world: int) -> None:
@@ -270,7 +281,8 @@ def write_outputs(
     batches: Iterator[Batch], out: str | os.PathLike, manifest: dict, subdirs: bool = False
 ) -> dict:
     """Writes PNGs (one per seed, optionally in subdirectories of 1000) or one ``.npz`` (when
-    ``out`` ends with .npz), a grid PNG and ``manifest.json``, every file atomically. The manifest
+    ``out`` ends with .npz), a grid PNG beside them (``<out>-grid.png``) and ``manifest.json``
+    (under torchrun with each rank's seeds), every file atomically. The manifest
     says how many images were written and whether the run completed (an interrupted run still
     leaves a manifest and a grid of what it made). Returns the manifest."""
     from PIL import Image, PngImagePlugin
@@ -287,14 +299,19 @@ def write_outputs(
     root = out.parent if as_npz else out
     if root.exists() and not root.is_dir():
         raise ValueError(f"out must be a directory or a .npz path, got the file {root}")
-    grid_path = root / (f"{out.stem}-grid.png" if as_npz else "grid.png")
+    # The preview grid sits beside an image folder, not in it: metric tools read every image there.
+    grid_path = root / f"{out.stem}-grid.png" if as_npz else out.parent / f"{out.name}-grid.png"
     manifest_path = root / (f"{out.stem}-manifest.json" if as_npz else "manifest.json")
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(root)
     grid, all_images, all_classes, all_seeds = [], [], [], []
-    written = 0
+    written, mine = 0, []
 
     def finish(complete: bool) -> None:
+        if world > 1 and complete:  # which process made which seeds (every rank takes part)
+            shares = [None] * world
+            dist.all_gather_object(shares, compact_seeds(mine))
+            manifest["ranks"] = shares
         if rank != 0:
             return
         if grid:
@@ -307,6 +324,7 @@ def write_outputs(
 
     try:
         for b in batches:
+            mine.extend(b.seeds)
             if sum(len(g) for g in grid) < 64:
                 grid.append(b.images)
             if as_npz:

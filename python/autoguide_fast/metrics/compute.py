@@ -14,6 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..data import ImageFiles
+from ..generation import rank_batches
 from .detectors import detector, weights_path
 from .frechet import FeatureStats, frechet_distance
 from .refs import load_ref
@@ -32,13 +33,6 @@ NUM_IMAGES = 50_000  # the official calc/gen default
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def rank_batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
-    """The official split of ``n`` items: ``world`` times as many near-equal contiguous batches as
-    needed for at most ``batch`` items each, dealt round-robin; rank r takes r, r + world, ..."""
-    count = max((n - 1) // (batch * world) + 1, 1) * world
-    return np.array_split(np.arange(n), count)[rank::world]
 
 
 def _rgb(images: torch.Tensor) -> torch.Tensor:
