@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="UNet dtype (default: float16 on CUDA, else float32; the VAE: float32)")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
-        "--tiny", action="store_true", help="tiny random models in a temporary folder (a smoke test, ~10 s on 2 CPU cores)"
+        "--tiny",
+        action="store_true",
+        help="tiny random models in a temporary folder (a smoke test, ~10 s on 2 CPU cores)",
     )
     args = p.parse_args(argv)
     # --tiny is a smoke test: 2 guides x 2 weights x 4 seeds x 8 steps (~10 s on 2 CPU cores)

@@ -306,18 +306,23 @@ def _arch_name(module: torch.nn.Module) -> str:
     raise TypeError(f"module must be one of {sorted(_architectures())} networks, got {type(module).__name__}")
 
 
-def save_network(module: torch.nn.Module, path: str | os.PathLike, **metadata) -> None:
+def save_network(
+    module: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None, **metadata
+) -> None:
     """Saves one of the package's networks with its architecture and constructor arguments, so
-    that :func:`load_network` rebuilds it (tensors in their dtype; the network's ``encoder``, if
-    any, is kept). Extra ``metadata`` values are stored as strings (non-strings as JSON). Exported
-    as ``autoguide_fast.save``."""
+    that :func:`load_network` rebuilds it (tensors in their dtype, or floating-point ones cast to
+    ``dtype``; the network's ``encoder``, if any, is kept). Extra ``metadata`` values are stored
+    as strings (non-strings as JSON). Exported as ``autoguide_fast.save``."""
     arch = _arch_name(module)
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     buffers = sorted(name for name, _ in module.named_buffers())
     meta.update(arch=arch, config=json.dumps(module.config), buffers=json.dumps(buffers))
     if getattr(module, "encoder", None) is not None:
         meta["encoder"] = module.encoder.to_json()
-    save(module.state_dict(), path, meta)
+    state = module.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save(state, path, meta)
 
 
 def _cast(dtype):

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -28,26 +29,38 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import TrainOptions, train
+    from .training import TrainOptions, preset_defaults, train
+
+    # A flag not given takes the published preset's official setting, else the library default.
+    defaults = {**{f.name: f.default for f in fields(TrainOptions)}, **preset_defaults(args.preset)}
+
+    def pick(name: str, given):
+        return defaults[name] if given is None else given
 
     opts = TrainOptions(
         preset=args.preset,
         cond=args.cond,
-        kimg=args.kimg,
-        batch=args.batch,
+        kimg=pick("kimg", args.kimg),
+        batch=pick("batch", args.batch),
         batch_gpu=args.batch_gpu,
-        lr=args.lr,
-        lr_decay_kimg=args.lr_decay_kimg,
-        rampup_kimg=args.rampup_kimg,
+        lr=pick("lr", args.lr),
+        lr_decay_kimg=pick("lr_decay_kimg", args.lr_decay_kimg),
+        rampup_kimg=pick("rampup_kimg", args.rampup_kimg),
         ema_stds=args.ema,
         snapshot_kimg=args.snapshot_kimg,
         checkpoint_kimg=args.snapshot_kimg if args.checkpoint_kimg is None else args.checkpoint_kimg,
         log_kimg=args.log_kimg,
-        dropout=args.dropout,
+        dropout=pick("dropout", args.dropout),
+        P_mean=pick("P_mean", args.P_mean),
+        P_std=pick("P_std", args.P_std),
         precision=args.precision,
         seed=args.seed,
+        snapshot_dtype=args.snapshot_dtype,
     )
-    result = train(args.data, args.out, opts, progress=not args.no_progress)
+    stream = {"auto": None, "memory": False, "stream": True}[args.data_loading]
+    result = train(
+        args.data, args.out, opts, progress=not args.no_progress, stream=stream, workers=args.workers
+    )
     import torch.distributed as dist  # (after training: the process group is up under torchrun)
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -593,7 +606,8 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # switch) or the text already says what the default means.
     def _get_help_string(self, action):
         text = action.help or ""
-        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        nothing = switch or action.default is None or action.default == argparse.SUPPRESS
         if nothing or "default" in text:
             return text
         return super()._get_help_string(action)
@@ -640,19 +654,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="train an EDM2 network (resumes from the newest checkpoint in --out; torchrun for many GPUs)",
     )
     tr.add_argument("--data", default="digits", help="'digits', a folder or .zip of PNGs, or an .npz")
+    tr.add_argument(
+        "--data-loading",
+        choices=["auto", "memory", "stream"],
+        default="auto",
+        help="hold the data set in memory, or stream it from disk with --workers processes "
+        "(auto: stream when it decodes to more than 1 GiB)",
+    )
+    tr.add_argument("--workers", type=int, default=2, help="data loading processes when streaming")
     tr.add_argument("--preset", default="digits-s", help="network preset (see networks.PRESETS)")
     tr.add_argument("--out", required=True, help="run directory")
-    tr.add_argument("--kimg", type=float, default=200.0, help="training length in thousands of images")
-    tr.add_argument("--batch", type=int, default=128, help="total batch size")
+    tr.add_argument(
+        "--kimg",
+        type=float,
+        default=None,
+        help="training length in thousands of images (default: 200, or an edm2-* preset's official length)",
+    )
+    tr.add_argument(
+        "--batch", type=int, default=None, help="total batch size (default: 128, edm2-* presets 2048)"
+    )
     tr.add_argument("--batch-gpu", type=int, default=None, help="per-process batch per accumulation round")
     cond = tr.add_mutually_exclusive_group()
     cond.add_argument(
         "--cond", dest="cond", action="store_true", default=True, help="class-conditional (default)"
     )
     cond.add_argument("--uncond", dest="cond", action="store_false", help="unconditional (a CFG guide)")
-    tr.add_argument("--lr", type=float, default=0.01, help="reference learning rate")
-    tr.add_argument("--lr-decay-kimg", type=float, default=50.0, help="inverse-sqrt decay starts here")
-    tr.add_argument("--rampup-kimg", type=float, default=2.0, help="learning-rate ramp-up length")
+    tr.add_argument(
+        "--lr", type=float, default=None, help="reference learning rate (default: 0.01, or the preset's)"
+    )
+    tr.add_argument(
+        "--lr-decay-kimg",
+        type=float,
+        default=None,
+        help="inverse-sqrt decay starts here (default: 50, or the preset's official value)",
+    )
+    tr.add_argument(
+        "--rampup-kimg",
+        type=float,
+        default=None,
+        help="learning-rate ramp-up length (default: 2, edm2-* 10000)",
+    )
     tr.add_argument("--ema", type=_floats, default=(0.05, 0.10), help="EMA widths, e.g. 0.05,0.10")
     tr.add_argument("--snapshot-kimg", type=float, default=25.0, help="network snapshot interval")
     tr.add_argument(
@@ -660,6 +701,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--log-kimg", type=float, default=1.0, help="stats.jsonl interval")
     tr.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    tr.add_argument(
+        "--P-mean",
+        dest="P_mean",
+        type=float,
+        default=None,
+        help="mean of the training log-sigma (default: -0.8, ImageNet-64's; edm2-img512-* -0.4)",
+    )
+    tr.add_argument(
+        "--P-std",
+        dest="P_std",
+        type=float,
+        default=None,
+        help="std of the training log-sigma (default: 1.6; edm2-img512-* 1.0)",
+    )
+    tr.add_argument(
+        "--snapshot-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="dtype of the network snapshots (default: float16 for edm2-* presets, as the official ones; "
+        "else the training dtype)",
+    )
     tr.add_argument(
         "--precision",
         choices=["fp32", "fp16", "bf16", "fp64"],

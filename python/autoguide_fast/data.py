@@ -106,8 +106,13 @@ class ImageDataset:
 
     def info(self) -> dict:
         """JSON-serialisable description stored in snapshot metadata."""
-        return dict(name=self.name, size=len(self), resolution=self.resolution, channels=self.channels,
-                    num_classes=self.num_classes if self.labels is not None else 0)  # fmt: skip
+        return dict(
+            name=self.name,
+            size=len(self),
+            resolution=self.resolution,
+            channels=self.channels,
+            num_classes=self.num_classes if self.labels is not None else 0,
+        )
 
 
 def _digits() -> ImageDataset:
@@ -300,7 +305,9 @@ class ImageFiles(torch.utils.data.Dataset):
     """The images of a folder (recursive), a zip or an ``.npz``, in file-name order, decoded on
     demand: ``ds[i]`` is uint8 [C, H, W]. A zip is opened once per process (DataLoader workers
     each open their own); an ``.npz`` is read whole (numpy cannot stream it). ``grid.png``, the
-    preview ``autoguide generate`` writes, is not an image of the set."""
+    preview older versions of ``autoguide generate`` wrote beside the images, is not one of them.
+    Labels come from ``dataset.json`` (the EDM2 layout) as in :func:`load_dataset`; the shape of
+    every image is that of the first (checked as each is read)."""
 
     def __init__(self, path: str | Path):
         from .checkpoint import check_regular_file
@@ -308,6 +315,8 @@ class ImageFiles(torch.utils.data.Dataset):
         self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
         self._array: np.ndarray | None = None
+        self.labels: torch.Tensor | None = None
+        meta = None
         if not self.path.exists():
             raise FileNotFoundError(f"images not found: {self.path} (give a folder, a .zip or an .npz)")
         if self.path.is_dir():
@@ -316,26 +325,56 @@ class ImageFiles(torch.utils.data.Dataset):
                 for p in self.path.rglob("*")
                 if p.is_file() and p.name.lower().endswith(_STREAM_SUFFIXES) and p.name != _PREVIEW
             )
+            if (self.path / "dataset.json").is_file():
+                meta = (self.path / "dataset.json").read_bytes()
         elif self.path.suffix.lower() == ".zip":
             check_regular_file(self.path)
             try:
                 with zipfile.ZipFile(self.path) as z:
                     names = z.namelist()
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+                    meta = z.read("dataset.json") if "dataset.json" in names else None
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
                 raise ValueError(f"{self.path}: not a readable zip file ({e})") from None
             self.names = sorted(
                 n for n in names if n.lower().endswith(_STREAM_SUFFIXES) and n.rsplit("/", 1)[-1] != _PREVIEW
             )
         elif self.path.suffix.lower() == ".npz":
-            self._array = _npz(self.path).images.numpy()
+            ds = _npz(self.path)
+            self._array, self.labels = ds.images.numpy(), ds.labels
             self.names = [f"{self.path.name}[{i}]" for i in range(len(self._array))]
         else:
             raise ValueError(f"images must be a folder, a .zip or an .npz, got {self.path}")
         if not self.names:
             raise ValueError(f"{self.path}: holds no images ({', '.join(_STREAM_SUFFIXES)})")
+        if meta is not None:
+            self.labels = _json_labels(f"{self.path}/dataset.json", meta, self.names)
+        self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and len(self.labels) else 0
+        self.shape = tuple(self._image(0).shape)  # [C, H, W] of every image
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def resolution(self) -> int:
+        return self.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def info(self) -> dict:
+        """JSON-serialisable description stored in snapshot metadata (as ``ImageDataset.info``)."""
+        return dict(
+            name=self.name,
+            size=len(self),
+            resolution=self.resolution,
+            channels=self.channels,
+            num_classes=self.num_classes if self.labels is not None else 0,
+        )
 
     def _bytes(self, name: str) -> bytes:
         if self.path.is_dir():
@@ -347,12 +386,20 @@ class ImageFiles(torch.utils.data.Dataset):
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:
             raise ValueError(f"{self.path}/{name}: damaged zip entry ({e})") from None
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def _image(self, i: int) -> torch.Tensor:
         if self._array is not None:
             return torch.from_numpy(np.ascontiguousarray(self._array[i]))
         name = self.names[i]
         arr = read_png(self._bytes(name), f"{self.path}/{name}")[0]
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # PIL's arrays are read-only
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self._image(i)
+        if tuple(image.shape) != self.shape:
+            raise ValueError(
+                f"{self.path}/{self.names[i]}: image of shape {tuple(image.shape)}, the first is {self.shape}"
+            )
+        return image
 
     def __getstate__(self):  # DataLoader workers: each opens the zip anew
         return {**self.__dict__, "_zip": None}

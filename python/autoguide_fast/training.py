@@ -80,6 +80,55 @@ SNAPSHOT_PREFIX = "network-snapshot-"
 _RNG_BLOCK = 16  # samples per random stream: results do not depend on batch_gpu or world size
 
 
+_SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# The official training configurations (NVlabs/edm2 train_edm2.py): learning rate, decay after
+# `decay` batches of 2048 (kimg here), dropout, duration, noise distribution; ramp-up 10 Mimg.
+_OFFICIAL = {
+    **{
+        f"edm2-img512-{k}": (lr, 70000, d, dur, -0.4, 1.0)
+        for k, lr, d, dur in (
+            ("xxs", 0.0170, 0.0, 2048),
+            ("xs", 0.0120, 0.0, 2048),
+            ("s", 0.0100, 0.0, 2048),
+            ("m", 0.0090, 0.1, 2048),
+            ("l", 0.0080, 0.1, 1792),
+            ("xl", 0.0070, 0.1, 1280),
+            ("xxl", 0.0065, 0.1, 896),
+        )
+    },
+    **{
+        f"edm2-img64-{k}": (lr, 35000, d, dur, -0.8, 1.6)
+        for k, lr, d, dur in (
+            ("xs", 0.0120, 0.0, 1024),
+            ("s", 0.0100, 0.0, 1024),
+            ("m", 0.0090, 0.1, 2048),
+            ("l", 0.0080, 0.1, 1024),
+            ("xl", 0.0070, 0.1, 640),
+        )
+    },
+}
+
+
+def preset_defaults(preset: str) -> dict:
+    """The official training settings of a published EDM2 preset (``edm2-img512-*``,
+    ``edm2-img64-*``) as :class:`TrainOptions` fields; ``{}`` for the package's own presets.
+    ``kimg`` is the official duration (2048 << 20 images = 2147483.648 kimg for img512-s)."""
+    if preset not in _OFFICIAL:
+        return {}
+    lr, decay, dropout, mimg, p_mean, p_std = _OFFICIAL[preset]
+    return dict(
+        lr=lr,
+        lr_decay_kimg=decay * 2048 / 1000,
+        rampup_kimg=10_000.0,
+        dropout=dropout,
+        kimg=(mimg << 20) / 1000,
+        batch=2048,
+        P_mean=p_mean,
+        P_std=p_std,
+    )
+
+
 @dataclass
 class TrainOptions:
     """Everything that defines a training run (stored in every training-state checkpoint)."""
@@ -102,6 +151,8 @@ class TrainOptions:
     dropout: float | None = None  # Overrides the preset's dropout.
     precision: str = "fp32"  # fp32; fp16 / bf16 autocast on CUDA; fp64 for reference-precision runs.
     seed: int = 0
+    snapshot_dtype: str | None = None  # Network snapshots: float32/float16/bfloat16; None = the preset's.
+    max_nonfinite: int = 100  # Consecutive steps with a NaN/inf loss before the run stops.
 
     def validate(self) -> None:
         from .networks.edm2 import PRESETS
@@ -130,6 +181,28 @@ class TrainOptions:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("P_mean", "P_std"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not self.P_std > 0:
+            raise ValueError(f"P_std must be > 0, got {self.P_std}")
+        if self.snapshot_dtype not in (None, *_SNAPSHOT_DTYPES):
+            raise ValueError(
+                f"snapshot_dtype must be None or one of {list(_SNAPSHOT_DTYPES)}, got {self.snapshot_dtype!r}"
+            )
+        if (
+            isinstance(self.max_nonfinite, bool)
+            or not isinstance(self.max_nonfinite, int)
+            or self.max_nonfinite < 1
+        ):
+            raise ValueError(f"max_nonfinite must be a positive integer, got {self.max_nonfinite!r}")
+
+    def snapshot_torch_dtype(self) -> torch.dtype | None:
+        """The dtype network snapshots are cast to: float16 for the published presets (as the
+        official snapshots), None (the training dtype) otherwise, unless ``snapshot_dtype`` says."""
+        name = self.snapshot_dtype or ("float16" if self.preset.startswith("edm2-") else None)
+        return None if name is None else _SNAPSHOT_DTYPES[name]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -149,17 +222,59 @@ def _stream(seed: int, step: int, block: int, device: torch.device) -> torch.Gen
     return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
 
 
+def _blocks(lo: int, hi: int) -> tuple[range, slice]:
+    start = lo - (lo // _RNG_BLOCK) * _RNG_BLOCK
+    return range(lo // _RNG_BLOCK, (hi - 1) // _RNG_BLOCK + 1), slice(start, start + hi - lo)
+
+
+def _indices(opts: TrainOptions, step: int, lo: int, hi: int, num_images: int) -> torch.Tensor:
+    """Data indices [hi - lo] (CPU) of global batch samples [lo, hi) of ``step``: the first draw
+    of each block's stream, so that a data loader can read them ahead of the step."""
+    blocks, sl = _blocks(lo, hi)
+    cpu = torch.device("cpu")
+    draws = [
+        torch.randint(num_images, (_RNG_BLOCK,), generator=_stream(opts.seed, step, b, cpu)) for b in blocks
+    ]
+    return torch.cat(draws)[sl]
+
+
 def _draw(opts: TrainOptions, step: int, lo: int, hi: int, num_images: int, shape, device):
     """Indices, sigmas and unit noise of global batch samples [lo, hi) of ``step``."""
-    idx, sig, noise = [], [], []
-    for block in range(lo // _RNG_BLOCK, (hi - 1) // _RNG_BLOCK + 1):
+    blocks, sl = _blocks(lo, hi)
+    sig, noise = [], []
+    for block in blocks:
         g = _stream(opts.seed, step, block, device)
-        idx.append(torch.randint(num_images, (_RNG_BLOCK,), generator=g, device=device))
+        torch.randint(num_images, (_RNG_BLOCK,), generator=g, device=device)  # the indices' draw
         sig.append((torch.randn(_RNG_BLOCK, generator=g, device=device) * opts.P_std + opts.P_mean).exp())
         noise.append(torch.randn(_RNG_BLOCK, *shape, generator=g, device=device))
-    start = lo - (lo // _RNG_BLOCK) * _RNG_BLOCK
-    sl = slice(start, start + hi - lo)
-    return torch.cat(idx)[sl], torch.cat(sig)[sl], torch.cat(noise)[sl]
+    idx = _indices(opts, step, lo, hi, num_images).to(device)
+    return idx, torch.cat(sig)[sl], torch.cat(noise)[sl]
+
+
+class _StepIndices:
+    """The data indices each accumulation round of this rank reads, step after step from
+    ``step``: a DataLoader ``batch_sampler`` that lets workers decode the images ahead."""
+
+    def __init__(
+        self, opts: TrainOptions, step: int, rounds: int, rank: int, world: int, batch_gpu: int, n: int
+    ):
+        self.opts, self.step, self.rounds, self.rank, self.world, self.batch_gpu, self.n = (
+            opts,
+            step,
+            rounds,
+            rank,
+            world,
+            batch_gpu,
+            n,
+        )
+
+    def __iter__(self):
+        step = self.step
+        while True:
+            for r in range(self.rounds):
+                lo = (r * self.world + self.rank) * self.batch_gpu
+                yield _indices(self.opts, step, lo, lo + self.batch_gpu, self.n).tolist()
+            step += 1
 
 
 def _states(out: Path) -> list[Path]:
@@ -185,9 +300,15 @@ def _save_state(
     for j, p in enumerate(net.parameters()):
         for k, v in opt.state.get(p, {}).items():
             tensors[f"optim.{j}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-    meta = dict(nimg=str(nimg), step=str(step), options=opts.to_json(), config=json.dumps(net.config),
-                dataset=json.dumps(data_info), format="autoguide_fast.training-state/1",
-                run_id=run_id)  # fmt: skip
+    meta = dict(
+        nimg=str(nimg),
+        step=str(step),
+        options=opts.to_json(),
+        config=json.dumps(net.config),
+        dataset=json.dumps(data_info),
+        format="autoguide_fast.training-state/1",
+        run_id=run_id,
+    )
     path = out / f"{STATE_PREFIX}{nimg:09d}.safetensors"
     save(tensors, path, meta)
     for old in _states(out)[:-2]:  # keep the two newest
@@ -232,6 +353,35 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     save_figure(fig, png, dpi=100)
 
 
+STREAM_BYTES = 1 << 30  # data sets decoding to more than this are streamed by default
+
+
+def _open_data(data, stream: bool | None):
+    """An in-memory ImageDataset or a streaming ImageFiles (see :func:`train`)."""
+    from .data import ImageDataset, ImageFiles, load_dataset
+
+    if isinstance(data, (ImageDataset, ImageFiles)):
+        if stream and isinstance(data, ImageDataset):
+            raise ValueError("stream=True needs a file source, not an in-memory ImageDataset")
+        return data
+    if str(data) == "digits" or Path(data).suffix.lower() == ".npz":
+        return load_dataset(data)  # in memory by nature
+    files = ImageFiles(data)
+    c, h, w = files.shape
+    if stream or (stream is None and len(files) * c * h * w > STREAM_BYTES):
+        return files
+    return load_dataset(data)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far: the device's allocator on CUDA, resident memory else."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource  # POSIX; ru_maxrss is in KiB on Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class _StopRequest:
     """SIGINT/SIGTERM set a flag; the loop writes a checkpoint and returns."""
 
@@ -253,17 +403,32 @@ class _StopRequest:
             signal.signal(s, h)
 
 
-def train(data, out: str | Path, options: TrainOptions | None = None, *, progress: bool = True,
-          log: Callable[[str], None] = print, device: torch.device | str | None = None) -> dict:  # fmt: skip
-    """Trains an EDM2 network on ``data`` (an :class:`~autoguide_fast.data.ImageDataset` or a
-    source for :func:`~autoguide_fast.data.load_dataset`) into the run directory ``out``.
+def train(
+    data,
+    out: str | Path,
+    options: TrainOptions | None = None,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    device: torch.device | str | None = None,
+    stream: bool | None = None,
+    workers: int = 2,
+) -> dict:
+    """Trains an EDM2 network on ``data`` (an :class:`~autoguide_fast.data.ImageDataset`, an
+    :class:`~autoguide_fast.data.ImageFiles`, or a source for either) into the run directory ``out``.
+
+    A data set is held in memory (and on the device) when small; a larger one (decoded size over
+    :data:`STREAM_BYTES`, or ``stream=True``) is streamed: ``workers`` DataLoader processes decode
+    each step's images ahead of it, so host memory grows with the batch, not the data set. Both
+    read the same images in the same order (the indices come from the seeded per-step streams),
+    so a run's results do not depend on the choice.
 
     Resumes automatically from the newest training-state checkpoint in ``out``. Under
     ``torchrun`` every process takes its share of each batch (DDP; NCCL on GPUs, gloo on CPUs).
     Writes network snapshots per EMA width, training-state checkpoints, ``stats.jsonl`` and
     ``loss.png``. Returns a summary (final nimg, status, files)."""
     from .checkpoint import atomic_write_bytes, read_metadata, save_network
-    from .data import ImageDataset, load_dataset, to_float
+    from .data import ImageFiles, to_float
     from .networks.edm2 import PRESETS, Precond
 
     opts = options or TrainOptions()
@@ -271,7 +436,10 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory, got the file {out}")
-    dataset = data if isinstance(data, ImageDataset) else load_dataset(data)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an integer >= 0, got {workers!r}")
+    dataset = _open_data(data, stream)
+    streamed = isinstance(dataset, ImageFiles)
 
     # Distributed set-up.
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -283,6 +451,8 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         )
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and every default-device allocation use this rank's GPU
     if opts.batch % world:
         raise ValueError(f"batch ({opts.batch}) must be divisible by the number of processes ({world})")
     per_rank = opts.batch // world
@@ -322,6 +492,9 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             )
         nimg, step = _load_state(states[-1], net, ema, opt, device)
         log(f"resuming from {states[-1]} at {nimg / 1000:.1f} kimg")
+    # Dropout and anything else that draws from torch's global generator: a stream per rank (not
+    # the same masks on every GPU), reproducible from the seed and the step a run starts at.
+    torch.manual_seed(int(np.random.SeedSequence([opts.seed, rank, step, 1]).generate_state(1)[0]))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for tmp in out.glob(".*.tmp"):  # left by a writer that was killed mid-write
@@ -338,8 +511,22 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
         return after // k > before // k
 
     shape = (dataset.channels, dataset.resolution, dataset.resolution)
-    images = dataset.images.to(device)
+    n_images = len(dataset)
     labels = dataset.labels.to(device) if (dataset.labels is not None and opts.cond) else None
+    if streamed:
+        loader = iter(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=_StepIndices(opts, step, rounds, rank, world, batch_gpu, n_images),
+                num_workers=workers,
+                prefetch_factor=2 if workers else None,
+                pin_memory=device.type == "cuda",
+                persistent_workers=False,
+            )
+        )
+    else:
+        images = dataset.images.to(device)
+    snapshot_dtype = opts.snapshot_torch_dtype()
     autocast = (
         dict(fp16=torch.float16, bf16=torch.bfloat16).get(opts.precision) if device.type == "cuda" else None
     )
@@ -351,6 +538,7 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             total=total, initial=min(nimg, total), unit="img", unit_scale=True, desc=f"train {out.name}"
         )
     window, t_window, status = [], time.perf_counter(), "done"
+    bad_in_a_row, bad_in_window = 0, 0
     with _StopRequest() as stop:
         while nimg < total:
             for g in opt.param_groups:
@@ -359,13 +547,20 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             loss_sum = torch.zeros((), device=device, dtype=dtype)
             for r in range(rounds):
                 lo = (r * world + rank) * batch_gpu
-                idx, sigma, noise = _draw(opts, step, lo, lo + batch_gpu, len(images), shape, device)
-                x, sigma, noise = to_float(images[idx]).to(dtype), sigma.to(dtype), noise.to(dtype)
+                idx, sigma, noise = _draw(opts, step, lo, lo + batch_gpu, n_images, shape, device)
+                pixels = next(loader).to(device, non_blocking=True) if streamed else images[idx]
+                x, sigma, noise = to_float(pixels).to(dtype), sigma.to(dtype), noise.to(dtype)
                 y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).to(dtype)
                 sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    loss = edm2_loss(ddp, x, y, sigma=sigma, scaled_noise=noise * sigma.reshape(-1, 1, 1, 1),
-                                     sigma_data=net.sigma_data)  # fmt: skip
+                    loss = edm2_loss(
+                        ddp,
+                        x,
+                        y,
+                        sigma=sigma,
+                        scaled_noise=noise * sigma.reshape(-1, 1, 1, 1),
+                        sigma_data=net.sigma_data,
+                    )
                     loss = loss.sum() / per_rank
                     loss.backward()
                 loss_sum += loss.detach()
@@ -373,11 +568,16 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
                 dist.all_reduce(loss_sum)
                 loss_sum /= world
             loss_value = float(loss_sum) / (shape[0] * shape[1] * shape[2])
-            if not math.isfinite(loss_value):  # every process sees the same reduced loss
+            # A NaN/inf loss (every process sees the same reduced value): as the official loop, its
+            # non-finite gradients become 0 and training goes on; it is counted in stats.jsonl, and
+            # only a streak of max_nonfinite such steps stops the run.
+            bad = not math.isfinite(loss_value)
+            bad_in_a_row, bad_in_window = (bad_in_a_row + 1 if bad else 0), bad_in_window + bad
+            if bad_in_a_row >= opts.max_nonfinite:
                 raise AutoguideError(
-                    f"training diverged: the loss is {loss_value} at step {step} ({nimg / 1000:g} kimg); "
-                    f"nothing of this step was saved and the newest checkpoint in {out} is kept: resume "
-                    "with a lower --lr"
+                    f"training diverged: the loss was NaN/inf for {bad_in_a_row} steps in a row, up to step "
+                    f"{step} ({nimg / 1000:g} kimg); the newest checkpoint in {out} is kept: resume with a "
+                    "lower --lr"
                 )
             for p in net.parameters():
                 if p.grad is not None:
@@ -385,30 +585,49 @@ def train(data, out: str | Path, options: TrainOptions | None = None, *, progres
             opt.step()
             before, nimg, step = nimg, nimg + opts.batch, step + 1
             ema.update(nimg, opts.batch)
-            window.append(loss_value)
+            if not bad:
+                window.append(loss_value)
             if bar is not None:
                 bar.update(min(nimg, total) - min(before, total))
-                bar.set_postfix(loss=f"{window[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
             done = nimg >= total
             if rank == 0 and (every(opts.log_kimg, before, nimg) or done):
                 dt = time.perf_counter() - t_window
+                steps_done = len(window) + bad_in_window
                 row = dict(
-                    nimg=nimg, kimg=nimg / 1000, loss=sum(window) / len(window), lr=opt.param_groups[0]["lr"],
-                    img_per_s=len(window) * opts.batch / max(dt, 1e-9), time=time.time(),
-                )  # fmt: skip
+                    nimg=nimg,
+                    kimg=nimg / 1000,
+                    loss=sum(window) / len(window) if window else None,
+                    lr=opt.param_groups[0]["lr"],
+                    img_per_s=steps_done * opts.batch / max(dt, 1e-9),
+                    sec_per_kimg=dt / max(steps_done * opts.batch / 1000, 1e-9),
+                    peak_mem_gb=_peak_memory_gb(device),
+                    nonfinite_steps=bad_in_window,
+                    time=time.time(),
+                )
                 with stats_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
-                window, t_window = [], time.perf_counter()
-            if rank == 0 and (every(opts.snapshot_kimg, before, nimg) or done):
+                window, t_window, bad_in_window = [], time.perf_counter(), 0
+            # Nothing is written while the loss is non-finite: the files keep the last good state.
+            writable = bad_in_a_row == 0
+            if rank == 0 and writable and (every(opts.snapshot_kimg, before, nimg) or done):
                 for std, e in zip(ema.stds, ema.emas):
-                    save_network(e, out / f"{SNAPSHOT_PREFIX}{nimg:09d}-{std:.3f}.safetensors", nimg=nimg,
-                                 ema_std=std, dataset=dataset.info(), cond=opts.cond, run=run_id)  # fmt: skip
+                    save_network(
+                        e,
+                        out / f"{SNAPSHOT_PREFIX}{nimg:09d}-{std:.3f}.safetensors",
+                        nimg=nimg,
+                        ema_std=std,
+                        dataset=dataset.info(),
+                        cond=opts.cond,
+                        run=run_id,
+                        dtype=snapshot_dtype,
+                    )
             stopping = stop.signal is not None
             if dist.is_initialized():  # every process stops at the same step
                 flag = torch.tensor([int(stopping)], device=device)
                 dist.all_reduce(flag)
                 stopping = bool(flag.item())
-            if rank == 0 and (every(opts.checkpoint_kimg, before, nimg) or done or stopping):
+            if rank == 0 and writable and (every(opts.checkpoint_kimg, before, nimg) or done or stopping):
                 _save_state(out, net, ema, opt, nimg, step, opts, dataset.info(), run_id)
                 _plot_losses(stats_path, out / "loss.png")
             if stopping and not done:
