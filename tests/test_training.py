@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +23,15 @@ from autoguide_fast.data import load_dataset
 from autoguide_fast.training import TrainOptions, learning_rate, train
 from conftest import free_port
 
-SMALL = dict(preset="digits-xs", batch=32, snapshot_kimg=0.128, checkpoint_kimg=0.128, log_kimg=0.064,
-             rampup_kimg=0.1, lr_decay_kimg=0.2)  # fmt: skip
+SMALL = dict(
+    preset="digits-xs",
+    batch=32,
+    snapshot_kimg=0.128,
+    checkpoint_kimg=0.128,
+    log_kimg=0.064,
+    rampup_kimg=0.1,
+    lr_decay_kimg=0.2,
+)
 
 
 def opts(**kw):
@@ -182,19 +190,41 @@ def test_options_are_validated():
     assert learning_rate(10_000, 0.01, 0, 0) == 0.01  # lr_decay_kimg 0: no decay, as documented
     train_opts = TrainOptions(lr_decay_kimg=0)
     train_opts.validate()
-    for kw, match in [(dict(rampup_kimg=-5), "rampup_kimg must be a number >= 0"),
-                      (dict(rampup_kimg=float("nan")), "rampup_kimg must be"),
-                      (dict(ema_stds=(0.05, 0.05)), "ema_stds must be distinct"),
-                      (dict(seed=-1), "seed must be an integer >= 0"),
-                      (dict(checkpoint_kimg=0), "checkpoint_kimg must be a positive number")]:  # fmt: skip
+    for kw, match in [
+        (dict(rampup_kimg=-5), "rampup_kimg must be a number >= 0"),
+        (dict(rampup_kimg=float("nan")), "rampup_kimg must be"),
+        (dict(ema_stds=(0.05, 0.05)), "ema_stds must be distinct"),
+        (dict(seed=-1), "seed must be an integer >= 0"),
+        (dict(checkpoint_kimg=0), "checkpoint_kimg must be a positive number"),
+    ]:
         with pytest.raises(ValueError, match=match):
             TrainOptions(**kw).validate()
 
 
 def _cli(out, kimg, extra=()):
-    args = ["train", "--data", "digits", "--preset", "digits-xs", "--out", str(out), "--kimg", str(kimg),
-            "--batch", "32", "--snapshot-kimg", "0.064", "--log-kimg", "0.032", "--rampup-kimg", "0.1",
-            "--lr-decay-kimg", "0.2", "--no-progress", *extra]  # fmt: skip
+    args = [
+        "train",
+        "--data",
+        "digits",
+        "--preset",
+        "digits-xs",
+        "--out",
+        str(out),
+        "--kimg",
+        str(kimg),
+        "--batch",
+        "32",
+        "--snapshot-kimg",
+        "0.064",
+        "--log-kimg",
+        "0.032",
+        "--rampup-kimg",
+        "0.1",
+        "--lr-decay-kimg",
+        "0.2",
+        "--no-progress",
+        *extra,
+    ]
     return [sys.executable, "-m", "autoguide_fast.cli", *args]
 
 
@@ -237,9 +267,22 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_is_exact(tmp_path):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "autoguide_fast.cli",
-           *_cli(tmp_path / "ddp", 0.128)[3:]]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "autoguide_fast.cli",
+        *_cli(tmp_path / "ddp", 0.128)[3:],
+    ]
     ran = subprocess.run([*cmd, "--precision", "fp64"], capture_output=True, text=True, timeout=600, env=env)
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     one = [*_cli(tmp_path / "one", 0.128), "--precision", "fp64"]
@@ -312,3 +355,55 @@ def test_streamed_training_equals_in_memory(tmp_path):
     sa, sb = snapshot_tensors(tmp_path / "mem", 96), snapshot_tensors(tmp_path / "str", 96)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_latent_training_records_the_official_encoder(tmp_path):
+    # A data set in the official latent layout (per image float32 [2C, H, W] = posterior mean and
+    # std in .npy files): the run trains on (mean + eps * std) * scale + bias, and its snapshots
+    # carry the same encoder as the official latent checkpoints, so generate --vae decodes them.
+    from autoguide_fast.interop import official
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(tmp_path / "latents.zip", "w") as z:
+        names = []
+        for i in range(40):
+            mean = rng.normal([5.81, 3.25, 0.12, -2.15], [4.17, 4.62, 3.71, 3.28], (8, 8, 4)).transpose(
+                2, 0, 1
+            )
+            arr = np.concatenate([mean, rng.uniform(0.05, 0.2, (4, 8, 8))]).astype(np.float32)
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            names.append(f"00000/img-mean-std-{i:08d}.npy")
+            z.writestr(names[-1], buf.getvalue())
+        z.writestr("dataset.json", json.dumps({"labels": [[n, i % 10] for i, n in enumerate(names)]}))
+    train(tmp_path / "latents.zip", tmp_path / "run", opts(kimg=0.064), progress=False, workers=0)
+    snap = tmp_path / "run" / "network-snapshot-000000064-0.050.safetensors"
+    net = ag.load(snap)
+    assert (net.img_channels, net.img_resolution, net.label_dim) == (4, 8, 10)
+    want = official.read(Path(__file__).parent / "data" / "edm2" / "official" / "latent-main.pkl").encoder
+    assert net.encoder == want  # kind, VAE name, per-channel scale and bias as the official encoder
+    from autoguide_fast.cli import main
+
+    vae = Path(__file__).parent / "data" / "edm2" / "official" / "tiny-vae"
+    assert (
+        main(
+            [
+                "generate",
+                "--net",
+                str(snap),
+                "--seeds",
+                "0-1",
+                "--steps",
+                "2",
+                "--vae",
+                str(vae),
+                "--out",
+                str(tmp_path / "imgs"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    assert np.asarray(Image.open(tmp_path / "imgs" / "000000.png")).shape == (32, 32, 3)

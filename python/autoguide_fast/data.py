@@ -298,6 +298,7 @@ def load_dataset(source: str | Path) -> ImageDataset:
 # Streaming image sources (metrics over data sets of any size): one image decoded at a time.
 
 _STREAM_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_LATENT_SUFFIX = ".npy"  # the official latent layout: per image float32 [2C, H, W] = (mean, std)
 _PREVIEW = "grid.png"  # the preview grid `autoguide generate` writes beside the images
 
 
@@ -323,7 +324,9 @@ class ImageFiles(torch.utils.data.Dataset):
             self.names = sorted(
                 p.relative_to(self.path).as_posix()
                 for p in self.path.rglob("*")
-                if p.is_file() and p.name.lower().endswith(_STREAM_SUFFIXES) and p.name != _PREVIEW
+                if p.is_file()
+                and p.name.lower().endswith((*_STREAM_SUFFIXES, _LATENT_SUFFIX))
+                and p.name != _PREVIEW
             )
             if (self.path / "dataset.json").is_file():
                 meta = (self.path / "dataset.json").read_bytes()
@@ -336,7 +339,10 @@ class ImageFiles(torch.utils.data.Dataset):
             except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
                 raise ValueError(f"{self.path}: not a readable zip file ({e})") from None
             self.names = sorted(
-                n for n in names if n.lower().endswith(_STREAM_SUFFIXES) and n.rsplit("/", 1)[-1] != _PREVIEW
+                n
+                for n in names
+                if n.lower().endswith((*_STREAM_SUFFIXES, _LATENT_SUFFIX))
+                and n.rsplit("/", 1)[-1] != _PREVIEW
             )
         elif self.path.suffix.lower() == ".npz":
             ds = _npz(self.path)
@@ -345,7 +351,13 @@ class ImageFiles(torch.utils.data.Dataset):
         else:
             raise ValueError(f"images must be a folder, a .zip or an .npz, got {self.path}")
         if not self.names:
-            raise ValueError(f"{self.path}: holds no images ({', '.join(_STREAM_SUFFIXES)})")
+            raise ValueError(
+                f"{self.path}: holds no images ({', '.join(_STREAM_SUFFIXES)}) or latents (.npy)"
+            )
+        # Official latent data sets (dataset_tool.py encode) hold only .npy files.
+        self.latent = self.names[0].lower().endswith(_LATENT_SUFFIX)
+        if any(n.lower().endswith(_LATENT_SUFFIX) != self.latent for n in self.names):
+            raise ValueError(f"{self.path}: mixes images and .npy latents")
         if meta is not None:
             self.labels = _json_labels(f"{self.path}/dataset.json", meta, self.names)
         self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and len(self.labels) else 0
@@ -360,7 +372,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     @property
     def channels(self) -> int:
-        return self.shape[0]
+        """Channels of a sample: the image's, or a latent's (half of the stored mean and std)."""
+        return self.shape[0] // 2 if self.latent else self.shape[0]
 
     @property
     def name(self) -> str:
@@ -390,6 +403,8 @@ class ImageFiles(torch.utils.data.Dataset):
         if self._array is not None:
             return torch.from_numpy(np.ascontiguousarray(self._array[i]))
         name = self.names[i]
+        if self.latent:
+            return _read_latent(self._bytes(name), f"{self.path}/{name}")
         arr = read_png(self._bytes(name), f"{self.path}/{name}")[0]
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # PIL's arrays are read-only
 
@@ -403,6 +418,18 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getstate__(self):  # DataLoader workers: each opens the zip anew
         return {**self.__dict__, "_zip": None}
+
+
+def _read_latent(data: bytes, where: str) -> torch.Tensor:
+    """An official latent entry: float32 [2C, H, W] (the VAE posterior's mean and std), read as
+    plain data (no pickles)."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{where}: not a readable .npy array ({e})") from None
+    if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[0] % 2 or not np.isfinite(arr).all():
+        raise ValueError(f"{where}: a latent must be finite float32 [2C, H, W], got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr.copy())
 
 
 def open_images(path: str | Path) -> ImageFiles:

@@ -152,6 +152,7 @@ class TrainOptions:
     precision: str = "fp32"  # fp32; fp16 / bf16 autocast on CUDA; fp64 for reference-precision runs.
     seed: int = 0
     snapshot_dtype: str | None = None  # Network snapshots: float32/float16/bfloat16; None = the preset's.
+    vae_name: str = "stabilityai/sd-vae-ft-mse"  # Latent data: the VAE its latents belong to (decoding).
     max_nonfinite: int = 100  # Consecutive steps with a NaN/inf loss before the run stops.
 
     def validate(self) -> None:
@@ -238,17 +239,45 @@ def _indices(opts: TrainOptions, step: int, lo: int, hi: int, num_images: int) -
     return torch.cat(draws)[sl]
 
 
-def _draw(opts: TrainOptions, step: int, lo: int, hi: int, num_images: int, shape, device):
-    """Indices, sigmas and unit noise of global batch samples [lo, hi) of ``step``."""
+def _draw(opts: TrainOptions, step: int, lo: int, hi: int, num_images: int, shape, device, latent=False):
+    """Indices, sigmas and unit noise of global batch samples [lo, hi) of ``step``; for latent
+    data also the unit noise that draws each latent from its VAE posterior."""
     blocks, sl = _blocks(lo, hi)
-    sig, noise = [], []
+    sig, noise, post = [], [], []
     for block in blocks:
         g = _stream(opts.seed, step, block, device)
         torch.randint(num_images, (_RNG_BLOCK,), generator=g, device=device)  # the indices' draw
         sig.append((torch.randn(_RNG_BLOCK, generator=g, device=device) * opts.P_std + opts.P_mean).exp())
         noise.append(torch.randn(_RNG_BLOCK, *shape, generator=g, device=device))
+        if latent:
+            post.append(torch.randn(_RNG_BLOCK, *shape, generator=g, device=device))
     idx = _indices(opts, step, lo, hi, num_images).to(device)
-    return idx, torch.cat(sig)[sl], torch.cat(noise)[sl]
+    return idx, torch.cat(sig)[sl], torch.cat(noise)[sl], torch.cat(post)[sl] if latent else None
+
+
+# The official StabilityVAEEncoder's whitening of raw latents (per channel, float32 arithmetic).
+_RAW_MEAN, _RAW_STD, _FINAL_MEAN, _FINAL_STD = (5.81, 3.25, 0.12, -2.15), (4.17, 4.62, 3.71, 3.28), 0.0, 0.5
+
+
+def stability_encoder(vae_name: str):
+    """The :class:`~autoguide_fast.interop.vae.EncoderInfo` of latents made by the official
+    ``dataset_tool.py encode``: ``final = raw * scale + bias`` with the official constants."""
+    from .interop.vae import EncoderInfo
+
+    scale = np.float32(_FINAL_STD) / np.array(_RAW_STD, np.float32)
+    bias = np.float32(_FINAL_MEAN) - np.array(_RAW_MEAN, np.float32) * scale
+    return EncoderInfo(
+        "stability_vae", vae_name=vae_name, scale=tuple(map(float, scale)), bias=tuple(map(float, bias))
+    )
+
+
+def _latents(raw: torch.Tensor, eps: torch.Tensor, encoder) -> torch.Tensor:
+    """Final latents [B, C, H, W] from stored (mean, std) [B, 2C, H, W] and unit noise: the
+    official ``encode_latents``, ``(mean + eps * std) * scale + bias`` in float32."""
+    mean, std = raw.to(torch.float32).chunk(2, dim=1)
+    scale = torch.tensor(encoder.scale, dtype=torch.float32, device=raw.device).reshape(1, -1, 1, 1)
+    bias = torch.tensor(encoder.bias, dtype=torch.float32, device=raw.device).reshape(1, -1, 1, 1)
+    return (mean + eps.to(torch.float32) * std) * scale + bias
 
 
 class _StepIndices:
@@ -368,7 +397,9 @@ def _open_data(data, stream: bool | None):
         return load_dataset(data)  # in memory by nature
     files = ImageFiles(data)
     c, h, w = files.shape
-    if stream or (stream is None and len(files) * c * h * w > STREAM_BYTES):
+    if files.latent and stream is False:
+        raise ValueError(f"{data}: latent data sets are streamed (data loading 'memory' is for images)")
+    if files.latent or stream or (stream is None and len(files) * c * h * w > STREAM_BYTES):
         return files
     return load_dataset(data)
 
@@ -472,6 +503,9 @@ def train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(opts.seed)
         net = Precond(**cfg).to(device).train().requires_grad_(True)
+    latent = streamed and dataset.latent
+    # Latent data: the network and its snapshots carry the encoder, so generate --vae decodes them.
+    net.encoder = stability_encoder(opts.vae_name) if latent else None
     # fp64 holds the weights and runs the network in float64 (slow; for checking numerics).
     dtype = torch.float64 if opts.precision == "fp64" else torch.float32
     net.to(dtype)
@@ -547,9 +581,12 @@ def train(
             loss_sum = torch.zeros((), device=device, dtype=dtype)
             for r in range(rounds):
                 lo = (r * world + rank) * batch_gpu
-                idx, sigma, noise = _draw(opts, step, lo, lo + batch_gpu, n_images, shape, device)
-                pixels = next(loader).to(device, non_blocking=True) if streamed else images[idx]
-                x, sigma, noise = to_float(pixels).to(dtype), sigma.to(dtype), noise.to(dtype)
+                idx, sigma, noise, post = _draw(
+                    opts, step, lo, lo + batch_gpu, n_images, shape, device, latent
+                )
+                raw = next(loader).to(device, non_blocking=True) if streamed else images[idx]
+                x = _latents(raw, post, net.encoder) if latent else to_float(raw)
+                x, sigma, noise = x.to(dtype), sigma.to(dtype), noise.to(dtype)
                 y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).to(dtype)
                 sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
