@@ -6,7 +6,7 @@ from autoguide_fast.cli import build_parser
 
 COMMANDS = [
     "toy", "train", "ema", "generate", "convert", "presets", "eval", "classifier", "experiment", "sweep",
-    "metrics", "metrics ref", "metrics calc", "metrics gen",
+    "metrics", "metrics ref", "metrics calc", "metrics gen", "dataset", "dataset convert", "dataset encode",
 ]  # fmt: skip
 
 

@@ -9,6 +9,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from . import dataset_tool
+
 
 def _toy(args: argparse.Namespace) -> int:
     from .toy import run
@@ -833,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", required=True, help="output directory (finished cells are reused from it)")
     sw.set_defaults(func=_sweep)
     _add_metrics(sub)
+    dataset_tool.add_cli(sub)
     return parser
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -315,6 +316,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
         self.path = Path(path)
         self._zip: zipfile.ZipFile | None = None
+        self._zip_pid = 0
         self._array: np.ndarray | None = None
         self.labels: torch.Tensor | None = None
         meta = None
@@ -392,8 +394,10 @@ class ImageFiles(torch.utils.data.Dataset):
     def _bytes(self, name: str) -> bytes:
         if self.path.is_dir():
             return (self.path / name).read_bytes()
-        if self._zip is None:
-            self._zip = zipfile.ZipFile(self.path)
+        # One open zip per process: forked DataLoader workers inherit the parent's file object,
+        # whose shared file offset would interleave their reads.
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         try:
             return self._zip.read(name)
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:
