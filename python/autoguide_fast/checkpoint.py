@@ -140,12 +140,13 @@ def open(path: str | os.PathLike) -> Snapshot:  # noqa: A001 - mirrors safetenso
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file: zero-copy views of the mapped file on the CPU,
-    copies on another ``device``."""
-    snap = Snapshot(path)
-    if torch.device(device).type == "cpu":
-        return dict(snap.items())
-    return {k: v.to(device) for k, v in snap.items()}
+    """All tensors of a safetensors file, as copies in memory on ``device``: they stay valid and
+    unchanged whatever later happens to the file (use :class:`Snapshot` for zero-copy reads
+    within a scope)."""
+    with Snapshot(path) as snap:
+        if torch.device(device).type == "cpu":
+            return {k: v.clone() for k, v in snap.items()}
+        return {k: v.to(device) for k, v in snap.items()}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -373,8 +374,10 @@ def load_network(
                 encoder = (
                     EncoderInfo.from_json(snap.metadata["encoder"]) if "encoder" in snap.metadata else None
                 )
+                # Copies in memory, never views of the mapped file: a network a user holds must not
+                # change when the file is rewritten, nor fault (SIGBUS) when it is truncated.
                 tensors = {
-                    k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+                    k: v.to(dtype) if dtype is not None and v.is_floating_point() else v.clone()
                     for k, v in snap.items()
                 }
                 # assign: the network takes the stored tensors (and dtypes) as they are.

@@ -195,6 +195,9 @@ def _generate(args: argparse.Namespace) -> int:
 
     seeds = parse_seeds(args.seeds)
     out = Path(args.out)
+    _check_not_input(
+        out, ("--net", args.net), ("--guide", args.guide), ("--cfg", args.cfg), ("--vae", args.vae)
+    )
     if out.suffix != ".npz" and out.exists() and not out.is_dir():
         raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
     if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".safetensors", ".pkl") and not out.is_dir():
@@ -267,6 +270,16 @@ def _report(args: argparse.Namespace, result: dict) -> None:
         atomic_write_bytes(args.out, (strict_json(result, indent=2) + "\n").encode())
 
 
+def _check_not_input(out, *inputs) -> None:
+    """An output that names one of the command's inputs would overwrite it: refused."""
+    if not out:
+        return
+    o = Path(out).resolve()
+    for flag, given in inputs:
+        if given and Path(given).exists() and Path(given).resolve() == o:
+            raise ValueError(f"--out {out} is the {flag} input: it would be overwritten; give another --out")
+
+
 def _check_outputs(*paths) -> None:
     from .checkpoint import check_replaceable
 
@@ -283,6 +296,7 @@ def _metrics_ref(args: argparse.Namespace) -> int:
     if Path(args.out).suffix.lower() not in (".pkl", ".npz"):
         raise ValueError(f"--out must be a .pkl (the official layout) or an .npz file, got {args.out}")
     _check_outputs(args.out)
+    _check_not_input(args.out, ("--data", args.data))
     device = _distributed()
     detectors = _detectors(args, device)
     stats = image_stats(
@@ -305,6 +319,7 @@ def _metrics_calc(args: argparse.Namespace) -> int:
     from .metrics import image_stats, load_ref, metrics_from_stats
 
     _check_outputs(args.out)
+    _check_not_input(args.out, ("--images", args.images), ("--ref", args.ref))
     ref = load_ref(args.ref)  # checked before any image is read
     device = _distributed()
     detectors = _detectors(args, device)
@@ -327,6 +342,9 @@ def _metrics_gen(args: argparse.Namespace) -> int:
     from .metrics import load_ref, metrics_from_stats, stats_of_batches
 
     _check_outputs(args.out)
+    _check_not_input(
+        args.out, ("--ref", args.ref), ("--net", args.net), ("--guide", args.guide), ("--cfg", args.cfg)
+    )
     ref = load_ref(args.ref)
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num))
     device = _distributed()
@@ -352,6 +370,7 @@ def _metrics_gen(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .interop.official import convert
 
+    _check_not_input(args.out, ("src", args.src))
     for p in convert(args.src, args.out):
         print(p)
     return 0

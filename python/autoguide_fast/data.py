@@ -262,6 +262,51 @@ def _npz(path: Path) -> ImageDataset:
     )
 
 
+# Zip entries are inflated only up to what their content can need: a 1 MB zip may declare (or
+# hold) a 1 GiB entry. The bound comes from the entry's own header (PNG IHDR, .npy header), read
+# first, else from a flat cap.
+_MAX_ENTRY = 256 << 20
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _entry_limit(head: bytes, name: str) -> int:
+    """Most bytes an entry that starts with ``head`` can legitimately hold."""
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        depth, color = head[24], head[25]
+        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color, 4)
+        raw = h * (1 + (w * channels * max(depth, 1) + 7) // 8)  # filter byte + packed row
+        return min(_MAX_ENTRY, raw + raw // 64 + (1 << 20))  # deflate's stored blocks + chunks
+    if head.startswith(b"\x93NUMPY"):
+        readers = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
+        try:
+            shape, _, dtype = readers[head[6]](io.BytesIO(head[8:]))
+            return min(_MAX_ENTRY, int(np.prod(shape)) * np.dtype(dtype).itemsize + 4096)
+        except Exception:  # an unreadable header: the flat cap, and np.load refuses it later
+            pass
+    return _MAX_ENTRY
+
+
+def read_entry(z: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """A zip entry's bytes, refused (ValueError naming it) when its declared or actual size is
+    beyond what its header allows, before inflating it."""
+    info = z.getinfo(name)
+    with z.open(info) as f:
+        head = f.read(512)
+        limit = _entry_limit(head, name)
+        if info.file_size > limit:
+            raise ValueError(
+                f"{where}: the entry declares {info.file_size} bytes, more than its content can hold "
+                f"({limit}); refusing to inflate it (a damaged or hostile zip)"
+            )
+        data = head + f.read(limit + 1 - len(head))
+    if len(data) > limit:
+        raise ValueError(
+            f"{where}: the entry inflates past {limit} bytes; refusing it (a damaged or hostile zip)"
+        )
+    return data
+
+
 def _wanted(name: str) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES) or name == "dataset.json"
 
@@ -286,7 +331,11 @@ def load_dataset(source: str | Path) -> ImageDataset:
         check_regular_file(path)  # a FIFO would block the reader
         try:
             with zipfile.ZipFile(path) as z:
-                files = {n: z.read(n) for n in z.namelist() if not n.endswith("/") and _wanted(n)}
+                files = {
+                    n: read_entry(z, n, f"{path}/{n}")
+                    for n in z.namelist()
+                    if not n.endswith("/") and _wanted(n)
+                }
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, zlib.error) as e:
             raise ValueError(f"{path}: not a readable zip file ({e})") from None
         return _from_files(path, files)
@@ -337,7 +386,11 @@ class ImageFiles(torch.utils.data.Dataset):
             try:
                 with zipfile.ZipFile(self.path) as z:
                     names = z.namelist()
-                    meta = z.read("dataset.json") if "dataset.json" in names else None
+                    meta = (
+                        read_entry(z, "dataset.json", f"{self.path}/dataset.json")
+                        if "dataset.json" in names
+                        else None
+                    )
             except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
                 raise ValueError(f"{self.path}: not a readable zip file ({e})") from None
             self.names = sorted(
@@ -378,8 +431,8 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.shape[0] // 2 if self.latent else self.shape[0]
 
     @property
-    def name(self) -> str:
-        return self.path.stem
+    def name(self) -> str:  # as load_dataset names the same source
+        return self.path.stem if self.path.suffix.lower() == ".npz" else self.path.name
 
     def info(self) -> dict:
         """JSON-serialisable description stored in snapshot metadata (as ``ImageDataset.info``)."""
@@ -399,7 +452,7 @@ class ImageFiles(torch.utils.data.Dataset):
         if self._zip is None or self._zip_pid != os.getpid():
             self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
         try:
-            return self._zip.read(name)
+            return read_entry(self._zip, name, f"{self.path}/{name}")
         except (zipfile.BadZipFile, EOFError, zlib.error) as e:
             raise ValueError(f"{self.path}/{name}: damaged zip entry ({e})") from None
 

@@ -66,6 +66,20 @@ class PowerFunctionEMA:
                 b_ema.copy_(b_net)
 
 
+def check_std_names(stds, name: str) -> None:
+    """EMA widths name their snapshot files with 3 decimals (``...-0.050``): widths that share a
+    name would overwrite each other's files, so they are refused."""
+    seen: dict[str, float] = {}
+    for s in stds:
+        key = f"{float(s):.3f}"
+        if key in seen:
+            raise ValueError(
+                f"{name}: {seen[key]} and {s} both name files '-{key}' (snapshot names keep 3 decimals); "
+                "give widths that differ in the first 3 decimals"
+            )
+        seen[key] = s
+
+
 def solve_coefficients(in_nimg, in_std, out_nimg, out_std) -> np.ndarray:
     """Post-hoc EMA coefficients ``X`` [in, out] (float64): output profile ``j`` (ending at
     ``out_nimg[j]`` with relative std ``out_std[j]``) is ``sum_i X[i, j] * snapshot_i``; each
@@ -156,6 +170,13 @@ def reconstruct(
         raise ValueError("out_std must name at least one EMA width")
     for s in stds:
         std_to_exp(s)  # ValueError naming the bad width
+    check_std_names(stds, "out_std")
+    own = isinstance(snapshots, (str, os.PathLike)) and Path(out_dir).resolve() == Path(snapshots).resolve()
+    if out_dir is not None and not own and any(Path(out_dir).glob("training-state-*.safetensors")):
+        raise ValueError(
+            f"out_dir {out_dir} is a training run's folder: reconstructed profiles there would mix with "
+            "its snapshots; give another folder"
+        )
     found = list_snapshots(snapshots)
     if not found:
         raise ValueError(f"no snapshots with 'nimg' and 'ema_std' metadata in {snapshots}")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ._core import AutoguideError
-from .ema import PowerFunctionEMA
+from .ema import PowerFunctionEMA, check_std_names
 
 __all__ = ["TrainOptions", "edm2_loss", "learning_rate", "train"]
 
@@ -178,6 +178,7 @@ class TrainOptions:
             raise ValueError("ema_stds must list at least one EMA width")
         if len(set(self.ema_stds)) != len(self.ema_stds):
             raise ValueError(f"ema_stds must be distinct (one snapshot file per width), got {self.ema_stds}")
+        check_std_names(self.ema_stds, "ema_stds")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -361,6 +362,43 @@ def _load_state(path: Path, net, ema: PowerFunctionEMA, opt, device) -> tuple[in
         return int(snap.metadata["nimg"]), int(snap.metadata["step"])
 
 
+def _lock_run(out: Path):
+    """An exclusive lock on the run folder for the life of a training run (released by close, or
+    by the system when the process dies): two runs writing one folder would interleave."""
+    import fcntl  # POSIX
+
+    f = open(out / "train.lock", "a")  # noqa: SIM115 (held open for the run; closed by the caller)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ValueError(
+            f"{out}: another training run is writing this folder (it holds {out / 'train.lock'})"
+        ) from None
+    return f
+
+
+def read_stats(path: Path) -> list[dict]:
+    """The rows of a run's ``stats.jsonl``. A last line without its newline is the partial write
+    of a killed process and is dropped; any other bad line is an error naming the file and line."""
+    text = path.read_text()
+    lines = text.split("\n")
+    complete, partial = lines[:-1], lines[-1]  # text ends with "\n" when the last write finished
+    del partial  # an unfinished line of a killed writer
+    rows = []
+    for i, line in enumerate(complete, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{path}:{i}: not a stats line ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("nimg"), int):
+            raise ValueError(f"{path}:{i}: not a stats line (no integer 'nimg')")
+        rows.append(row)
+    return rows
+
+
 def _plot_losses(stats_path: Path, png: Path) -> None:
     import matplotlib
 
@@ -371,7 +409,7 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
 
     if not stats_path.exists():  # a checkpoint before the first stats line
         return
-    rows = [json.loads(line) for line in stats_path.read_text().splitlines() if line.strip()]
+    rows = [r for r in read_stats(stats_path) if r.get("loss") is not None]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -458,7 +496,7 @@ def train(
     ``torchrun`` every process takes its share of each batch (DDP; NCCL on GPUs, gloo on CPUs).
     Writes network snapshots per EMA width, training-state checkpoints, ``stats.jsonl`` and
     ``loss.png``. Returns a summary (final nimg, status, files)."""
-    from .checkpoint import atomic_write_bytes, read_metadata, save_network
+    from .checkpoint import atomic_write_bytes, read_metadata, remove_stale_temporaries, save_network
     from .data import ImageFiles, to_float
     from .networks.edm2 import PRESETS, Precond
 
@@ -524,155 +562,178 @@ def train(
             raise ValueError(
                 f"{out} holds a run of another network ({saved.preset}, cond={saved.cond}); use another out"
             )
+        if tuple(saved.ema_stds) != tuple(opts.ema_stds):
+            raise ValueError(
+                f"{out} holds a run with EMA widths {list(saved.ema_stds)}, not {list(opts.ema_stds)}: its "
+                "EMA state belongs to those widths (resume with the same --ema, or use another out)"
+            )
+        saved_data = json.loads(read_metadata(states[-1]).get("dataset", "null"))
+        if saved_data is not None and saved_data != dataset.info():
+            raise ValueError(
+                f"{out} was trained on another data set ({saved_data}), not {dataset.info()}; use another out"
+            )
         nimg, step = _load_state(states[-1], net, ema, opt, device)
         log(f"resuming from {states[-1]} at {nimg / 1000:.1f} kimg")
     # Dropout and anything else that draws from torch's global generator: a stream per rank (not
     # the same masks on every GPU), reproducible from the seed and the step a run starts at.
     torch.manual_seed(int(np.random.SeedSequence([opts.seed, rank, step, 1]).generate_state(1)[0]))
+    lock = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for tmp in out.glob(".*.tmp"):  # left by a writer that was killed mid-write
-            tmp.unlink(missing_ok=True)
-    stats_path, total = out / "stats.jsonl", int(opts.kimg * 1000)
-    if rank == 0 and stats_path.exists():  # drop lines past the resumed state
-        keep = [
-            ln for ln in stats_path.read_text().splitlines() if ln.strip() and json.loads(ln)["nimg"] <= nimg
-        ]
-        atomic_write_bytes(stats_path, "".join(ln + "\n" for ln in keep).encode())
+        lock = _lock_run(out)
+    try:
+        if rank == 0:
+            remove_stale_temporaries(out)  # left by writers that were killed mid-write
+        stats_path, total = out / "stats.jsonl", int(opts.kimg * 1000)
+        if rank == 0 and stats_path.exists():  # drop lines past the resumed state
+            keep = [json.dumps(r) for r in read_stats(stats_path) if r["nimg"] <= nimg]
+            atomic_write_bytes(stats_path, "".join(ln + "\n" for ln in keep).encode())
 
-    def every(kimg: float, before: int, after: int) -> bool:
-        k = max(1, int(kimg * 1000))
-        return after // k > before // k
+        def every(kimg: float, before: int, after: int) -> bool:
+            k = max(1, int(kimg * 1000))
+            return after // k > before // k
 
-    shape = (dataset.channels, dataset.resolution, dataset.resolution)
-    n_images = len(dataset)
-    labels = dataset.labels.to(device) if (dataset.labels is not None and opts.cond) else None
-    if streamed:
-        loader = iter(
-            torch.utils.data.DataLoader(
-                dataset,
-                batch_sampler=_StepIndices(opts, step, rounds, rank, world, batch_gpu, n_images),
-                num_workers=workers,
-                prefetch_factor=2 if workers else None,
-                pin_memory=device.type == "cuda",
-                persistent_workers=False,
+        shape = (dataset.channels, dataset.resolution, dataset.resolution)
+        n_images = len(dataset)
+        labels = dataset.labels.to(device) if (dataset.labels is not None and opts.cond) else None
+        if streamed:
+            loader = iter(
+                torch.utils.data.DataLoader(
+                    dataset,
+                    batch_sampler=_StepIndices(opts, step, rounds, rank, world, batch_gpu, n_images),
+                    num_workers=workers,
+                    prefetch_factor=2 if workers else None,
+                    pin_memory=device.type == "cuda",
+                    persistent_workers=False,
+                )
             )
+        else:
+            images = dataset.images.to(device)
+        snapshot_dtype = opts.snapshot_torch_dtype()
+        autocast = (
+            dict(fp16=torch.float16, bf16=torch.bfloat16).get(opts.precision)
+            if device.type == "cuda"
+            else None
         )
-    else:
-        images = dataset.images.to(device)
-    snapshot_dtype = opts.snapshot_torch_dtype()
-    autocast = (
-        dict(fp16=torch.float16, bf16=torch.bfloat16).get(opts.precision) if device.type == "cuda" else None
-    )
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
+        bar = None
+        if progress and rank == 0:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=total, initial=min(nimg, total), unit="img", unit_scale=True, desc=f"train {out.name}"
-        )
-    window, t_window, status = [], time.perf_counter(), "done"
-    bad_in_a_row, bad_in_window = 0, 0
-    with _StopRequest() as stop:
-        while nimg < total:
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(nimg, opts.lr, opts.lr_decay_kimg * 1000, opts.rampup_kimg * 1000)
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device, dtype=dtype)
-            for r in range(rounds):
-                lo = (r * world + rank) * batch_gpu
-                idx, sigma, noise, post = _draw(
-                    opts, step, lo, lo + batch_gpu, n_images, shape, device, latent
-                )
-                raw = next(loader).to(device, non_blocking=True) if streamed else images[idx]
-                x = _latents(raw, post, net.encoder) if latent else to_float(raw)
-                x, sigma, noise = x.to(dtype), sigma.to(dtype), noise.to(dtype)
-                y = None if labels is None else torch.nn.functional.one_hot(labels[idx], label_dim).to(dtype)
-                sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
-                with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    loss = edm2_loss(
-                        ddp,
-                        x,
-                        y,
-                        sigma=sigma,
-                        scaled_noise=noise * sigma.reshape(-1, 1, 1, 1),
-                        sigma_data=net.sigma_data,
+            bar = tqdm(
+                total=total, initial=min(nimg, total), unit="img", unit_scale=True, desc=f"train {out.name}"
+            )
+        window, t_window, status = [], time.perf_counter(), "done"
+        bad_in_a_row, bad_in_window = 0, 0
+        with _StopRequest() as stop:
+            while nimg < total:
+                for g in opt.param_groups:
+                    g["lr"] = learning_rate(nimg, opts.lr, opts.lr_decay_kimg * 1000, opts.rampup_kimg * 1000)
+                opt.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=device, dtype=dtype)
+                for r in range(rounds):
+                    lo = (r * world + rank) * batch_gpu
+                    idx, sigma, noise, post = _draw(
+                        opts, step, lo, lo + batch_gpu, n_images, shape, device, latent
                     )
-                    loss = loss.sum() / per_rank
-                    loss.backward()
-                loss_sum += loss.detach()
-            if dist.is_initialized():
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            loss_value = float(loss_sum) / (shape[0] * shape[1] * shape[2])
-            # A NaN/inf loss (every process sees the same reduced value): as the official loop, its
-            # non-finite gradients become 0 and training goes on; it is counted in stats.jsonl, and
-            # only a streak of max_nonfinite such steps stops the run.
-            bad = not math.isfinite(loss_value)
-            bad_in_a_row, bad_in_window = (bad_in_a_row + 1 if bad else 0), bad_in_window + bad
-            if bad_in_a_row >= opts.max_nonfinite:
-                raise AutoguideError(
-                    f"training diverged: the loss was NaN/inf for {bad_in_a_row} steps in a row, up to step "
-                    f"{step} ({nimg / 1000:g} kimg); the newest checkpoint in {out} is kept: resume with a "
-                    "lower --lr"
-                )
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-            opt.step()
-            before, nimg, step = nimg, nimg + opts.batch, step + 1
-            ema.update(nimg, opts.batch)
-            if not bad:
-                window.append(loss_value)
-            if bar is not None:
-                bar.update(min(nimg, total) - min(before, total))
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
-            done = nimg >= total
-            if rank == 0 and (every(opts.log_kimg, before, nimg) or done):
-                dt = time.perf_counter() - t_window
-                steps_done = len(window) + bad_in_window
-                row = dict(
-                    nimg=nimg,
-                    kimg=nimg / 1000,
-                    loss=sum(window) / len(window) if window else None,
-                    lr=opt.param_groups[0]["lr"],
-                    img_per_s=steps_done * opts.batch / max(dt, 1e-9),
-                    sec_per_kimg=dt / max(steps_done * opts.batch / 1000, 1e-9),
-                    peak_mem_gb=_peak_memory_gb(device),
-                    nonfinite_steps=bad_in_window,
-                    time=time.time(),
-                )
-                with stats_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                window, t_window, bad_in_window = [], time.perf_counter(), 0
-            # Nothing is written while the loss is non-finite: the files keep the last good state.
-            writable = bad_in_a_row == 0
-            if rank == 0 and writable and (every(opts.snapshot_kimg, before, nimg) or done):
-                for std, e in zip(ema.stds, ema.emas):
-                    save_network(
-                        e,
-                        out / f"{SNAPSHOT_PREFIX}{nimg:09d}-{std:.3f}.safetensors",
+                    raw = next(loader).to(device, non_blocking=True) if streamed else images[idx]
+                    x = _latents(raw, post, net.encoder) if latent else to_float(raw)
+                    x, sigma, noise = x.to(dtype), sigma.to(dtype), noise.to(dtype)
+                    y = (
+                        None
+                        if labels is None
+                        else torch.nn.functional.one_hot(labels[idx], label_dim).to(dtype)
+                    )
+                    sync = contextlib.nullcontext() if (r == rounds - 1 or ddp is net) else ddp.no_sync()
+                    with sync, torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                        loss = edm2_loss(
+                            ddp,
+                            x,
+                            y,
+                            sigma=sigma,
+                            scaled_noise=noise * sigma.reshape(-1, 1, 1, 1),
+                            sigma_data=net.sigma_data,
+                        )
+                        loss = loss.sum() / per_rank
+                        loss.backward()
+                    loss_sum += loss.detach()
+                if dist.is_initialized():
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                loss_value = float(loss_sum) / (shape[0] * shape[1] * shape[2])
+                # A NaN/inf loss (every process sees the same reduced value): as the official loop, its
+                # non-finite gradients become 0 and training goes on; it is counted in stats.jsonl, and
+                # only a streak of max_nonfinite such steps stops the run.
+                bad = not math.isfinite(loss_value)
+                bad_in_a_row, bad_in_window = (bad_in_a_row + 1 if bad else 0), bad_in_window + bad
+                if bad_in_a_row >= opts.max_nonfinite:
+                    raise AutoguideError(
+                        f"training diverged: the loss was NaN/inf for {bad_in_a_row} steps in a row, up to "
+                        f"step {step} ({nimg / 1000:g} kimg); the newest checkpoint in {out} is kept: resume "
+                        "with a lower --lr"
+                    )
+                for p in net.parameters():
+                    if p.grad is not None:
+                        torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+                opt.step()
+                before, nimg, step = nimg, nimg + opts.batch, step + 1
+                ema.update(nimg, opts.batch)
+                if not bad:
+                    window.append(loss_value)
+                if bar is not None:
+                    bar.update(min(nimg, total) - min(before, total))
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+                done = nimg >= total
+                if rank == 0 and (every(opts.log_kimg, before, nimg) or done):
+                    dt = time.perf_counter() - t_window
+                    steps_done = len(window) + bad_in_window
+                    row = dict(
                         nimg=nimg,
-                        ema_std=std,
-                        dataset=dataset.info(),
-                        cond=opts.cond,
-                        run=run_id,
-                        dtype=snapshot_dtype,
+                        kimg=nimg / 1000,
+                        loss=sum(window) / len(window) if window else None,
+                        lr=opt.param_groups[0]["lr"],
+                        img_per_s=steps_done * opts.batch / max(dt, 1e-9),
+                        sec_per_kimg=dt / max(steps_done * opts.batch / 1000, 1e-9),
+                        peak_mem_gb=_peak_memory_gb(device),
+                        nonfinite_steps=bad_in_window,
+                        time=time.time(),
                     )
-            stopping = stop.signal is not None
-            if dist.is_initialized():  # every process stops at the same step
-                flag = torch.tensor([int(stopping)], device=device)
-                dist.all_reduce(flag)
-                stopping = bool(flag.item())
-            if rank == 0 and writable and (every(opts.checkpoint_kimg, before, nimg) or done or stopping):
-                _save_state(out, net, ema, opt, nimg, step, opts, dataset.info(), run_id)
-                _plot_losses(stats_path, out / "loss.png")
-            if stopping and not done:
-                status = "interrupted"
-                log(f"stopped by signal at {nimg / 1000:.1f} kimg; checkpoint written, run again to resume")
-                break
-    if bar is not None:
-        bar.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return dict(status=status, nimg=nimg, step=step, out=str(out))
+                    with stats_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    window, t_window, bad_in_window = [], time.perf_counter(), 0
+                # Nothing is written while the loss is non-finite: the files keep the last good state.
+                writable = bad_in_a_row == 0
+                if rank == 0 and writable and (every(opts.snapshot_kimg, before, nimg) or done):
+                    for std, e in zip(ema.stds, ema.emas):
+                        save_network(
+                            e,
+                            out / f"{SNAPSHOT_PREFIX}{nimg:09d}-{std:.3f}.safetensors",
+                            nimg=nimg,
+                            ema_std=std,
+                            dataset=dataset.info(),
+                            cond=opts.cond,
+                            run=run_id,
+                            dtype=snapshot_dtype,
+                        )
+                stopping = stop.signal is not None
+                if dist.is_initialized():  # every process stops at the same step
+                    flag = torch.tensor([int(stopping)], device=device)
+                    dist.all_reduce(flag)
+                    stopping = bool(flag.item())
+                if rank == 0 and writable and (every(opts.checkpoint_kimg, before, nimg) or done or stopping):
+                    _save_state(out, net, ema, opt, nimg, step, opts, dataset.info(), run_id)
+                    _plot_losses(stats_path, out / "loss.png")
+                if stopping and not done:
+                    status = "interrupted"
+                    log(
+                        f"stopped by signal at {nimg / 1000:.1f} kimg; checkpoint written, run again to "
+                        "resume"
+                    )
+                    break
+        if bar is not None:
+            bar.close()
+        if dist.is_initialized():
+            dist.barrier()
+        return dict(status=status, nimg=nimg, step=step, out=str(out))
+    finally:
+        if lock is not None:
+            lock.close()

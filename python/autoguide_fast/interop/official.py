@@ -263,8 +263,31 @@ def is_official_pickle(path: str | os.PathLike) -> bool:
 # Records -> the project's objects.
 
 
-def _module_tensors(rec: Record, prefix: str, out: dict[str, torch.Tensor]) -> None:
+# Pickles can share objects: a graph of n nodes may hold 2^n paths ("billion laughs"). Every walk
+# over pickled data visits each object once, refuses one reached again, and bounds depth and size.
+_MAX_DEPTH, _MAX_NODES = 64, 1_000_000
+
+
+class _Walk:
+    def __init__(self):
+        self.seen: set[int] = set()
+
+    def visit(self, obj, where: str, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"{where}: nested more than {_MAX_DEPTH} levels deep")
+        if id(obj) in self.seen:
+            raise ValueError(f"{where}: an object reached twice (shared references are not official data)")
+        self.seen.add(id(obj))
+        if len(self.seen) > _MAX_NODES:
+            raise ValueError(f"more than {_MAX_NODES} objects to read")
+
+
+def _module_tensors(
+    rec: Record, prefix: str, out: dict[str, torch.Tensor], walk: _Walk | None = None
+) -> None:
     """The state dict of a pickled torch module record (parameters and persistent buffers)."""
+    walk = walk or _Walk()
+    walk.visit(rec, f"module {prefix or '(root)'}", prefix.count("."))
     st = rec.state
     skip = st.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
@@ -279,7 +302,7 @@ def _module_tensors(rec: Record, prefix: str, out: dict[str, torch.Tensor]) -> N
             continue
         if not isinstance(child, Record):
             raise ValueError(f"submodule {prefix}{name} is not a module")
-        _module_tensors(child, f"{prefix}{name}.", out)
+        _module_tensors(child, f"{prefix}{name}.", out, walk)
 
 
 def _init_arguments(rec: Record) -> dict:
@@ -294,15 +317,18 @@ def _init_arguments(rec: Record) -> dict:
         raise ValueError(f"constructor arguments do not fit Precond: {e}") from None
     config = dict(bound.arguments)
     config.update(config.pop("unet_kwargs", {}))
-    return _plain(config)
+    return _plain(config, _Walk(), 0)
 
 
-def _plain(v):
-    # JSON-able copies of constructor arguments (EasyDict, tuples, numpy scalars).
+def _plain(v, walk: _Walk, depth: int):
+    # JSON-able copies of constructor arguments (EasyDict, tuples, numpy scalars), each container
+    # visited once.
+    if isinstance(v, (dict, list, tuple)) and v:  # (an empty tuple is one shared object in Python)
+        walk.visit(v, "constructor arguments", depth)
     if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
+        return {str(k): _plain(x, walk, depth + 1) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
+        return [_plain(x, walk, depth + 1) for x in v]
     if isinstance(v, np.generic):
         return v.item()
     if v is None or isinstance(v, (bool, int, float, str)):

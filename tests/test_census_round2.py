@@ -1,0 +1,215 @@
+"""Census of bad inputs, round 2: one or more cases per class of defect found, each checking the
+mechanism that now handles the class (not the single input that revealed it)."""
+
+import io
+import json
+import os
+import pickle
+import sys
+import time
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import autoguide_fast as ag
+from autoguide_fast import AutoguideError
+from autoguide_fast.cli import main
+from autoguide_fast.data import ImageFiles, load_dataset
+from autoguide_fast.ema import reconstruct
+from autoguide_fast.interop import official
+from autoguide_fast.networks import PRESETS, Precond
+from autoguide_fast.training import TrainOptions, _lock_run, train
+
+SMALL = dict(
+    preset="digits-xxs", batch=32, snapshot_kimg=0.064, checkpoint_kimg=0.064, log_kimg=0.032, rampup_kimg=0.0
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unbounded work on hostile structure: shared references in official-format pickles.
+
+
+def _persistence_module():
+    # A stand-in for torch_utils.persistence, so that pickle names the official global.
+    mod = types.ModuleType("torch_utils.persistence")
+
+    def _reconstruct_persistent_obj(meta):
+        return meta
+
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    sys.modules.setdefault("torch_utils", types.ModuleType("torch_utils"))
+    sys.modules["torch_utils.persistence"] = mod
+    return _reconstruct_persistent_obj
+
+
+class _Record:
+    def __init__(self, fn, name, state):
+        self.fn, self.name, self.state = fn, name, state
+
+    def __reduce__(self):
+        return (
+            self.fn,
+            (dict(type="class", class_name=self.name, state=self.state, module_src="", version=6),),
+        )
+
+
+def _laughs(tmp_path, depth=40, in_args=False):
+    fn = _persistence_module()
+    try:
+        if in_args:  # constructor arguments: a list that holds itself twice, 40 levels deep
+            v = [1]
+            for _ in range(depth):
+                v = [v, v]
+            state = dict(
+                _init_args=(),
+                _init_kwargs=dict(img_resolution=8, img_channels=3, label_dim=0, channel_mult=v),
+                _modules={},
+            )
+        else:  # a module tree whose every level holds the next one twice
+            node = _Record(fn, "Block", dict(_parameters={}, _modules={}))
+            for _ in range(depth):
+                node = _Record(fn, "Block", dict(_parameters={}, _modules={"a": node, "b": node}))
+            state = dict(
+                _init_args=(),
+                _init_kwargs=dict(img_resolution=8, img_channels=3, label_dim=0),
+                _modules={"unet": node},
+            )
+        path = tmp_path / f"laughs-{in_args}.pkl"
+        path.write_bytes(pickle.dumps({"ema": _Record(fn, "Precond", state)}))
+    finally:
+        del sys.modules["torch_utils.persistence"]
+    return path
+
+
+@pytest.mark.parametrize("in_args", [False, True], ids=["module-tree", "constructor-args"])
+def test_shared_references_are_refused_quickly(tmp_path, in_args):
+    path = _laughs(tmp_path, in_args=in_args)
+    t0 = time.perf_counter()
+    with pytest.raises(AutoguideError, match=f"{path.name}.*reached twice"):
+        official.read(path)
+    assert time.perf_counter() - t0 < 10  # 2^40 paths were never walked
+    assert main(["convert", str(path), "--out", str(tmp_path / "o.safetensors")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Unbounded memory on hostile data: zip entries inflated only as far as their header allows.
+
+
+def _png_head(w, h):
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_zip_entries_beyond_their_header_are_refused(tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        # An 8x8 PNG header followed by 32 MiB of zeros (a few KB deflated).
+        z.writestr("a.png", _png_head(8, 8) + bytes(32 << 20))
+    assert bomb.stat().st_size < 100_000
+    for read in (load_dataset, ImageFiles):
+        with pytest.raises(
+            ValueError, match="a.png: the entry declares 33554.* bytes, more than its content"
+        ):
+            read(bomb)
+    assert main(["train", "--data", str(bomb), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A loaded model does not depend on its file staying as it was.
+
+
+def test_a_loaded_network_survives_its_file(tmp_path):
+    torch.manual_seed(0)
+    net = Precond(**PRESETS["digits-xxs"]).eval()
+    path = tmp_path / "net.safetensors"
+    ag.save(net, path)
+    loaded = ag.load(path)
+    x, sigma, labels = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.eye(10)[:2]
+    with torch.no_grad():
+        before = loaded(x, sigma, labels)
+    torch.manual_seed(1)
+    ag.save(Precond(**PRESETS["digits-xxs"]).eval(), path)  # rewritten in place, same size
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, sigma, labels), before, rtol=0, atol=0)
+    os.truncate(path, 0)  # was a SIGBUS on the next forward
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, sigma, labels), before, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names that collide, runs that mix.
+
+
+def test_ema_widths_that_share_a_file_name_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="0.05 and 0.0504 both name files '-0.050'"):
+        TrainOptions(ema_stds=(0.05, 0.0504)).validate()
+    assert main(["train", "--ema", "0.05,0.0504", "--out", str(tmp_path / "r"), "--kimg", "0.032"]) == 2
+    assert not (tmp_path / "r").exists()
+    run = tmp_path / "run"
+    train("digits", run, TrainOptions(**SMALL, kimg=0.064), progress=False)
+    with pytest.raises(ValueError, match="0.0501 and 0.0504 both name files"):
+        reconstruct(run, [0.0501, 0.0504], out_dir=tmp_path / "e", progress=False)
+
+
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    run = tmp_path / "run"
+    train("digits", run, TrainOptions(**SMALL, kimg=0.064), progress=False)
+    with pytest.raises(ValueError, match=r"EMA widths \[0.05, 0.1\], not \[0.07\]"):
+        train("digits", run, TrainOptions(**{**SMALL, "ema_stds": (0.07,)}, kimg=0.128), progress=False)
+    d = load_dataset("digits")
+    other = ag.data.ImageDataset(d.images.flip(0), d.labels.flip(0), 10, "other")  # same shape
+    with pytest.raises(ValueError, match="trained on another data set"):
+        train(other, run, TrainOptions(**SMALL, kimg=0.128), progress=False)
+    lock = _lock_run(run)  # another run writing the folder
+    try:
+        with pytest.raises(ValueError, match="another training run is writing this folder"):
+            train("digits", run, TrainOptions(**SMALL, kimg=0.128), progress=False)
+    finally:
+        lock.close()
+    other_run = tmp_path / "other"
+    train("digits", other_run, TrainOptions(**SMALL, kimg=0.064), progress=False)
+    with pytest.raises(ValueError, match="is a training run's folder"):  # ema --out into another run
+        reconstruct(other_run, [0.07], out_dir=run, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after a crash.
+
+
+def test_resume_after_a_kill_mid_write(tmp_path):
+    run = tmp_path / "run"
+    train("digits", run, TrainOptions(**SMALL, kimg=0.064), progress=False)
+    with (run / "stats.jsonl").open("a") as f:
+        f.write('{"nimg": 96, "kimg": 0.09')  # SIGKILL mid-line
+    (run / ".network-snapshot.123456789.tmp").mkdir()  # a dead writer's temporary folder
+    result = train("digits", run, TrainOptions(**SMALL, kimg=0.128), progress=False)
+    assert result["status"] == "done" and not (run / ".network-snapshot.123456789.tmp").exists()
+    rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+    assert [r["nimg"] for r in rows] == sorted({r["nimg"] for r in rows}) and rows[-1]["nimg"] == 128
+    (run / "stats.jsonl").write_text('{"nimg": 32}\nnot json\n{"nimg": 64}\n')
+    with pytest.raises(ValueError, match=r"stats.jsonl:2: not a stats line"):
+        train("digits", run, TrainOptions(**SMALL, kimg=0.160), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs clobbered.
+
+
+def test_outputs_never_overwrite_inputs(tmp_path, capsys):
+    net = tmp_path / "m.npz"  # a snapshot under a misleading name
+    ag.save(Precond(**PRESETS["digits-xxs"]).eval(), net)
+    before = net.read_bytes()
+    assert main(["generate", "--net", str(net), "--out", str(net), "--seeds", "0-1", "--steps", "2"]) == 2
+    assert "is the --net input" in capsys.readouterr().err
+    assert net.read_bytes() == before
+    assert main(["convert", str(net), "--out", str(net)]) == 2
+    assert net.read_bytes() == before
