@@ -3,6 +3,7 @@ dispatch, fake implementations, and, on a CUDA machine, the kernels against floa
 (skipped cleanly elsewhere; nothing queries the GPU at import time). The GPU tests carry the
 ``gpu`` mark (``pytest -m gpu`` runs them alone, as ``make gpu-check`` does) and need no reference files."""
 
+import warnings
 from contextlib import nullcontext
 
 import pytest
@@ -412,3 +413,52 @@ def test_gpu_ops_capture_in_cuda_graphs(cuda):
     torch.cuda.synchronize()
     for a, b in zip(out, _ops_step(*static)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_auto_mode_trusts_a_kernel_only_after_it_proves_itself(monkeypatch):
+    # The mechanism on the CPU: the CUDA path is made to apply to CPU tensors and the "kernel" is a
+    # deliberately wrong fake. auto: one warning, then the reference for the rest of the process;
+    # cuda: the kernel is forced (and its result used).
+    from autoguide_fast.kernels import cuda
+
+    calls = []
+
+    def wrong_euler(x_hat, d_main, d_guide, weight, t_hat, t_next):
+        calls.append(1)
+        x, d = reference.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
+        return x + 1, d
+
+    monkeypatch.setattr(kernels, "_use_cuda", lambda t, what: True)
+    monkeypatch.setattr(kernels, "_trusted", {})
+    monkeypatch.setattr(cuda, "guided_euler", wrong_euler)
+    monkeypatch.setattr(cuda, "guided_heun", reference.guided_heun)
+    monkeypatch.setenv("AUTOGUIDE_KERNELS", "auto")
+    x, m, d = step_inputs(10, torch.float32)
+    want = reference.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0]
+    with pytest.warns(UserWarning, match="guided step kernel differs from the reference"):
+        got = kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # decided once: no second warning, no second check
+        torch.testing.assert_close(kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0], want, rtol=0, atol=0)
+    assert len(calls) == 1
+    monkeypatch.setenv("AUTOGUIDE_KERNELS", "cuda")
+    torch.testing.assert_close(kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0], want + 1, rtol=0, atol=0)
+    # A kernel that fails to launch is distrusted the same way.
+    monkeypatch.setenv("AUTOGUIDE_KERNELS", "auto")
+    monkeypatch.setattr(kernels, "_trusted", {})
+
+    def broken(*args):
+        raise RuntimeError("CUDA_ERROR_LAUNCH_FAILED")
+
+    monkeypatch.setattr(cuda, "guided_euler", broken)
+    with pytest.warns(UserWarning, match="failed: RuntimeError: CUDA_ERROR_LAUNCH_FAILED"):
+        torch.testing.assert_close(kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0], want, rtol=0, atol=0)
+    # A correct kernel passes its check silently.
+    monkeypatch.setattr(kernels, "_trusted", {})
+    monkeypatch.setattr(cuda, "guided_euler", reference.guided_euler)
+    monkeypatch.setattr(cuda, "guided_heun", reference.guided_heun)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(kernels.guided_euler(x, m, d, 2.0, 1.0, 0.5)[0], want, rtol=0, atol=0)
+    assert all(kernels._trusted.values())
