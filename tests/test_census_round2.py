@@ -213,3 +213,27 @@ def test_outputs_never_overwrite_inputs(tmp_path, capsys):
     assert net.read_bytes() == before
     assert main(["convert", str(net), "--out", str(net)]) == 2
     assert net.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Unchecked shapes, non-finite values that passed.
+
+
+def test_shapes_and_non_finite_values_are_refused():
+    x = torch.randn(3, 2)
+    with pytest.raises(
+        ValueError, match=r"main model's output must have the shape of x \(3, 2\), got \(3, 1\)"
+    ):
+        ag.sample(lambda x, sigma, labels=None: x[:, :1], x, steps=2)
+    with pytest.raises(ValueError, match=r"got \(1, 2\)"):  # broadcasting used to hide this
+        ag.sample(lambda x, sigma, labels=None: x[:1], x, steps=2)
+    # Frechet distance: NaN statistics and non-covariances (a negative "distance") are errors.
+    mu, s = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="NaN"):
+        ag.metrics.frechet_distance(mu, s * np.nan, mu, s)
+    with pytest.raises(ValueError, match="must be covariances"):
+        ag.metrics.frechet_distance(mu, -s, mu, -s)
+    from autoguide_fast.interop.vae import EncoderInfo
+
+    with pytest.raises(ValueError, match="scale must be finite"):
+        EncoderInfo("stability_vae", vae_name="v", scale=(float("nan"),) * 4, bias=(0.0,) * 4)

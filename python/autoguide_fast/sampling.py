@@ -191,6 +191,14 @@ def _check_models(net, noise, labels, guidance) -> None:
             raise ValueError(f"noise has shape {shape} per sample, but the {role} makes {(c, r, r)}")
 
 
+def _same_shape(d, x: torch.Tensor) -> torch.Tensor:
+    # A denoiser returns the denoised x: broadcasting another shape into the state would be silent.
+    if not isinstance(d, torch.Tensor) or d.shape != x.shape:
+        got = tuple(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        raise ValueError(f"the main model's output must have the shape of x {tuple(x.shape)}, got {got}")
+    return d
+
+
 def _check_finite(x_next: torch.Tensor, step: int, outputs) -> None:
     """One reduction per step (NaN and inf propagate into the state): a non-finite value is
     reported at the step where it appears, naming the model that returned it, never written."""
@@ -265,9 +273,9 @@ def sample(
         # Raw main and guide outputs; the guided combination happens inside the fused step.
         sigma = torch.full((n,), t, dtype=dtype, device=device)
         if guidance is None:
-            return net(x, sigma, labels).to(dtype), None
+            return _same_shape(net(x, sigma, labels), x).to(dtype), None
         d_main, d_guide = guidance.evaluate(net, x, sigma, labels, guided)
-        return d_main.to(dtype), None if d_guide is None else d_guide.to(dtype)
+        return _same_shape(d_main, x).to(dtype), None if d_guide is None else d_guide.to(dtype)
 
     iterator = plan
     if progress:

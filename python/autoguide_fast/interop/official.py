@@ -450,6 +450,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
     if any(t.resolve() == f.resolve() for t, f in zip(targets, files)):
         raise ValueError(f"out must differ from src, got {dst}")
     checkpoints = [read(f) for f in files]  # everything is read (and checked) before writing
+    for ck in checkpoints:  # NaN weights or encoder scales would make black images, silently
+        bad = [
+            k
+            for k, t in ck.net.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if ck.encoder is not None and ck.encoder.scale is not None:
+            bad += ["encoder scale/bias"] * (not np.isfinite([*ck.encoder.scale, *ck.encoder.bias]).all())
+        if bad:
+            raise AutoguideError(
+                f"{ck.path}: non-finite values (NaN or inf) in {bad[:3]}; nothing was written"
+            )
     for ck, target in zip(checkpoints, targets):
         meta = dict(snapshot_metadata(ck.path), source=ck.path.name, cond=json.dumps(ck.net.label_dim > 0))
         net = ck.net

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,8 +48,12 @@ class EncoderInfo:
         if self.kind == "stability_vae":
             if not self.scale or not self.bias or len(self.scale) != len(self.bias):
                 raise ValueError("a stability_vae encoder needs per-channel scale and bias of one length")
-            if not all(v != 0 for v in self.scale):
-                raise ValueError(f"encoder scale must be non-zero, got {self.scale}")
+            if not all(v != 0 and math.isfinite(v) for v in self.scale) or not all(
+                map(math.isfinite, self.bias)
+            ):
+                raise ValueError(
+                    f"encoder scale must be finite and non-zero, bias finite, got {self.scale}, {self.bias}"
+                )
 
     @property
     def latent(self) -> bool:

@@ -83,4 +83,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         lower = _sqrt_psd(s1)
     inner = lower.T @ s2 @ lower
     cross = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    return float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+    value = float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross)
+    # The distance of covariances is >= 0; below minus round-off the inputs were no covariances.
+    if value < -1e-6 * (np.trace(s1) + np.trace(s2) + 1e-300):
+        raise ValueError(
+            f"the statistics give a negative distance ({value:.4g}): sigma1 and sigma2 must be "
+            "covariances (symmetric positive semi-definite)"
+        )
+    return max(value, 0.0)
