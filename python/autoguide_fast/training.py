@@ -413,7 +413,7 @@ def _plot_losses(stats_path: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["kimg"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["kimg"] for r in rows], [r["loss"] for r in rows], marker="o" if len(rows) < 20 else None)
     ax.set_xlabel("kimg")
     ax.set_ylabel("EDM2 loss (with uncertainty)")
     ax.grid(alpha=0.3)
@@ -440,6 +440,10 @@ def _open_data(data, stream: bool | None):
     if files.latent or stream or (stream is None and len(files) * c * h * w > STREAM_BYTES):
         return files
     return load_dataset(data)
+
+
+def rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -535,6 +539,12 @@ def train(
     label_dim = dataset.num_classes if opts.cond else 0
     if opts.cond and dataset.labels is None:
         raise ValueError(f"data set {dataset.name!r} has no labels: train with cond=False (--uncond)")
+    preset_shape = (PRESETS[opts.preset]["img_channels"], PRESETS[opts.preset]["img_resolution"])
+    if preset_shape != (dataset.channels, dataset.resolution) and rank_zero():
+        log(
+            f"note: preset {opts.preset} is made for {preset_shape[1]}x{preset_shape[1]}x{preset_shape[0]}; "
+            f"this trains it at the data's {dataset.resolution}x{dataset.resolution}x{dataset.channels}"
+        )
     cfg.update(img_resolution=dataset.resolution, img_channels=dataset.channels, label_dim=label_dim)
     if opts.dropout is not None:
         cfg["dropout"] = opts.dropout
