@@ -237,3 +237,41 @@ def test_shapes_and_non_finite_values_are_refused():
 
     with pytest.raises(ValueError, match="scale must be finite"):
         EncoderInfo("stability_vae", vae_name="v", scale=(float("nan"),) * 4, bias=(0.0,) * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit codes and messages; API validation.
+
+
+def test_messages_name_the_culprit_in_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["generate", "--net", "x", "--out", ""]) == 2
+    assert "--out must not be empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--steps", "many"])  # an argparse error: one line and a hint, no usage
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--steps" in err and "--help" in err
+    monkeypatch.setenv("AUTOGUIDE_DEBUG", "no")
+    assert (
+        main(["generate", "--net", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    )
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["train", "--kimg", "0.0001", "--out", str(tmp_path / "r")]) == 2  # trained nothing, exit 0
+    assert "kimg must cover at least one batch" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_generate_checks_its_seeds_and_class():
+    from autoguide_fast.generation import generate
+
+    net = Precond(**PRESETS["digits-xxs"]).eval()
+    for seeds, match in [
+        ([], "at least one"),
+        ([1, 1], "must not repeat"),
+        ([1.5], "integers"),
+        ([True], "integers"),
+        ([-1], r"\[0, 2\*\*63\)"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            generate(net, seeds, steps=2)
+    for class_idx in (True, 2.5):
+        with pytest.raises(TypeError, match="class_idx must be None or an integer"):
+            generate(net, [0], class_idx=class_idx, steps=2)

@@ -136,7 +136,7 @@ def test_train_bad_inputs_create_nothing(tmp_path, capsys):
     for extra, culprit in [(["--rampup-kimg", "-5"], "rampup_kimg"), (["--ema", "0.05,0.05"], "distinct"),
                            (["--checkpoint-kimg", "0"], "checkpoint_kimg"), (["--seed", "-1"], "seed"),
                            (["--data", str(tmp_path / "nope")], "nope")]:  # fmt: skip
-        code, err = run(capsys, "train", "--out", tmp_path / "r", "--kimg", "0.032", "--no-progress", *extra)
+        code, err = run(capsys, "train", "--out", tmp_path / "r", "--kimg", "0.128", "--no-progress", *extra)
         assert code == 2 and culprit in err and "Traceback" not in err, err
         assert not (tmp_path / "r").exists()
 

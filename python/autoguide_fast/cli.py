@@ -641,6 +641,10 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", _DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str):
+        # One line and a hint, not the whole usage (git, cargo): exit 2.
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="autoguide", description="Autoguidance for diffusion models.")
@@ -867,9 +871,18 @@ def main(argv: list[str] | None = None) -> int:
     from ._core import AutoguideError
 
     args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("AUTOGUIDE_DEBUG", "") not in ("", "0")
+    debug = args.debug or os.environ.get("AUTOGUIDE_DEBUG", "").strip().lower() not in (
+        "",
+        "0",
+        "no",
+        "false",
+        "off",
+    )
     prefix = f"autoguide {args.command}"
     try:
+        for flag in ("out", "out_dir", "dest"):  # an empty path would write into the current folder
+            if getattr(args, flag, None) == "":
+                raise ValueError(f"--{flag.replace('_', '-')} must not be empty")
         return args.func(args)
     except KeyboardInterrupt:
         if debug:

@@ -57,6 +57,27 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def checked_seeds(seeds, name: str = "seeds") -> list[int]:
+    """``seeds`` as a list, checked as :func:`parse_seeds` checks text: integers in [0, 2**63),
+    at least one, distinct, at most :data:`MAX_SEEDS` (ValueError/TypeError naming ``name``)."""
+    try:
+        seeds = list(seeds)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of integers, got {type(seeds).__name__}") from None
+    if not seeds:
+        raise ValueError(f"{name} must name at least one seed")
+    if len(seeds) > MAX_SEEDS:
+        raise ValueError(f"{name} names {len(seeds)} seeds, more than {MAX_SEEDS}")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
+            raise TypeError(f"{name} must be integers, got {s!r}")
+        if not 0 <= s < 2**63:
+            raise ValueError(f"{name} must be in [0, 2**63), got {s}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{name} must not repeat (each seed is one image)")
+    return [int(s) for s in seeds]
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images [N, C, H, W] -> uint8 (EDM rounding)."""
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
@@ -162,13 +183,17 @@ def generate(
             "classes): carry them in the denoiser (denoiser(unet, scheduler, class_labels=...)), or call "
             "sample() with your own labels"
         )
+    if class_idx is not None and (
+        isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer))
+    ):
+        raise TypeError(f"class_idx must be None or an integer class, got {class_idx!r}")
     if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):
         raise ValueError(f"class_idx must be in [0, {label_dim}) for this model, got {class_idx}")
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     dummy = torch.empty(1, *shape, device="meta")
     _check_models(net, dummy, dummy.new_empty(1, label_dim) if label_dim else None, guidance)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    seeds = list(seeds)
+    seeds = checked_seeds(seeds)
     _check_conditioning_batch(net, guidance, len(seeds), batch, world)
     sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
     # The schedule is checked here (a ValueError naming the bad value) before any work.

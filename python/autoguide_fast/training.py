@@ -199,6 +199,8 @@ class TrainOptions:
             or self.max_nonfinite < 1
         ):
             raise ValueError(f"max_nonfinite must be a positive integer, got {self.max_nonfinite!r}")
+        if self.kimg * 1000 < self.batch:
+            raise ValueError(f"kimg must cover at least one batch ({self.batch} images), got {self.kimg}")
 
     def snapshot_torch_dtype(self) -> torch.dtype | None:
         """The dtype network snapshots are cast to: float16 for the published presets (as the
