@@ -275,3 +275,36 @@ def test_generate_checks_its_seeds_and_class():
     for class_idx in (True, 2.5):
         with pytest.raises(TypeError, match="class_idx must be None or an integer"):
             generate(net, [0], class_idx=class_idx, steps=2)
+
+
+def test_snapshots_checked_for_layout_and_values(tmp_path):
+    # A float weight stored as int32 (same bytes) is refused at load; post-hoc EMA refuses inputs
+    # that disagree on a tensor's shape, and writes nothing when an input holds NaN (the Rust core).
+    from autoguide_fast import checkpoint
+
+    net = Precond(**PRESETS["digits-xxs"]).eval()
+    ag.save(net, tmp_path / "good.safetensors")
+    meta = checkpoint.read_metadata(tmp_path / "good.safetensors")
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    checkpoint.save({**state, name: state[name].view(torch.int32)}, tmp_path / "i32.safetensors", meta)
+    with pytest.raises(ValueError, match=f"{name}.*stored as torch.int32"):
+        ag.load(tmp_path / "i32.safetensors")
+
+    def snapshots(folder, changed):
+        folder.mkdir()
+        for k, nimg in enumerate((1000, 2000)):
+            tensors = dict(state)
+            if k == 1:
+                tensors.update(changed)
+            checkpoint.save(tensors, folder / f"s{k}.safetensors", dict(meta, nimg=str(nimg), ema_std="0.1"))
+        return folder
+
+    w = state[name]
+    reshaped = snapshots(tmp_path / "shape", {name: w.reshape(w.shape[1], w.shape[0], *w.shape[2:])})
+    with pytest.raises(ValueError, match="snapshots disagree on tensors"):
+        reconstruct(reshaped, 0.07, out_dir=tmp_path / "o1", progress=False)
+    nan = snapshots(tmp_path / "nan", {name: torch.full_like(w, float("nan"))})
+    with pytest.raises(AutoguideError, match=f"{name} would hold NaN or infinity.*nothing was written"):
+        reconstruct(nan, 0.07, out_dir=tmp_path / "o2", progress=False)
+    assert not list((tmp_path / "o2").glob("*.safetensors"))

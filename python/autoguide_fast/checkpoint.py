@@ -374,6 +374,12 @@ def load_network(
                 encoder = (
                     EncoderInfo.from_json(snap.metadata["encoder"]) if "encoder" in snap.metadata else None
                 )
+                expected = net.state_dict()
+                for k, v in snap.items():  # a float weight stored as integers would load silently
+                    if k in expected and expected[k].is_floating_point() != v.is_floating_point():
+                        raise ValueError(
+                            f"tensor {k!r} is stored as {v.dtype}, the network needs a float tensor"
+                        )
                 # Copies in memory, never views of the mapped file: a network a user holds must not
                 # change when the file is rewritten, nor fault (SIGBUS) when it is truncated.
                 tensors = {

@@ -239,6 +239,19 @@ def _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_d
         if len(seen) > 1:
             a, b = (p.name for p in list(seen.values())[:2])
             raise ValueError(f"snapshots of different {what} cannot be combined: {a} and {b} differ in {key}")
+    # Every input has the same tensors with the same shapes (the same bytes could hold another
+    # shape, and a weighted sum over them would be silently wrong); dtypes may differ.
+    layouts = {}
+    for s in inputs:
+        rows = _core.read_header(s.path)[1]
+        layouts[s.path] = {name: tuple(shape) for name, _, shape, _, _ in rows}
+    first, want = inputs[0].path, layouts[inputs[0].path]
+    for p, layout in layouts.items():
+        if layout != want:
+            diff = sorted(k for k in layout.keys() | want.keys() if layout.get(k) != want.get(k))
+            raise ValueError(
+                f"snapshots disagree on tensors {diff[:3]}: {p.name} and {first.name} (shape or dtype)"
+            )
     base = read_metadata(inputs[-1].path)
     copy_names = json.loads(base.get("buffers", "[]"))
     posthoc = json.dumps(dict(inputs=len(inputs), in_std=sorted({s.std for s in inputs})))
