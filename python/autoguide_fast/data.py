@@ -349,7 +349,7 @@ def load_dataset(source: str | Path) -> ImageDataset:
 
 _STREAM_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _LATENT_SUFFIX = ".npy"  # the official latent layout: per image float32 [2C, H, W] = (mean, std)
-_PREVIEW = "grid.png"  # the preview grid `autoguide generate` writes beside the images
+_PREVIEW = "grid.png"  # the preview grid older `autoguide generate` versions wrote among the images
 
 
 class ImageFiles(torch.utils.data.Dataset):

@@ -64,6 +64,11 @@ def weights_path(metric: str, weights: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def _device(device) -> torch.device:
+    # The same default as the statistics (metrics.compute): the GPU when there is one.
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _flag(metric: str) -> str:
     return "inception" if metric == "fid" else "dinov2"
 
@@ -207,7 +212,7 @@ def inception(weights: str | os.PathLike | None = None, device=None) -> Inceptio
     missing = {k for k in net.state_dict() if k.endswith("num_batches_tracked")}
     state.update({k: net.state_dict()[k] for k in missing})
     _load(net, state, path, "Inception-v3 (inception-2015-12-05)")
-    return net.fold().to(device or "cpu")
+    return net.fold().to(_device(device))
 
 
 def dinov2(weights: str | os.PathLike | None = None, device=None) -> DINOv2:
@@ -222,7 +227,7 @@ def dinov2(weights: str | os.PathLike | None = None, device=None) -> DINOv2:
         net = DINOv2(state)
     except RuntimeError as e:
         raise ValueError(f"{path}: not DINOv2 ViT weights ({' '.join(str(e).split())[:300]})") from None
-    return net.to(device or "cpu")
+    return net.to(_device(device))
 
 
 def detector(metric: str, weights: str | os.PathLike | None = None, device=None) -> torch.nn.Module:
