@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import dataset_tool
+from .parallel import init_process_group
 
 
 def _toy(args: argparse.Namespace) -> int:
@@ -202,7 +203,7 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"out must be a directory or a .npz path, got the file {out}")
     if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".safetensors", ".pkl") and not out.is_dir():
         raise ValueError(f"--out must be a directory of PNGs or a .npz file, got {out}")
-    device = _distributed()  # under torchrun: the process group, this rank's device
+    device = init_process_group()  # under torchrun: the process group, this rank's device
     net, guidance, models, guidance_info = _models_and_guidance(args)
     sampler = _sampler_options(args)
     manifest = dict(
@@ -228,22 +229,6 @@ def _generate(args: argparse.Namespace) -> int:
     )
     write_outputs(batches, out, manifest, subdirs=args.subdirs)
     return 0
-
-
-def _distributed() -> str | None:
-    """Under torchrun: joins the process group (NCCL on GPUs, gloo on CPUs) and returns this
-    rank's device; None alone (the library's default device)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return f"cuda:{local}" if torch.cuda.is_available() else "cpu"
 
 
 def _detectors(args: argparse.Namespace, device) -> dict:
@@ -297,7 +282,7 @@ def _metrics_ref(args: argparse.Namespace) -> int:
         raise ValueError(f"--out must be a .pkl (the official layout) or an .npz file, got {args.out}")
     _check_outputs(args.out)
     _check_not_input(args.out, ("--data", args.data))
-    device = _distributed()
+    device = init_process_group()
     detectors = _detectors(args, device)
     stats = image_stats(
         args.data,
@@ -321,7 +306,7 @@ def _metrics_calc(args: argparse.Namespace) -> int:
     _check_outputs(args.out)
     _check_not_input(args.out, ("--images", args.images), ("--ref", args.ref))
     ref = load_ref(args.ref)  # checked before any image is read
-    device = _distributed()
+    device = init_process_group()
     detectors = _detectors(args, device)
     stats = image_stats(
         args.images,
@@ -347,7 +332,7 @@ def _metrics_gen(args: argparse.Namespace) -> int:
     )
     ref = load_ref(args.ref)
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num))
-    device = _distributed()
+    device = init_process_group()
     net, guidance, _, _ = _models_and_guidance(args)
     detectors = _detectors(args, device)
     batches = generate(

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import _umask, atomic_path, remove_stale_temporaries
+from .parallel import init_process_group
 
 __all__ = [
     "TRANSFORMS",
@@ -614,9 +615,8 @@ def _convert_cli(args: argparse.Namespace) -> int:
 
 
 def _encode_cli(args: argparse.Namespace) -> int:
-    from .cli import _distributed  # joins the process group under torchrun
 
-    device = _distributed()
+    device = init_process_group()
     r = encode(
         args.source,
         args.dest,
