@@ -308,3 +308,37 @@ def test_snapshots_checked_for_layout_and_values(tmp_path):
     with pytest.raises(AutoguideError, match=f"{name} would hold NaN or infinity.*nothing was written"):
         reconstruct(nan, 0.07, out_dir=tmp_path / "o2", progress=False)
     assert not list((tmp_path / "o2").glob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks made before anything is created.
+
+
+def test_checks_come_before_outputs(tmp_path, capsys):
+    torch.manual_seed(0)
+    ag.save(Precond(**PRESETS["digits-xxs"]).eval(), tmp_path / "main.safetensors")
+    ag.save(Precond(**PRESETS["img32-xs"]).eval(), tmp_path / "other.safetensors")
+    from autoguide_fast.experiment import sweep
+
+    with pytest.raises(ValueError, match="main and guide must make the same samples"):
+        sweep(tmp_path / "main.safetensors", tmp_path / "other.safetensors", "2.0", tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
+    code = main(
+        [
+            "generate",
+            "--net",
+            str(tmp_path / "main.safetensors"),
+            "--churn",
+            "10",
+            "--churn-noise",
+            "nan",
+            "--seeds",
+            "0",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2 and "churn_noise must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -194,6 +194,30 @@ def _file_id(path: Path) -> list:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
+def _network_shape(path: Path) -> tuple | None:
+    """(img_resolution, img_channels, label_dim) from a snapshot's (or a run's newest snapshot's)
+    header; None for official pickles (read in full only when used)."""
+    from .checkpoint import read_metadata
+    from .ema import list_snapshots
+
+    if path.is_dir():
+        path = list_snapshots(path)[-1].path
+    if path.suffix.lower() != ".safetensors":
+        return None
+    config = json.loads(read_metadata(path).get("config", "{}"))
+    return tuple(config.get(k) for k in ("img_resolution", "img_channels", "label_dim"))
+
+
+def _check_same_data_shape(main: Path, guide: Path) -> None:
+    # Checked before the sweep's folder is created: a guide of other images is no guide.
+    a, b = _network_shape(main), _network_shape(guide)
+    if a is not None and b is not None and a != b:
+        raise ValueError(
+            f"main and guide must make the same samples: main {main.name} is (resolution, channels, "
+            f"classes) {a}, guide {guide.name} {b}"
+        )
+
+
 def _source(path, stds, tag: str) -> tuple[Path, list[float | None], dict]:
     """Checks a sweep's model argument before anything is written: a snapshot file (no EMA
     lengths) or a run directory with snapshots (EMA lengths reconstructed post hoc). Returns the
@@ -382,6 +406,7 @@ def sweep(
     main, main_stds, main_id = _source(main, ema_main, "main")
     guide, guide_stds, guide_id = _source(guide, ema_guide, "guide")
     guide_times = _training_times(guide, guide_kimg, guide_stds)
+    _check_same_data_shape(main, guide)
 
     # Cells of other settings stay in the file but are neither returned nor shown.
     common = dict(main=main_id, guide=guide_id, seeds=compact_seeds(seeds), steps=steps, metric=metric,

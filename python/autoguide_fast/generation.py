@@ -183,6 +183,12 @@ def generate(
             "classes): carry them in the denoiser (denoiser(unet, scheduler, class_labels=...)), or call "
             "sample() with your own labels"
         )
+    if (
+        isinstance(churn_noise, bool)
+        or not isinstance(churn_noise, (int, float))
+        or not math.isfinite(churn_noise)
+    ):
+        raise ValueError(f"churn_noise must be a finite number, got {churn_noise!r}")
     if class_idx is not None and (
         isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer))
     ):
