@@ -342,3 +342,43 @@ def test_checks_come_before_outputs(tmp_path, capsys):
     )
     assert code == 2 and "churn_noise must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_environment_failures_and_kernel_setting(tmp_path, capsys, monkeypatch):
+    # A full disk is the machine's failure (exit 1), not bad input (exit 2); a bad
+    # AUTOGUIDE_KERNELS is named before generate creates anything.
+    import errno
+
+    import autoguide_fast.cli as cli
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(cli, "_convert", full)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with(parser(), "convert", full))
+    assert main(["convert", "a.pkl", "--out", str(tmp_path / "o")]) == 1
+    assert "environment failure" in capsys.readouterr().err
+    ag.save(Precond(**PRESETS["digits-xxs"]).eval(), tmp_path / "m.safetensors")
+    monkeypatch.setenv("AUTOGUIDE_KERNELS", "fastest")
+    assert (
+        main(
+            [
+                "generate",
+                "--net",
+                str(tmp_path / "m.safetensors"),
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "AUTOGUIDE_KERNELS must be" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def _with(parser, command, func):
+    sub = next(a for a in parser._actions if a.dest == "command")
+    sub.choices[command].set_defaults(func=func)
+    return parser

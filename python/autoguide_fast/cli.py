@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from dataclasses import fields
@@ -878,6 +879,15 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if debug:
+            raise
+        # The machine, not the input: a full disk, a quota, a file size limit, an I/O error.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ENOMEM):
+            print(f"{prefix}: error: {_message(e)} (an environment failure, not the input)", file=sys.stderr)
+            return 1
+        print(f"{prefix}: error: {_message(e)}", file=sys.stderr)
+        return 2
     except (*_INPUT_ERRORS, AutoguideError) as e:
         if debug:
             raise

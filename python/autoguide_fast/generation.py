@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _core
+from . import _core, kernels
 from .guidance import Guidance
 from .sampling import PerSampleRNG, sample
 
@@ -183,6 +183,7 @@ def generate(
             "classes): carry them in the denoiser (denoiser(unet, scheduler, class_labels=...)), or call "
             "sample() with your own labels"
         )
+    kernels.mode()  # a bad AUTOGUIDE_KERNELS is named here, before a caller creates any output
     if (
         isinstance(churn_noise, bool)
         or not isinstance(churn_noise, (int, float))
