@@ -382,3 +382,22 @@ def _with(parser, command, func):
     sub = next(a for a in parser._actions if a.dest == "command")
     sub.choices[command].set_defaults(func=func)
     return parser
+
+
+def test_pickled_data_never_holds_python_objects(tmp_path):
+    # numpy.ndarray called directly, or _reconstruct with an object typecode, would make arrays of
+    # Python objects: refused in reference statistics and in official checkpoints alike.
+    direct = b"\x80\x02cnumpy\nndarray\nK\x02\x85X\x01\x00\x00\x00O\x86R."
+    objects = (
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85X\x01\x00\x00\x00O\x87R."
+    )
+    for i, data in enumerate((direct, objects)):
+        path = tmp_path / f"ref{i}.pkl"
+        path.write_bytes(data)
+        with pytest.raises(AutoguideError, match="ndarray called directly|Python objects"):
+            official.unpickle(path, arrays_only=True)
+        with pytest.raises(AutoguideError, match="ndarray called directly|Python objects"):
+            official.unpickle(path)
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps({"fid": {"mu": np.zeros(3), "sigma": np.eye(3)}}, protocol=2))
+    assert ag.metrics.load_ref(ok)["fid"]["sigma"].shape == (3, 3)  # numpy's own pickling still reads

@@ -139,10 +139,18 @@ def _np_dtype(obj, align=False, copy=False) -> np.dtype:
     return dtype
 
 
+def _ndarray(*args, **kwargs):
+    # numpy.ndarray as pickles name it: only as the class argument of _reconstruct. Called
+    # directly (ndarray(shape, 'O')) it would make an array of Python objects.
+    raise pickle.UnpicklingError("numpy.ndarray called directly (only numpy's own array pickling is read)")
+
+
 def _np_reconstruct(cls, shape, typecode) -> np.ndarray:
     # numpy's ndarray.__reduce__: an empty array that BUILD fills from raw bytes.
-    if cls is not np.ndarray:
+    if cls is not _ndarray:
         raise pickle.UnpicklingError("numpy _reconstruct of a class other than ndarray")
+    if not isinstance(typecode, (str, bytes)) or np.dtype(typecode).hasobject:
+        raise pickle.UnpicklingError("numpy _reconstruct of an array of Python objects")
     return np.ndarray.__new__(np.ndarray, shape, typecode)
 
 
@@ -163,7 +171,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray,
     ("numpy", "dtype"): _np_dtype,
     **{(m, "_reconstruct"): _np_reconstruct for m in _NP_CORE},
     **{(m, "scalar"): _np_scalar for m in _NP_CORE},
@@ -194,7 +202,7 @@ def _latin1_bytes(text, encoding="latin1") -> bytes:
 _ARRAYS: dict[tuple[str, str], Any] = {
     ("dnnlib.util", "EasyDict"): EasyDict,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ndarray,
     ("numpy", "dtype"): _np_dtype,
     **{(m, "_reconstruct"): _np_reconstruct for m in _NP_CORE},
     **{(m, "scalar"): _np_scalar for m in _NP_CORE},
