@@ -119,6 +119,10 @@ def test_zip_entries_beyond_their_header_are_refused(tmp_path):
             ValueError, match="a.png: the entry declares 33554.* bytes, more than its content"
         ):
             read(bomb)
+    from autoguide_fast.dataset_tool import convert
+
+    with pytest.raises(ValueError, match="a.png: the entry declares 33554.* bytes"):  # the dataset tool too
+        convert(bomb, tmp_path / "converted.zip")
     assert main(["train", "--data", str(bomb), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert not (tmp_path / "run").exists()
 
@@ -354,7 +358,6 @@ def test_environment_failures_and_kernel_setting(tmp_path, capsys, monkeypatch):
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr(cli, "_convert", full)
     parser = cli.build_parser
     monkeypatch.setattr(cli, "build_parser", lambda: _with(parser(), "convert", full))
     assert main(["convert", "a.pkl", "--out", str(tmp_path / "o")]) == 1

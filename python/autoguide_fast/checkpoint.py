@@ -267,6 +267,14 @@ def strict_json(value, **kwargs) -> str:
     return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
+def file_identity(path: str | os.PathLike) -> list:
+    """[name, size, modification time in ns]: what cell caches key a file on (a changed file is
+    another file)."""
+    p = Path(path)
+    st = p.stat()
+    return [p.name, st.st_size, st.st_mtime_ns]
+
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> None:
     """Removes the temporaries (``.<name>.<pid>.tmp``, files or folders) that writers of this
     package left in ``directory`` when their process died; those of live processes stay."""

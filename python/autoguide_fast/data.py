@@ -107,13 +107,15 @@ class ImageDataset:
 
     def info(self) -> dict:
         """JSON-serialisable description stored in snapshot metadata."""
-        return dict(
-            name=self.name,
-            size=len(self),
-            resolution=self.resolution,
-            channels=self.channels,
-            num_classes=self.num_classes if self.labels is not None else 0,
-        )
+        return _info(self)
+
+
+def _info(ds) -> dict:
+    # What identifies a data set in snapshot metadata (in memory or streamed alike).
+    classes = ds.num_classes if ds.labels is not None else 0
+    return dict(
+        name=ds.name, size=len(ds), resolution=ds.resolution, channels=ds.channels, num_classes=classes
+    )
 
 
 def _digits() -> ImageDataset:
@@ -269,7 +271,7 @@ _MAX_ENTRY = 256 << 20
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _entry_limit(head: bytes, name: str) -> int:
+def _entry_limit(head: bytes) -> int:
     """Most bytes an entry that starts with ``head`` can legitimately hold."""
     if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
         w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
@@ -293,7 +295,7 @@ def read_entry(z: zipfile.ZipFile, name: str, where: str) -> bytes:
     info = z.getinfo(name)
     with z.open(info) as f:
         head = f.read(512)
-        limit = _entry_limit(head, name)
+        limit = _entry_limit(head)
         if info.file_size > limit:
             raise ValueError(
                 f"{where}: the entry declares {info.file_size} bytes, more than its content can hold "
@@ -436,13 +438,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def info(self) -> dict:
         """JSON-serialisable description stored in snapshot metadata (as ``ImageDataset.info``)."""
-        return dict(
-            name=self.name,
-            size=len(self),
-            resolution=self.resolution,
-            channels=self.channels,
-            num_classes=self.num_classes if self.labels is not None else 0,
-        )
+        return _info(self)
 
     def _bytes(self, name: str) -> bytes:
         if self.path.is_dir():

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import _umask, atomic_path, remove_stale_temporaries
+from .data import read_entry
 from .parallel import init_process_group
 
 __all__ = [
@@ -205,7 +206,8 @@ class _Images:
             try:
                 with zipfile.ZipFile(self.path) as z:
                     names = [n for n in z.namelist() if not n.endswith("/")]
-                    meta = z.read("dataset.json") if "dataset.json" in names else None
+                    where = f"{self.path}/dataset.json"
+                    meta = read_entry(z, "dataset.json", where) if "dataset.json" in names else None
             except (zipfile.BadZipFile, OSError) as e:
                 raise ValueError(f"source {self.path}: not a readable zip file ({e})") from None
         else:
@@ -246,7 +248,12 @@ class _Images:
         """Image i as uint8 RGB [H, W, 3] (grey, palette and RGBA converted by PIL, alpha dropped)."""
         name = self.names[i]
         try:
-            f = self._zip.open(name) if self._zip is not None else open(self.path / name, "rb")
+            # Zip entries through the shared bounded reader (no entry inflates past its header).
+            f = (
+                io.BytesIO(read_entry(self._zip, name, f"{self.path}/{name}"))
+                if self._zip is not None
+                else open(self.path / name, "rb")
+            )
             with f, PIL.Image.open(f) as img:
                 return np.asarray(img.convert("RGB"))
         except (OSError, ValueError, zipfile.BadZipFile) as e:  # PIL.UnidentifiedImageError is an OSError

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import digits
-from .checkpoint import atomic_write_bytes, load_network, save_figure, strict_json
+from .checkpoint import atomic_write_bytes, file_identity, load_network, save_figure, strict_json
 from .generation import Batch, generate
 from .guidance import CFG, Autoguidance
 from .metrics import FrechetMetric
@@ -189,11 +189,6 @@ def parse_weights(spec: str, name: str = "weights") -> list[float]:
     return _checked_weights(ws, name, text)
 
 
-def _file_id(path: Path) -> list:
-    st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
-
-
 def _network_shape(path: Path) -> tuple | None:
     """(img_resolution, img_channels, label_dim) from a snapshot's (or a run's newest snapshot's)
     header; None for official pickles (read in full only when used)."""
@@ -242,7 +237,7 @@ def _source(path, stds, tag: str) -> tuple[Path, list[float | None], dict]:
             raise ValueError(
                 f"{tag} run directory {path} holds no network snapshots to reconstruct EMA lengths from"
             )
-        return path, stds, dict(path=str(path.resolve()), snapshots=[_file_id(s.path) for s in snaps])
+        return path, stds, dict(path=str(path.resolve()), snapshots=[file_identity(s.path) for s in snaps])
     if not path.is_file():
         raise ValueError(f"{tag} model {path} is not a regular file")
     if not is_official_pickle(path) and "arch" not in read_metadata(path):  # the header, checked
@@ -252,7 +247,7 @@ def _source(path, stds, tag: str) -> tuple[Path, list[float | None], dict]:
             f"ema_{tag} (--ema-{tag}) reconstructs EMA lengths from a run directory, "
             f"but {tag} is the file {path}"
         )
-    return path, [None], dict(path=str(path.resolve()), file=_file_id(path))
+    return path, [None], dict(path=str(path.resolve()), file=file_identity(path))
 
 
 def _models(source: Path, stds: list, out_dir: Path, out_nimg: int | None = None) -> dict:

@@ -51,10 +51,7 @@ def parse_seeds(text: str) -> list[int]:
         raise ValueError(
             f"seeds names {count} seeds, more than {MAX_SEEDS}; split the work into several runs"
         )
-    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must not repeat (each seed is one image), got {text!r}")
-    return seeds
+    return checked_seeds([s for lo, hi in ranges for s in range(lo, hi + 1)], f"seeds {text!r}")
 
 
 def checked_seeds(seeds, name: str = "seeds") -> list[int]:

@@ -369,7 +369,7 @@ def _lock_run(out: Path):
     by the system when the process dies): two runs writing one folder would interleave."""
     import fcntl  # POSIX
 
-    f = open(out / "train.lock", "a")  # noqa: SIM115 (held open for the run; closed by the caller)
+    f = open(out / "train.lock", "a")  # held open for the run; the caller closes it
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -383,12 +383,10 @@ def _lock_run(out: Path):
 def read_stats(path: Path) -> list[dict]:
     """The rows of a run's ``stats.jsonl``. A last line without its newline is the partial write
     of a killed process and is dropped; any other bad line is an error naming the file and line."""
-    text = path.read_text()
-    lines = text.split("\n")
-    complete, partial = lines[:-1], lines[-1]  # text ends with "\n" when the last write finished
-    del partial  # an unfinished line of a killed writer
+    # split("\n") ends with what follows the last newline: "" after a finished write.
+    lines = path.read_text().split("\n")[:-1]
     rows = []
-    for i, line in enumerate(complete, 1):
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:

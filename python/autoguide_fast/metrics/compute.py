@@ -5,14 +5,14 @@ over ``torchrun`` ranks (one all-reduce of the float64 sums at the end)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..checkpoint import file_identity
 from ..data import ImageFiles
 from ..generation import rank_batches
 from .detectors import detector, weights_path
@@ -146,11 +146,6 @@ def metrics_from_stats(stats: Mapping, ref: Mapping | str | os.PathLike) -> dict
     return out
 
 
-def seeds_of(seeds: Sequence[int] | None, num: int, first: int) -> list[int]:
-    """``seeds`` as given, else ``first .. first + num - 1`` (the official ``gen``)."""
-    return list(seeds) if seeds is not None else list(range(first, first + num))
-
-
 class FrechetMetric:
     """FID or FD_DINOv2 of image sets against a reference file, as a sweep metric:
     ``m(images, classes) -> {name: value}`` (the metric of ``experiment.sweep_denoisers``) or
@@ -172,7 +167,7 @@ class FrechetMetric:
             have = sorted(set(self.ref) - {"num_images"})
             raise ValueError(f"{ref}: holds no '{name}' statistics (it has {have})")
         self.detector = detector(name, path, device)
-        self.identity = {"metric": name, "detector": _file_id(path), "ref": _file_id(ref)}
+        self.identity = {"metric": name, "detector": file_identity(path), "ref": file_identity(ref)}
 
     def of_batches(self, batches: Iterable[torch.Tensor], total: int | None = None) -> dict[str, float]:
         stats = stats_of_batches(batches, {self.name: self.detector}, device=self.device, total=total)
@@ -180,9 +175,3 @@ class FrechetMetric:
 
     def __call__(self, images: torch.Tensor, classes=None) -> dict[str, float]:
         return self.of_batches(images.split(self.batch), total=len(images))
-
-
-def _file_id(path) -> list:
-    p = Path(path)
-    st = p.stat()
-    return [p.name, st.st_size, st.st_mtime_ns]
