@@ -1,6 +1,6 @@
 """GPU benchmarks of the fused kernels (skipped without CUDA + CuPy). Each ``*_numbers`` function
 measures one thing and returns a dict of plain numbers; the tests below report them through
-pytest-benchmark (``make bench``) and ``scripts/gpu_check.py`` calls the same functions directly
+pytest-benchmark (``make bench``) and ``scripts/gpu_check/`` calls the same functions directly
 (``make gpu-check``, docs/gpu-check.md), so the GPU check needs no pytest-benchmark.
 
 Every speed is a ratio within one run: kernel bandwidth against a device-to-device copy of the same

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check (make gpu-check; docs/gpu-check.md): picks the Python that has torch ($PYTHON, else
-# python3, else .venv/bin/python) and hands over to scripts/gpu_check.py, which installs the wheel
-# from dist/ (built with `make wheel` on the development machine) into a temporary folder, runs the
-# stages and writes report.md, report.json and gpu_check.log to $OUT (else gpu-report/).
+# python3, else .venv/bin/python) and hands over to the package scripts/gpu_check/ (python -m
+# gpu_check), which installs the wheel from dist/ (built with `make wheel` on the development
+# machine) into a temporary folder, runs the stages and writes report.md, report.json and
+# gpu_check.log to $OUT (else gpu-report/).
 # Without a GPU it stops, and says so, where the GPU stages begin.
 # Exit status: 0 passed (or no GPU here), 1 a stage failed, 2 setup error, 130 interrupted.
 set -uo pipefail
@@ -29,4 +30,7 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1
     echo "gpu-check: error: $msg" >&2
     exit 2
 fi
-exec "$py" scripts/gpu_check.py --report "$report" "$@"
+# -m finds the package through scripts/ on PYTHONPATH. The stages inherit it, behind the wheel's
+# folder; the package's own stage processes run from scripts/ and would find it without.
+export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
+exec "$py" -m gpu_check --report "$report" "$@"
