@@ -1,12 +1,5 @@
-//! Snapshot store: standard safetensors files, memory-mapped for reading and written atomically.
-//!
-//! Reading validates the whole header before anything is used (header length in range, UTF-8
-//! JSON, known dtypes, shapes matching byte lengths, offsets contiguous and inside the file),
-//! so damaged or hostile files fail with an error naming the file. Nothing is ever unpickled.
-//! Writing goes to a temporary file in the same directory, is fsynced, then renamed over the
-//! final name: a reader sees the old file or the new one, never half of one. Every file the
-//! store writes is created by [`OutputFile::create`], with the mode of any normal file creation
-//! (`0o666` less the umask).
+//! Writing: every file the store writes is laid out, written with positional writes into a
+//! temporary file in the destination directory, validated, fsynced and renamed into place.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -14,163 +7,10 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, SafeTensors};
+use safetensors::tensor::Dtype;
 
-use crate::error::{io_error, Error, Result};
-
-/// One tensor of a snapshot: where its bytes are in the file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorEntry {
-    pub name: String,
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    /// Absolute byte range in the file.
-    pub begin: usize,
-    pub end: usize,
-}
-
-/// The validated header of a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Header {
-    /// String metadata (`__metadata__`).
-    pub metadata: BTreeMap<String, String>,
-    /// Tensors in file order.
-    pub tensors: Vec<TensorEntry>,
-}
-
-/// A memory-mapped, validated snapshot. Tensor bytes are borrowed from the map (no copies).
-pub struct MappedSnapshot {
-    path: PathBuf,
-    map: Mmap,
-    header: Header,
-}
-
-fn format_error(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Format {
-        path: path.display().to_string(),
-        reason: reason.into(),
-    }
-}
-
-/// Names what a non-safetensors file most likely is, for a helpful message.
-fn sniff(bytes: &[u8]) -> Option<&'static str> {
-    if bytes.starts_with(b"PK\x03\x04") {
-        Some("it is a zip archive, as torch.save writes; autoguide_fast never unpickles")
-    } else if bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
-        Some("it is a Python pickle; autoguide_fast never unpickles")
-    } else {
-        None
-    }
-}
-
-/// Validates `bytes` as a whole safetensors file and returns its header.
-pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<Header> {
-    let (n, meta) = SafeTensors::read_metadata(bytes).map_err(|e| {
-        let reason = match sniff(bytes) {
-            Some(what) => format!("{e} ({what})"),
-            None => e.to_string(),
-        };
-        format_error(path, reason)
-    })?;
-    let data_start = 8 + n;
-    let mut tensors = Vec::new();
-    for name in meta.offset_keys() {
-        let info = meta
-            .info(&name)
-            .ok_or_else(|| format_error(path, format!("tensor {name} listed twice")))?;
-        let (b, e) = info.data_offsets;
-        tensors.push(TensorEntry {
-            name,
-            dtype: info.dtype,
-            shape: info.shape.clone(),
-            begin: data_start + b,
-            end: data_start + e,
-        });
-    }
-    let metadata = meta
-        .metadata()
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    Ok(Header { metadata, tensors })
-}
-
-impl MappedSnapshot {
-    /// Maps `path` read-only and validates it.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| io_error(&path, e))?;
-        if file.metadata().map_err(|e| io_error(&path, e))?.len() == 0 {
-            return Err(format_error(&path, "the file is empty"));
-        }
-        // SAFETY: the map is read-only and we never write through it. Files are replaced by
-        // rename (a new inode), never rewritten in place, by this library; a third party
-        // truncating the file while it is mapped is outside what any mmap reader can guard.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| io_error(&path, e))?;
-        let header = parse_header(&path, &map)?;
-        Ok(Self { path, map, header })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn header(&self) -> &Header {
-        &self.header
-    }
-
-    /// The whole mapped file (tensor byte ranges in the header are absolute offsets into it).
-    pub fn bytes_all(&self) -> &[u8] {
-        &self.map
-    }
-
-    /// Prepares the map for one streaming pass that releases pages as it goes (see
-    /// [`MappedSnapshot::release`]): pages are mapped 4 KiB at a time, since a 2 MiB mapping
-    /// of a huge page-cache folio would keep up to 2 MiB resident per file until the whole
-    /// block has been read, or be split by a partial release. Best effort.
-    pub fn prepare_streaming(&self) {
-        #[cfg(target_os = "linux")]
-        let _ = self.map.advise(memmap2::Advice::NoHugePage);
-    }
-
-    /// Drops the resident pages of the byte range `[begin, end)` (rounded inwards to whole
-    /// pages) from this process; later reads fault them back from the page cache. Used by
-    /// streaming readers to keep resident memory small. Best effort: errors are ignored.
-    pub fn release(&self, begin: usize, end: usize) {
-        const PAGE: usize = 4096;
-        let (lo, hi) = (begin.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
-        if hi > lo && hi <= self.map.len() {
-            // SAFETY: the map is a read-only file mapping; MADV_DONTNEED on it only drops
-            // resident pages, and later reads see the file's contents again. No Rust reference
-            // into the range is used across this call by the streaming caller.
-            #[cfg(unix)]
-            let _ = unsafe {
-                self.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo)
-            };
-        }
-    }
-
-    /// Raw little-endian bytes of tensor `name`.
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
-        let entry = self
-            .header
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
-            .ok_or_else(|| format_error(&self.path, format!("no tensor named {name:?}")))?;
-        Ok(&self.map[entry.begin..entry.end])
-    }
-}
-
-/// Byte length of a tensor of `dtype` and `shape`, None on overflow.
-fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
-    shape
-        .iter()
-        .try_fold(dtype.bitsize(), |acc, &d| acc.checked_mul(d))
-        .map(|bits| bits.div_ceil(8))
-}
+use super::header::{byte_len, lay_out_header, parse_header};
+use crate::error::{invalid, io_error, Error, Result};
 
 /// The directory of `path` and a temporary file name next to it, unique to this process.
 fn temp_path(path: &Path) -> Result<(PathBuf, PathBuf)> {
@@ -180,13 +20,24 @@ fn temp_path(path: &Path) -> Result<(PathBuf, PathBuf)> {
     };
     let name = path
         .file_name()
-        .ok_or_else(|| crate::error::invalid("path", path.display(), "a file path"))?;
+        .ok_or_else(|| invalid("path", path.display(), "a file path"))?;
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
         std::process::id()
     ));
     Ok((dir, tmp))
+}
+
+/// Creates (or truncates) the temporary file `tmp` for reading and writing.
+fn create_temporary(tmp: &Path) -> Result<File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(true);
+    // The mode of a normal file (see [`OutputFile`]'s documentation); the kernel takes the
+    // umask off it. Explicit so that the permissions of snapshots never depend on a default.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o666);
+    options.open(tmp).map_err(|e| io_error(tmp, e))
 }
 
 /// Makes a rename in `dir` durable.
@@ -203,17 +54,6 @@ pub struct TensorData<'a> {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub data: &'a [u8],
-}
-
-/// Parses a safetensors dtype name ("F32", "BF16", ...), as the format spells them.
-pub fn parse_dtype(name: &str) -> Result<Dtype> {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|_| {
-        crate::error::invalid(
-            "dtype",
-            name,
-            "a safetensors dtype such as F32, F16, BF16, I64",
-        )
-    })
 }
 
 /// Writes `tensors` and `metadata` to `path` atomically (temporary file, fsync, rename, fsync
@@ -279,70 +119,22 @@ impl OutputFile {
         metadata: &BTreeMap<String, String>,
     ) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let mut header = serde_json::Map::new();
-        if !metadata.is_empty() {
-            header.insert(
-                "__metadata__".into(),
-                serde_json::to_value(metadata).expect("strings serialise"),
-            );
-        }
-        let too_big = |shape: &[usize]| {
-            crate::error::invalid("shape", format!("{shape:?}"), "small enough to address")
-        };
-        let mut offset = 0usize;
-        let mut rel = Vec::with_capacity(tensors.len());
-        for (name, dtype, shape) in tensors {
-            if name == "__metadata__" || header.contains_key(name) {
-                return Err(crate::error::invalid(
-                    "tensors",
-                    name,
-                    "uniquely named, and not __metadata__",
-                ));
-            }
-            let end = byte_len(*dtype, shape)
-                .and_then(|bytes| offset.checked_add(bytes))
-                .ok_or_else(|| too_big(shape))?;
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": dtype.to_string(), "shape": shape, "data_offsets": [offset, end]}),
-            );
-            rel.push((name.clone(), offset, end));
-            offset = end;
-        }
-        let mut json = serde_json::to_vec(&serde_json::Value::Object(header)).expect("valid JSON");
-        json.resize(json.len().div_ceil(8) * 8, b' ');
-        let data_start = 8 + json.len();
-        let file_len = data_start
-            .checked_add(offset)
-            .and_then(|n| u64::try_from(n).ok())
-            .ok_or_else(|| crate::error::invalid("tensors", offset, "small enough to address"))?;
+        let header = lay_out_header(tensors, metadata)?;
         let (_, tmp) = temp_path(&path)?;
-        let mut options = std::fs::OpenOptions::new();
-        options.read(true).write(true).create(true).truncate(true);
-        // The mode of a normal file (see the struct's documentation); the kernel takes the umask
-        // off it. Explicit so that the permissions of snapshots never depend on a default.
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o666);
-        let file = options.open(&tmp).map_err(|e| io_error(&tmp, e))?;
-        let mut head = (json.len() as u64).to_le_bytes().to_vec();
-        head.extend_from_slice(&json);
-        let entries = rel
-            .into_iter()
-            .map(|(n, b, e)| (n, data_start + b, data_start + e))
-            .collect();
+        let file = create_temporary(&tmp)?;
         let out = Self {
             tmp,
             path,
             file,
-            entries,
-            data_start,
+            entries: header.entries,
+            data_start: header.data_start,
             committed: false,
         };
         // From here on, dropping `out` removes the temporary file.
         out.file
-            .set_len(file_len)
+            .set_len(header.file_len)
             .map_err(|e| io_error(&out.tmp, e))?;
-        out.write_at(0, &head)?;
+        out.write_at(0, &header.bytes)?;
         Ok(out)
     }
 
@@ -439,57 +231,9 @@ impl Drop for OutputFile {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fixtures::{sample_file, tmpdir};
+    use super::super::MappedSnapshot;
     use super::*;
-    use proptest::prelude::*;
-
-    fn sample_file(dir: &Path) -> PathBuf {
-        let a: Vec<u8> = (0..24u8).collect();
-        let b: Vec<u8> = vec![1, 2, 3, 4];
-        let tensors = [
-            TensorData {
-                name: "w".into(),
-                dtype: Dtype::F32,
-                shape: vec![2, 3],
-                data: &a,
-            },
-            TensorData {
-                name: "g".into(),
-                dtype: Dtype::F16,
-                shape: vec![2],
-                data: &b,
-            },
-        ];
-        let meta = BTreeMap::from([("nimg".to_string(), "42".to_string())]);
-        let path = dir.join("s.safetensors");
-        write_atomic(&path, &tensors, &meta).unwrap();
-        path
-    }
-
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("autoguide-store-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    #[test]
-    fn round_trip() {
-        let dir = tmpdir("rt");
-        let path = sample_file(&dir);
-        let snap = MappedSnapshot::open(&path).unwrap();
-        assert_eq!(snap.header().metadata["nimg"], "42");
-        assert_eq!(
-            snap.bytes("w").unwrap(),
-            (0..24u8).collect::<Vec<_>>().as_slice()
-        );
-        assert_eq!(snap.bytes("g").unwrap(), &[1, 2, 3, 4]);
-        assert_eq!(snap.header().tensors.len(), 2);
-        assert!(snap.bytes("missing").is_err());
-        let leftovers: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
-    }
 
     #[test]
     fn rejects_wrong_sizes_and_duplicates() {
@@ -508,45 +252,6 @@ mod tests {
         };
         assert!(write_atomic(dir.join("b"), &[t.clone(), t], &BTreeMap::new()).is_err());
         assert!(!dir.join("a").exists() && !dir.join("b").exists());
-    }
-
-    #[test]
-    fn dtype_names_round_trip() {
-        for d in [
-            Dtype::F32,
-            Dtype::BF16,
-            Dtype::F8_E4M3,
-            Dtype::I64,
-            Dtype::BOOL,
-        ] {
-            assert_eq!(parse_dtype(&d.to_string()).unwrap(), d);
-        }
-        assert!(parse_dtype("float32")
-            .unwrap_err()
-            .to_string()
-            .starts_with("dtype"));
-    }
-
-    #[test]
-    fn names_pickles_and_missing_files() {
-        let dir = tmpdir("pk");
-        let p = dir.join("model.safetensors");
-        std::fs::write(&p, b"\x80\x04\x95 pickle bytes here").unwrap();
-        let err = MappedSnapshot::open(&p).err().unwrap().to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains("pickle"),
-            "{err}"
-        );
-        std::fs::write(&p, b"PK\x03\x04 zip").unwrap();
-        assert!(MappedSnapshot::open(&p)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("zip"));
-        assert!(matches!(
-            MappedSnapshot::open(dir.join("nope")),
-            Err(Error::NotFound { .. })
-        ));
     }
 
     #[test]
@@ -673,29 +378,5 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().starts_with("tensors must be"), "{err}");
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
-
-        #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = parse_header(Path::new("random"), &bytes);
-        }
-
-        #[test]
-        fn mutated_files_never_panic_and_stay_in_bounds(pos in 0usize..200, val in any::<u8>(), cut in 0usize..200) {
-            let dir = tmpdir("mut");
-            let good = std::fs::read(sample_file(&dir)).unwrap();
-            let mut bytes = good.clone();
-            let p = pos % bytes.len();
-            bytes[p] = val;
-            bytes.truncate(bytes.len() - cut % bytes.len());
-            if let Ok(h) = parse_header(Path::new("mutated"), &bytes) {
-                for t in &h.tensors {
-                    prop_assert!(t.begin <= t.end && t.end <= bytes.len());
-                }
-            }
-        }
     }
 }
