@@ -6,8 +6,9 @@ import math
 import numpy as np
 import torch
 
-from autoguide_fast import Autoguidance, sample, step_plan, toy
+from autoguide_fast import Autoguidance, sample, step_plan
 from autoguide_fast.networks.toy import ToyModel
+from autoguide_fast.studies import toy
 from conftest import paired_times
 
 

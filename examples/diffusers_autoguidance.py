@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKL
 
     from autoguide_fast.adapters.diffusers import denoiser
-    from autoguide_fast.experiment import parse_weights, sweep_denoisers
-    from autoguide_fast.generation import parse_seeds
+    from autoguide_fast.checks import parse_seeds, parse_weights
+    from autoguide_fast.studies.sweep import sweep_denoisers
 
     try:
         weights, seeds = parse_weights(args.weights), parse_seeds(args.seeds)

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 import autoguide_fast as ag
-from autoguide_fast import digits
+from autoguide_fast.checks import MAX_WEIGHTS, parse_weights
 from autoguide_fast.data import MAX_CLASSES, load_dataset
-from autoguide_fast.experiment import MAX_WEIGHTS, parse_weights, sweep
 from autoguide_fast.networks import PRESETS, Precond
+from autoguide_fast.studies import digits
+from autoguide_fast.studies.sweep import sweep
 
 
 def cli(*args, cwd):
@@ -394,7 +395,7 @@ def test_sweep_recomputes_cells_of_other_settings(tmp_path):
 
 
 def test_digits_experiment_figure_leaves_only_the_figure(tmp_path):
-    from autoguide_fast.experiment import _figure
+    from autoguide_fast.studies.digits_experiment import _figure
 
     images = load_dataset("digits").images[:16]
     row = dict(weight=2.0, fd=1.0, precision=0.5, recall=0.5, alignment=0.9)

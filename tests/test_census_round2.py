@@ -21,7 +21,8 @@ from autoguide_fast.data import ImageFiles, load_dataset
 from autoguide_fast.ema import reconstruct
 from autoguide_fast.interop import official
 from autoguide_fast.networks import PRESETS, Precond
-from autoguide_fast.training import TrainOptions, _lock_run, train
+from autoguide_fast.training import TrainOptions, train
+from autoguide_fast.training.state import _lock_run
 
 SMALL = dict(
     preset="digits-xxs", batch=32, snapshot_kimg=0.064, checkpoint_kimg=0.064, log_kimg=0.032, rampup_kimg=0.0
@@ -119,7 +120,7 @@ def test_zip_entries_beyond_their_header_are_refused(tmp_path):
             ValueError, match="a.png: the entry declares 33554.* bytes, more than its content"
         ):
             read(bomb)
-    from autoguide_fast.dataset_tool import convert
+    from autoguide_fast.data.tool import convert
 
     with pytest.raises(ValueError, match="a.png: the entry declares 33554.* bytes"):  # the dataset tool too
         convert(bomb, tmp_path / "converted.zip")
@@ -270,14 +271,14 @@ def test_generate_checks_its_seeds_and_class():
     for seeds, match in [
         ([], "at least one"),
         ([1, 1], "must not repeat"),
-        ([1.5], "integers"),
-        ([True], "integers"),
+        ([1.5], "must be an integer"),
+        ([True], "must be an integer"),
         ([-1], r"\[0, 2\*\*63\)"),
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             generate(net, seeds, steps=2)
     for class_idx in (True, 2.5):
-        with pytest.raises(TypeError, match="class_idx must be None or an integer"):
+        with pytest.raises(TypeError, match="class_idx must be an integer"):
             generate(net, [0], class_idx=class_idx, steps=2)
 
 
@@ -322,7 +323,7 @@ def test_checks_come_before_outputs(tmp_path, capsys):
     torch.manual_seed(0)
     ag.save(Precond(**PRESETS["digits-xxs"]).eval(), tmp_path / "main.safetensors")
     ag.save(Precond(**PRESETS["img32-xs"]).eval(), tmp_path / "other.safetensors")
-    from autoguide_fast.experiment import sweep
+    from autoguide_fast.studies.sweep import sweep
 
     with pytest.raises(ValueError, match="main and guide must make the same samples"):
         sweep(tmp_path / "main.safetensors", tmp_path / "other.safetensors", "2.0", tmp_path / "sw")
@@ -346,6 +347,53 @@ def test_checks_come_before_outputs(tmp_path, capsys):
     )
     assert code == 2 and "churn_noise must be a finite number" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_guide_of_other_samples_is_refused_before_outputs(tmp_path, capsys):
+    # A toy model (2-D samples) as the guide of an image model: refused by the shape its samples
+    # have (sampling.check_inputs, once in generate), before the output folder exists.
+    from autoguide_fast.networks.toy import ToyModel
+
+    ag.save(Precond(**PRESETS["digits-xxs"]).eval(), tmp_path / "main.safetensors")
+    ag.save(ToyModel().eval(), tmp_path / "toy.safetensors")
+    args = ["--net", str(tmp_path / "main.safetensors"), "--guide", str(tmp_path / "toy.safetensors")]
+    assert main(["generate", *args, "--weight", "2", "--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "the guide makes (2,)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_during_start_up_ends_in_one_line(monkeypatch, capsys):
+    # Importing torch and the library (building the parser) happens inside main's error policy.
+    import autoguide_fast.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["presets"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and err.strip().count("\n") == 0
+
+
+def test_api_misuse_is_named_not_raw():
+    # Input errors surface as ValueError/TypeError naming the parameter (checks.py), not as an
+    # AttributeError or RuntimeError from deep inside torch.
+    from autoguide_fast.ema import PowerFunctionEMA
+    from autoguide_fast.generation import generate
+
+    net = Precond(**PRESETS["digits-xxs"]).eval()
+    with pytest.raises(TypeError, match="net must be a denoiser"):
+        ag.sample("main.safetensors", torch.randn(2, 2))
+    with pytest.raises(ValueError, match="device must be a device"):
+        list(generate(net, [0], steps=2, device="gpu0"))
+    with pytest.raises(ValueError, match="device must be a device"):
+        ag.load("missing.safetensors", device="gpu0")
+    with pytest.raises(TypeError, match="net must be a torch.nn.Module"):
+        PowerFunctionEMA(None, (0.05,))
+    with pytest.raises(TypeError, match="seeds must be an integer"):
+        ag.seeded_noise([0.5], (2,))
+    with pytest.raises(ValueError, match="stds must be a non-empty sequence"):
+        PowerFunctionEMA(net, "0.05")
 
 
 def test_environment_failures_and_kernel_setting(tmp_path, capsys, monkeypatch):

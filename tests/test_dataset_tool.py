@@ -20,7 +20,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 
 import autoguide_fast
-from autoguide_fast.dataset_tool import add_cli, convert, encode
+from autoguide_fast.cli.dataset import add_dataset
+from autoguide_fast.data.tool import convert, encode
 from conftest import free_port
 
 DATA = Path(__file__).resolve().parent / "data" / "dataset_tool"
@@ -175,9 +176,9 @@ def test_torchrun_encode_equals_one_process(pixels, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(
         "import argparse, sys\n"
-        "from autoguide_fast.dataset_tool import add_cli\n"
+        "from autoguide_fast.cli.dataset import add_dataset\n"
         "p = argparse.ArgumentParser()\n"
-        "add_cli(p.add_subparsers(dest='command', required=True))\n"
+        "add_dataset(p.add_subparsers(dest='command', required=True))\n"
         "args = p.parse_args(sys.argv[1:])\n"
         "sys.exit(args.func(args))\n"
     )
@@ -217,7 +218,7 @@ def test_torchrun_encode_equals_one_process(pixels, tmp_path):
 
 def test_cli_convert(sources, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command", required=True))
+    add_dataset(parser.add_subparsers(dest="command", required=True))
     paths = ["--source", str(sources / "src"), "--dest", str(tmp_path / "w.zip")]
     args = parser.parse_args(
         [

@@ -13,7 +13,8 @@ from PIL import Image  # noqa: E402
 
 from autoguide_fast import Autoguidance, PerSampleRNG, sample  # noqa: E402
 from autoguide_fast.adapters.diffusers import denoiser  # noqa: E402
-from autoguide_fast.generation import generate, to_uint8, write_outputs  # noqa: E402
+from autoguide_fast.data import to_uint8
+from autoguide_fast.generation import generate, write_outputs  # noqa: E402
 from autoguide_fast.interop.vae import VAE_BATCH  # noqa: E402
 from autoguide_fast.networks.edm2 import Precond  # noqa: E402
 from autoguide_fast.sampling import sigma_range  # noqa: E402

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from autoguide_fast.digits_study import DigitsStudy, digits_seeds
+from autoguide_fast.studies.digits_study import DigitsStudy, digits_seeds
 
 # Batches of 128 images: the guide run has snapshots at 128 and 256 images.
 TINY = DigitsStudy(main_kimg=0.256, guide_presets=("digits-xxs",), guide_kimg=(0.128, 0.256),

@@ -11,11 +11,12 @@ import torch
 from scipy import linalg
 
 import autoguide_fast as ag
-from autoguide_fast import digits
+from autoguide_fast.checks import parse_seeds
 from autoguide_fast.cli import main
-from autoguide_fast.generation import compact_seeds, generate, parse_seeds
+from autoguide_fast.generation import compact_seeds, generate
 from autoguide_fast.metrics import feature_stats, frechet_distance
 from autoguide_fast.networks import PRESETS, Precond
+from autoguide_fast.studies import digits
 from conftest import free_port
 
 
@@ -50,7 +51,7 @@ def test_images_depend_only_on_seeds(tmp_path):
     assert big[0].images.dtype == torch.uint8 and big[0].images.shape == (10, 1, 8, 8)
     fixed = next(generate(net, range(4), class_idx=3, steps=4, device="cpu"))
     assert fixed.classes.tolist() == [3, 3, 3, 3]
-    with pytest.raises(ValueError, match="class_idx must be in"):
+    with pytest.raises(ValueError, match="class_idx must be an integer in"):
         next(generate(net, range(4), class_idx=10, steps=4, device="cpu"))
 
 
@@ -186,7 +187,7 @@ def test_sweep_over_guide_training_lengths(tmp_path):
     # One guide run gives every training length: each cell's guide is the run reconstructed post
     # hoc at the snapshot nearest to the asked length.
     from autoguide_fast.ema import list_snapshots, reconstruct
-    from autoguide_fast.experiment import evaluate_guidance, sweep
+    from autoguide_fast.studies.sweep import evaluate_guidance, sweep
     from autoguide_fast.training import TrainOptions, train
 
     _, net = tiny(tmp_path)
@@ -214,7 +215,7 @@ def test_sweep_over_guide_training_lengths(tmp_path):
 
 
 def test_sweep_is_resumable(tmp_path):
-    from autoguide_fast.experiment import sweep
+    from autoguide_fast.studies.sweep import sweep
 
     _, net = tiny(tmp_path)
     _, guide = tiny(tmp_path, "guide", seed=1)

@@ -603,9 +603,9 @@ def test_sweep_by_fd_dinov2(tmp_path, dinov2_file):
     # against the reference, computed here independently; a rerun reuses the cells; another
     # reference is another cell key.
     pytest.importorskip("timm")
-    from autoguide_fast.experiment import sweep
     from autoguide_fast.generation import generate
     from autoguide_fast.guidance import Autoguidance
+    from autoguide_fast.studies.sweep import sweep
 
     def tiny(channels, seed):
         torch.manual_seed(seed)

@@ -80,7 +80,7 @@ def test_the_official_noise_and_labels_are_drawn_per_seed():
 
 
 def test_convert_keeps_the_pickled_tensors_bit_for_bit(tmp_path):
-    out = official.convert(OFFICIAL / "latent-main.pkl", tmp_path)
+    out = checkpoint.convert(OFFICIAL / "latent-main.pkl", tmp_path)
     assert out == [tmp_path / "latent-main.safetensors"]
     raw = official.unpickle(OFFICIAL / "latent-main.pkl")["ema"]
     want: dict[str, torch.Tensor] = {}
@@ -101,7 +101,7 @@ def test_convert_keeps_the_pickled_tensors_bit_for_bit(tmp_path):
 
 
 def test_convert_a_folder_of_raw_snapshots(tmp_path):
-    out = official.convert(OFFICIAL / "phema", tmp_path / "run")
+    out = checkpoint.convert(OFFICIAL / "phema", tmp_path / "run")
     assert len(out) == 8
     rows = ag.ema.list_snapshots(tmp_path / "run")
     assert [(s.nimg, s.std) for s in rows][-2:] == [(2048000, 0.05), (2048000, 0.1)]

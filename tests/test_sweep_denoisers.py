@@ -15,8 +15,8 @@ from diffusers import DDPMScheduler  # noqa: E402
 
 from autoguide_fast import Autoguidance  # noqa: E402
 from autoguide_fast.adapters.diffusers import denoiser  # noqa: E402
-from autoguide_fast.experiment import sweep_denoisers  # noqa: E402
 from autoguide_fast.generation import generate  # noqa: E402
+from autoguide_fast.studies.sweep import sweep_denoisers  # noqa: E402
 from test_diffusers_adapter import small_unet  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from autoguide_fast import Autoguidance, sample, toy
+from autoguide_fast import Autoguidance, sample
 from autoguide_fast.networks.toy import ToyModel
+from autoguide_fast.studies import toy
 from conftest import rel_err
 
 
@@ -245,7 +246,7 @@ def test_toy_models_guide_the_sampler():
 
 
 def test_pareto_front_and_margin():
-    from autoguide_fast.toy_search import margin, pareto_front
+    from autoguide_fast.studies.toy_search import margin, pareto_front
 
     pts = [(0.9, 0.9), (0.95, 0.8), (0.85, 0.95), (0.8, 0.8), (0.9, 0.85), (0.95, 0.8)]
     # (0.8, 0.8) and (0.9, 0.85) are beaten by (0.9, 0.9); the repeated point stays (a tie).
@@ -256,7 +257,7 @@ def test_pareto_front_and_margin():
 
 def test_guide_search_quick(tmp_path):
     from autoguide_fast import checkpoint
-    from autoguide_fast.toy_search import SearchSpace, search
+    from autoguide_fast.studies.toy_search import SearchSpace, search
 
     space = SearchSpace(capacities=((2, 8), (4, 32)), lengths=(20, 50), ema_stds=(0.010, 0.050),
                         screen_weights=(2.0,), screen_samples=128, finalists=1, weights=(2.0, 3.0),

@@ -150,7 +150,7 @@ def test_a_transient_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(training, "edm2_loss", flaky)
+    monkeypatch.setattr(training.loop, "edm2_loss", flaky)  # the name the loop calls
     result = train("digits", tmp_path, opts(kimg=0.128, log_kimg=1.0), progress=False)
     assert result["status"] == "done" and len(calls) == 4
     [row] = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]

@@ -4,31 +4,35 @@ header validation, atomic writes). Nothing is ever unpickled.
 - :func:`save` / :func:`load` / :func:`open`: plain tensors and string metadata.
 - :func:`save_network` / :func:`load_network` (``autoguide_fast.save`` / ``load``): one of the
   package's networks, with its architecture name and constructor arguments (JSON) in the
-  metadata, so that a ready denoiser can be rebuilt.
+  metadata, so that a ready denoiser can be rebuilt; :func:`load_network` also reads official
+  EDM2 pickles (safely), and :func:`convert` turns them into snapshots.
+
+How files are written (atomically) and checked lives in :mod:`autoguide_fast.files`.
 """
 
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
-import math
 import mmap
 import os
-import shutil
-import stat
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import _core
+from . import _core, checks
+from ._core import AutoguideError
+from .files import check_regular_file, check_replaceable
+from .interop.official import is_official_pickle, read, snapshot_metadata
+from .interop.vae import EncoderInfo
+from .networks.edm2 import Precond
+from .networks.toy import ToyModel
 
 __all__ = [
     "Snapshot",
-    "atomic_path",
-    "atomic_write_bytes",
+    "convert",
     "load",
     "load_network",
     "open",
@@ -38,25 +42,23 @@ __all__ = [
 ]
 
 _TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
-}  # fmt: skip
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+}
 _FROM_ST = {v: k for k, v in _TO_ST.items()}
-
-
-def check_regular_file(path: Path) -> None:
-    """Raises FileNotFoundError, IsADirectoryError, or AutoguideError when ``path`` is not a
-    regular file (a FIFO or device would block or be clobbered): every reader checks first."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such file") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{path} is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise _core.AutoguideError(f"{path} is not a regular file (a pipe, socket or device); refused")
 
 
 class Snapshot(Mapping[str, torch.Tensor]):
@@ -144,7 +146,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[st
     unchanged whatever later happens to the file (use :class:`Snapshot` for zero-copy reads
     within a scope)."""
     with Snapshot(path) as snap:
-        if torch.device(device).type == "cpu":
+        if checks.device("device", device).type == "cpu":
             return {k: v.clone() for k, v in snap.items()}
         return {k: v.to(device) for k, v in snap.items()}
 
@@ -185,134 +187,14 @@ def save(
     del keep
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def check_replaceable(path: Path) -> None:
-    """Raises unless ``path`` is absent or a regular file (a device, FIFO or directory is never
-    replaced by a write)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(f"{path} is a directory; refusing to write over it")
-    if not stat.S_ISREG(st.st_mode):
-        raise _core.AutoguideError(
-            f"{path} is not a regular file (a pipe, socket or device); refusing to replace it"
-        )
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
-    """The one way the package writes a file: yields a temporary path in the destination's
-    directory (``.<name>.<random>.<pid>.tmp``); when the block succeeds the file is fsynced, given
-    the mode the umask allows, and renamed over ``path``; when it fails the temporary is removed.
-    A crash leaves the old file or the new one, never half of one, and :func:`remove_stale_temporaries`
-    recognises the temporaries of a dead process. ``fsync=False`` (many small files that can be
-    made again, e.g. generated images) keeps the rename's atomicity against a dying process but
-    not against a power failure."""
-    path = Path(path)
-    check_replaceable(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        if fsync:
-            with builtins.open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_figure(fig, path: str | os.PathLike, dpi: int = 100, rect=None) -> None:
-    """Lays out a matplotlib figure (``tight_layout``, within ``rect`` if given), writes it
-    atomically to ``path`` in the format its suffix names (PNG without one) and closes it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout(**({} if rect is None else dict(rect=rect)))
-    try:
-        with atomic_path(path) as tmp:  # the temporary ends in .tmp: name the format
-            fig.savefig(tmp, format=Path(path).suffix.lstrip(".").lower() or "png", dpi=dpi)
-    finally:
-        plt.close(fig)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def strict_json(value, **kwargs) -> str:
-    """JSON that other tools read: infinities become null (e.g. an open guidance interval); NaN
-    is refused."""
-
-    def clean(v):
-        if isinstance(v, float) and math.isinf(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(value), allow_nan=False, **kwargs)
-
-
-def file_identity(path: str | os.PathLike) -> list:
-    """[name, size, modification time in ns]: what cell caches key a file on (a changed file is
-    another file)."""
-    p = Path(path)
-    st = p.stat()
-    return [p.name, st.st_size, st.st_mtime_ns]
-
-
-def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Removes the temporaries (``.<name>.<pid>.tmp``, files or folders) that writers of this
-    package left in ``directory`` when their process died; those of live processes stay."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return
-    for p in directory.glob(".*.tmp"):
-        pid = p.name[: -len(".tmp")].rsplit(".", 1)[-1]
-        if not pid.isdigit() or _alive(int(pid)):
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _architectures() -> dict[str, type[torch.nn.Module]]:
-    from .networks.edm2 import Precond
-    from .networks.toy import ToyModel
-
-    return {"edm2": Precond, "toy": ToyModel}
+_ARCHITECTURES: dict[str, type[torch.nn.Module]] = {"edm2": Precond, "toy": ToyModel}
 
 
 def _arch_name(module: torch.nn.Module) -> str:
-    for name, cls in _architectures().items():
+    for name, cls in _ARCHITECTURES.items():
         if type(module) is cls:
             return name
-    raise TypeError(f"module must be one of {sorted(_architectures())} networks, got {type(module).__name__}")
+    raise TypeError(f"module must be one of {sorted(_ARCHITECTURES)} networks, got {type(module).__name__}")
 
 
 def save_network(
@@ -337,8 +219,12 @@ def save_network(
 def _cast(dtype):
     if dtype is None:
         return None
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "float64": torch.float64}  # fmt: skip
+    names = {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float64": torch.float64,
+    }
     dtype = names.get(dtype, dtype)
     if dtype not in names.values():
         raise ValueError(f"dtype must be None or one of {sorted(names)}, got {dtype!r}")
@@ -361,16 +247,14 @@ def load_network(
     The network's ``encoder`` attribute (an :class:`~autoguide_fast.interop.vae.EncoderInfo` or
     None) says how its samples become pixels.
     """
-    from .interop.official import is_official_pickle, read
-    from .interop.vae import EncoderInfo
-
+    device = checks.device("device", device)  # before any reading
     dtype = _cast(dtype)
     if is_official_pickle(path):
         official = read(path, dtype)
         net, encoder = official.net, official.encoder
     else:
         with Snapshot(path) as snap:
-            archs = _architectures()
+            archs = _ARCHITECTURES
             if snap.metadata.get("arch") not in archs or "config" not in snap.metadata:
                 raise ValueError(
                     f"{path} is not an autoguide_fast network snapshot (metadata 'arch' and 'config' missing)"
@@ -405,3 +289,49 @@ def load_network(
             )
     net.encoder = encoder
     return net.to(device).eval().requires_grad_(False)
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
+    """Official pickle(s) -> network snapshot(s) that :func:`autoguide_fast.load` reads.
+
+    ``src`` is one ``.pkl`` (``dst`` is then the output file, or a directory to put it in) or a
+    directory of them (``dst`` a directory; every ``*.pkl`` is converted, nothing is written unless
+    all of them read). Tensors keep their stored dtype (float16 as published, bit for bit); the
+    metadata holds the network config, the encoder description, the source file name and, for
+    official names ``<prefix>-<kimg>-<std>.pkl``, ``nimg`` and ``ema_std``. Writes are atomic.
+    Returns the written paths.
+    """
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if is_official_pickle(p))
+        if not files:
+            raise ValueError(f"src: no official pickles (*.pkl) in {src}")
+        if dst.exists() and not dst.is_dir():
+            raise ValueError(f"out must be a directory when src is one, got the file {dst}")
+        targets = [dst / f"{p.stem}.safetensors" for p in files]
+    else:
+        if not is_official_pickle(src):
+            raise ValueError(f"src must be an official EDM2 pickle (.pkl) or a directory of them, got {src}")
+        files = [src]
+        targets = [dst / f"{src.stem}.safetensors" if dst.is_dir() else dst]
+    if any(t.resolve() == f.resolve() for t, f in zip(targets, files)):
+        raise ValueError(f"out must differ from src, got {dst}")
+    checkpoints = [read(f) for f in files]  # everything is read (and checked) before writing
+    for ck in checkpoints:  # NaN weights or encoder scales would make black images, silently
+        bad = [
+            k
+            for k, t in ck.net.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if ck.encoder is not None and ck.encoder.scale is not None:
+            bad += ["encoder scale/bias"] * (not np.isfinite([*ck.encoder.scale, *ck.encoder.bias]).all())
+        if bad:
+            raise AutoguideError(
+                f"{ck.path}: non-finite values (NaN or inf) in {bad[:3]}; nothing was written"
+            )
+    for ck, target in zip(checkpoints, targets):
+        meta = dict(snapshot_metadata(ck.path), source=ck.path.name, cond=json.dumps(ck.net.label_dim > 0))
+        net = ck.net
+        net.encoder = ck.encoder
+        save_network(net, target, **meta)
+    return targets

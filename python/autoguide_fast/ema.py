@@ -21,9 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import _core
 from ._core import STD_MAX, exp_to_std, power_function_beta, std_to_exp
+from .checkpoint import convert, read_metadata
+from .files import remove_stale_temporaries
+from .interop.official import is_official_pickle, snapshot_metadata
 
 __all__ = [
     "STD_MAX",
@@ -47,8 +51,10 @@ class PowerFunctionEMA:
 
     @torch.no_grad()
     def __init__(self, net: torch.nn.Module, stds: Sequence[float] = (0.050, 0.100)):
-        if not stds:
-            raise ValueError("stds must list at least one EMA width, got []")
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module, got {type(net).__name__}")
+        if isinstance(stds, str) or not stds:
+            raise ValueError(f"stds must be a non-empty sequence of EMA widths, got {stds!r}")
         self.stds = [float(s) for s in stds]
         for s in self.stds:
             std_to_exp(s)  # raises ValueError naming the bad width
@@ -105,9 +111,6 @@ def list_snapshots(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
     """Snapshot files of a run directory (or the given files) that carry ``nimg`` and
     ``ema_std`` metadata, sorted by (nimg, std). Training-state checkpoints are skipped. Official
     EDM2 snapshots (``network-snapshot-<kimg>-<std>.pkl``) count too: their name gives both."""
-    from .checkpoint import read_metadata
-    from .interop.official import is_official_pickle, snapshot_metadata
-
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.is_dir():
@@ -125,9 +128,13 @@ def list_snapshots(source: str | os.PathLike | Sequence[str | os.PathLike]) -> l
 
 # The output dtypes of `reconstruct` (torch dtypes and their names), as safetensors names them.
 _OUT_DTYPES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-}  # fmt: skip
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+}
 
 
 def reconstruct(
@@ -155,9 +162,6 @@ def reconstruct(
     ``torch.float32`` / ``torch.float16`` / ``torch.bfloat16`` (or their names) for every
     tensor. Non-float tensors and buffers are copied from the newest input as they are.
     """
-    from .checkpoint import remove_stale_temporaries
-    from .interop.official import convert, is_official_pickle
-
     try:
         out_dtype = None if dtype is None else _OUT_DTYPES[dtype]
     except (KeyError, TypeError):
@@ -228,8 +232,6 @@ _PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_dtype) -> list[Path]:
-    from .checkpoint import read_metadata
-
     metas = {s.path: read_metadata(s.path) for s in inputs}
     for key, what in (("config", "networks"), ("run", "training runs")):
         seen: dict[str, Path] = {}
@@ -262,8 +264,6 @@ def _reconstruct(inputs, coefs, stds, out_nimg, out_dir, prefix, progress, out_d
     callback = None
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(
             total=100,
             desc=f"post-hoc EMA: {len(inputs)} snapshots -> {len(stds)}",

@@ -15,69 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image, PngImagePlugin
+from tqdm.auto import tqdm
 
-from . import _core, kernels
+from . import checks, kernels
+from .files import atomic_path, atomic_write_bytes, remove_stale_temporaries, strict_json
 from .guidance import Guidance
-from .sampling import PerSampleRNG, sample
+from .images import save_grid
+from .interop.vae import decode, load_vae
+from .sampling import PerSampleRNG, check_inputs, heun
 
-__all__ = ["Batch", "generate", "parse_seeds", "save_grid", "to_uint8"]
-
-
-MAX_SEEDS = 10_000_000
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-9999"`` or ``"1,5,10-19"`` -> a list of distinct seeds in [0, 2**63), at most
-    :data:`MAX_SEEDS` of them (sizes are checked before any list is built)."""
-    ranges: list[tuple[int, int]] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            lo, _, hi = part.partition("-")
-            lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
-        except ValueError:
-            raise ValueError(f"seeds must look like '0-99' or '1,5,7-9', got {text!r}") from None
-        if lo_i > hi_i:
-            raise ValueError(f"seeds: range {part!r} is empty")
-        if not (0 <= lo_i and hi_i < 2**63):
-            raise ValueError(f"seeds must be in [0, 2**63), got {part!r}")
-        ranges.append((lo_i, hi_i))
-    count = sum(hi - lo + 1 for lo, hi in ranges)
-    if count == 0:
-        raise ValueError(f"seeds must name at least one seed, got {text!r}")
-    if count > MAX_SEEDS:
-        raise ValueError(
-            f"seeds names {count} seeds, more than {MAX_SEEDS}; split the work into several runs"
-        )
-    return checked_seeds([s for lo, hi in ranges for s in range(lo, hi + 1)], f"seeds {text!r}")
-
-
-def checked_seeds(seeds, name: str = "seeds") -> list[int]:
-    """``seeds`` as a list, checked as :func:`parse_seeds` checks text: integers in [0, 2**63),
-    at least one, distinct, at most :data:`MAX_SEEDS` (ValueError/TypeError naming ``name``)."""
-    try:
-        seeds = list(seeds)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of integers, got {type(seeds).__name__}") from None
-    if not seeds:
-        raise ValueError(f"{name} must name at least one seed")
-    if len(seeds) > MAX_SEEDS:
-        raise ValueError(f"{name} names {len(seeds)} seeds, more than {MAX_SEEDS}")
-    for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)):
-            raise TypeError(f"{name} must be integers, got {s!r}")
-        if not 0 <= s < 2**63:
-            raise ValueError(f"{name} must be in [0, 2**63), got {s}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"{name} must not repeat (each seed is one image)")
-    return [int(s) for s in seeds]
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float images [N, C, H, W] -> uint8 (EDM rounding)."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8)
+__all__ = ["Batch", "compact_seeds", "generate", "rank_batches", "write_outputs"]
 
 
 @dataclass
@@ -93,8 +41,6 @@ class Batch:
 
 def _decoder(net, vae, device):
     """Checks, before any sampling, that ``net``'s samples can become images; returns the decoder."""
-    from .interop.vae import decode, load_vae
-
     encoder = getattr(net, "encoder", None)
     channels = getattr(net, "img_channels", None)
     if encoder is None and channels == 4:
@@ -163,16 +109,11 @@ def generate(
     Yields:
         :class:`Batch` per chunk of seeds: uint8 images [B, C, H, W].
     """
-    from .sampling import MAX_STEPS, _check_models, sigma_range
-
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive integer, got {batch!r}")
+    checks.integer("batch", batch, 1)
     if not all(isinstance(getattr(net, a, None), int) for a in ("img_channels", "img_resolution")):
         raise TypeError(
             f"net must be an image model (img_channels, img_resolution), got {type(net).__name__}"
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
     label_dim = getattr(net, "label_dim", 0)
     if getattr(net, "labels_required", False) and not label_dim:
         raise ValueError(
@@ -181,39 +122,37 @@ def generate(
             "sample() with your own labels"
         )
     kernels.mode()  # a bad AUTOGUIDE_KERNELS is named here, before a caller creates any output
-    if (
-        isinstance(churn_noise, bool)
-        or not isinstance(churn_noise, (int, float))
-        or not math.isfinite(churn_noise)
-    ):
-        raise ValueError(f"churn_noise must be a finite number, got {churn_noise!r}")
-    if class_idx is not None and (
-        isinstance(class_idx, bool) or not isinstance(class_idx, (int, np.integer))
-    ):
-        raise TypeError(f"class_idx must be None or an integer class, got {class_idx!r}")
-    if class_idx is not None and not (label_dim and 0 <= class_idx < label_dim):
-        raise ValueError(f"class_idx must be in [0, {label_dim}) for this model, got {class_idx}")
+    if class_idx is not None:
+        if not label_dim:
+            raise ValueError(f"class_idx must be None: the model is unconditional, got {class_idx!r}")
+        checks.integer("class_idx", class_idx, 0, label_dim - 1)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    dummy = torch.empty(1, *shape, device="meta")
-    _check_models(net, dummy, dummy.new_empty(1, label_dim) if label_dim else None, guidance)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    seeds = checked_seeds(seeds)
-    _check_conditioning_batch(net, guidance, len(seeds), batch, world)
-    sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
-    # The schedule is checked here (a ValueError naming the bad value) before any work.
-    _core.step_plan(steps, sigma_min, sigma_max, float(rho), float(churn), float(churn_min),
-                    float(churn_max), 0.0, math.inf)  # fmt: skip
-    device = torch.device(
-        device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    dummy = torch.empty(1, *shape, device="meta")  # shapes only: checked once, sampled per batch
+    plan = check_inputs(
+        net,
+        dummy,
+        dummy.new_empty(1, label_dim) if label_dim else None,
+        guidance=guidance,
+        steps=steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        churn=churn,
+        churn_range=(churn_min, churn_max),
+        churn_noise=churn_noise,
     )
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    seeds = checks.seeds("seeds", seeds)
+    _check_conditioning_batch(net, guidance, len(seeds), batch, world)
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    device = checks.device("device", device)
     decode = _decoder(net, vae, device)
     chunks = [[seeds[i] for i in b] for b in rank_batches(len(seeds), batch, rank, world) if len(b)]
-    sampler = dict(steps=steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, churn=churn,
-                   churn_range=(churn_min, churn_max), churn_noise=churn_noise)  # fmt: skip
     # Everything is checked above, before the first batch is asked for (and before a caller
     # such as write_outputs creates anything).
-    return _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device,
-                    progress and rank == 0)  # fmt: skip
+    sampler = dict(plan=plan, guidance=guidance, churn_noise=churn_noise)
+    return _batches(net, chunks, shape, label_dim, class_idx, sampler, decode, device, progress and rank == 0)
 
 
 def rank_batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
@@ -230,12 +169,7 @@ def _check_conditioning_batch(net, guidance, n_seeds: int, batch: int, world: in
     samples of one sampler call in order; generate's chunks of ``batch`` seeds (and torchrun's
     shards) would pair rows with seeds by position in the chunk, so only B == every seed in one
     chunk is meaningful."""
-    models = [("net", net)]
-    if guidance is not None:
-        models += [
-            ("guidance's guide", guidance.guide),
-            ("guidance's uncond", getattr(guidance, "uncond", None)),
-        ]
+    models = [("net", net)] + ([] if guidance is None else guidance.models)
     for role, m in models:
         b = getattr(m, "conditioning_batch", 1)
         if b != 1 and not (world == 1 and b == n_seeds and batch >= b):
@@ -247,10 +181,8 @@ def _check_conditioning_batch(net, guidance, n_seeds: int, batch: int, world: in
             )
 
 
-def _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode, device, progress):
+def _batches(net, chunks, shape, label_dim, class_idx, sampler, decode, device, progress):
     if progress:
-        from tqdm.auto import tqdm
-
         chunks = tqdm(chunks, desc="generate", unit="batch")
     for chunk in chunks:
         rng = PerSampleRNG(chunk, device)
@@ -261,35 +193,9 @@ def _batches(net, chunks, shape, label_dim, class_idx, guidance, sampler, decode
             if class_idx is not None:
                 classes = torch.full_like(classes, class_idx)
             labels = torch.nn.functional.one_hot(classes, label_dim).float()
-        x = sample(net, noise, labels, guidance=guidance, generator=rng, **sampler)
+        x = heun(net, noise, labels, generator=rng, **sampler)
         images = decode(x)
         yield Batch(chunk, images.cpu(), None if classes is None else classes.cpu(), x.float().cpu())
-
-
-def save_grid(
-    images: torch.Tensor, path: str | os.PathLike, columns: int | None = None, pad: int = 1
-) -> None:
-    """Writes uint8 images [N, C, H, W] as one PNG grid with ``pad``-pixel grey separators
-    (nearest-neighbour upscaled when tiny)."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 96, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y0 : y0 + h, x0 : x0 + w] = images[i].permute(1, 2, 0)
-    arr = grid.numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
-    scale = max(1, 256 // max(h, w))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    from .checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        img.save(tmp, "PNG")
 
 
 def compact_seeds(seeds: Sequence[int]) -> str:
@@ -314,10 +220,6 @@ def write_outputs(
     (under torchrun with each rank's seeds), every file atomically. The manifest
     says how many images were written and whether the run completed (an interrupted run still
     leaves a manifest and a grid of what it made). Returns the manifest."""
-    from PIL import Image, PngImagePlugin
-
-    from .checkpoint import atomic_path, atomic_write_bytes, remove_stale_temporaries, strict_json
-
     out = Path(out)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     as_npz = out.suffix == ".npz"

@@ -10,28 +10,15 @@ inclusive bounds): outside it, and whenever ``weight == 1``, the guide is not ev
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 
+from . import checks
+
 Denoiser = Callable[..., torch.Tensor]
 
 __all__ = ["CFG", "Autoguidance", "Combined", "Denoiser", "Guidance"]
-
-
-def _check_interval(interval) -> tuple[float, float]:
-    if interval is None:
-        return (0.0, math.inf)
-    try:
-        lo, hi = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise TypeError(f"interval must be None or a pair (sigma_lo, sigma_hi), got {interval!r}") from None
-    if math.isnan(lo) or lo < 0 or math.isinf(lo):
-        raise ValueError(f"interval[0] (sigma_lo) must be finite and >= 0, got {lo}")
-    if math.isnan(hi) or hi < lo:
-        raise ValueError(f"interval[1] (sigma_hi) must be >= interval[0] = {lo}, got {hi}")
-    return (lo, hi)
 
 
 def _checked(d_guide, d_main: torch.Tensor) -> torch.Tensor:
@@ -53,13 +40,16 @@ class Guidance:
     def __init__(self, guide: Denoiser, weight: float, interval: tuple[float, float] | None = None):
         if not callable(guide):
             raise TypeError(f"guide must be a denoiser callable D(x, sigma, labels=None), got {type(guide)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"weight must be a real number, got {weight!r}")
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"weight must be a finite number >= 0 (1 = no guidance), got {weight}")
         self.guide = guide
-        self.weight = float(weight)
-        self.interval = _check_interval(interval)
+        self.weight = checks.number("weight", weight, 0)  # 1 = no guidance
+        self.interval = checks.interval("interval", interval)
+
+    guide_role = "guide"  # what error messages call the model whose output is guide-side
+
+    @property
+    def models(self) -> list[tuple[str, Denoiser]]:
+        """The models this guidance evaluates besides the main model: ``[(role, denoiser)]``."""
+        return [(self.guide_role, self.guide)]
 
     @property
     def active(self) -> bool:
@@ -102,6 +92,8 @@ class Autoguidance(Guidance):
 class CFG(Guidance):
     """Classifier-free guidance: ``D = D_uncond(x).lerp(D(x; c), w)``; the guide gets no labels."""
 
+    guide_role = "CFG model"
+
     def guide_labels(self, labels):
         return None
 
@@ -125,10 +117,12 @@ class Combined(Guidance):
             raise TypeError(
                 f"uncond must be a denoiser callable D(x, sigma, labels=None), got {type(uncond)}"
             )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         self.uncond = uncond
-        self.alpha = float(alpha)
+        self.alpha = checks.number("alpha", alpha, 0, 1)
+
+    @property
+    def models(self) -> list[tuple[str, Denoiser]]:
+        return [("guide", self.guide), ("CFG model", self.uncond)]
 
     def evaluate(self, net, x, sigma, labels, guided):
         """``(D_main, G)`` with the effective guide ``G = (1 - alpha) D0 + alpha D_uncond``, so that

@@ -12,12 +12,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from . import _core, kernels
+from . import _core, checks, kernels
 from ._core import AutoguideError
-from .guidance import CFG, Denoiser, Guidance
+from .guidance import Denoiser, Guidance
 
-__all__ = ["PerSampleRNG", "StepInfo", "edm_sigmas", "sample", "seeded_noise", "sigma_range", "step_plan"]
+__all__ = [
+    "PerSampleRNG",
+    "StepInfo",
+    "check_inputs",
+    "edm_sigmas",
+    "heun",
+    "sample",
+    "seeded_noise",
+    "sigma_range",
+    "step_plan",
+]
 
 edm_sigmas = _core.edm_sigmas
 step_plan = _core.step_plan
@@ -53,12 +64,8 @@ class PerSampleRNG:
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
-        seeds = [int(s) for s in seeds]
-        if not seeds:
-            raise ValueError("seeds must be a non-empty sequence of integers, got []")
-        if bad := [s for s in seeds if not 0 <= s < 2**63]:
-            raise ValueError(f"seeds must be in [0, 2**63), got {bad[:5]}")
-        self.device = torch.device(device)
+        seeds = checks.seeds("seeds", seeds, distinct=False)  # a repeated seed repeats its sample
+        self.device = checks.device("device", device)
         self.generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
 
     def __len__(self) -> int:
@@ -99,14 +106,15 @@ def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _check_inputs(noise, labels, guidance, generator):
+def _check_tensors(noise, labels, guidance, generator) -> None:
     if not isinstance(noise, torch.Tensor):
         raise TypeError(f"noise must be a torch.Tensor, got {type(noise)}")
     if noise.ndim < 1 or noise.shape[0] == 0:
         raise ValueError(f"noise must have shape [N, ...] with N >= 1, got {tuple(noise.shape)}")
     if not noise.is_floating_point():
         raise TypeError(f"noise must be a floating-point tensor, got dtype {noise.dtype}")
-    if not torch.isfinite(noise).all():
+    real = noise.device.type != "meta"  # a meta tensor (generate's shape-only check) has no values
+    if real and not bool(torch.isfinite(noise).all()):
         raise ValueError("noise must be finite, got NaN or infinite values")
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
@@ -115,15 +123,13 @@ def _check_inputs(noise, labels, guidance, generator):
             raise ValueError(
                 f"labels must have shape [N, label_dim] with N = {noise.shape[0]}, got {tuple(labels.shape)}"
             )
-        if labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
+        if real and labels.is_floating_point() and not bool(torch.isfinite(labels).all()):
             raise ValueError("labels must be finite, got NaN or infinite values")
     if guidance is not None and not isinstance(guidance, Guidance):
         raise TypeError(f"guidance must be None, Autoguidance(...) or CFG(...), got {type(guidance)}")
     if generator is not None and not isinstance(generator, (torch.Generator, PerSampleRNG)):
         raise TypeError(f"generator must be None, a torch.Generator or a PerSampleRNG, got {type(generator)}")
 
-
-MAX_STEPS = 1_000_000  # the Rust core refuses more (schedule::MAX_STEPS)
 
 # EDM's schedule ends (Karras et al. 2022, Table 1), used where a model declares no range.
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
@@ -159,30 +165,23 @@ def _check_models(net, noise, labels, guidance) -> None:
     inputs and each other; other denoisers are taken as they are. A model whose resolution is
     only a default (``img_resolution_fixed = False``, as a diffusers UNet's ``sample_size``) has
     its channels checked, not its height and width."""
-    from .guidance import CFG
-
     label_dim = getattr(net, "label_dim", None)
     if label_dim and labels is None:
         raise ValueError(f"labels are required: the main model is conditional (label_dim {label_dim})")
     if label_dim is not None and labels is not None and labels.shape[1] != label_dim:
         raise ValueError(f"labels have {labels.shape[1]} columns, the main model's label_dim is {label_dim}")
     shape = tuple(noise.shape[1:])
-    roles = [("main model", net)]
-    if guidance is not None:
-        guide = None if isinstance(guidance, CFG) else guidance.guide
-        cfg_model = guidance.guide if isinstance(guidance, CFG) else getattr(guidance, "uncond", None)
-        if guide is not None:
-            roles.append(("guide", guide))
-            g_dim = getattr(guide, "label_dim", None)
-            if None not in (g_dim, label_dim) and g_dim != label_dim:
-                raise ValueError(f"the guide has label_dim {g_dim}, the main model {label_dim}")
-        if cfg_model is not None:
-            roles.append(("CFG model", cfg_model))
-            if getattr(cfg_model, "label_dim", 0):
-                raise ValueError(
-                    f"the CFG model must be unconditional (label_dim 0), got label_dim {cfg_model.label_dim}"
-                )
+    roles = [("main model", net)] + ([] if guidance is None else guidance.models)
+    for role, m in roles[1:]:
+        g_dim = getattr(m, "label_dim", None)
+        if role == "guide" and None not in (g_dim, label_dim) and g_dim != label_dim:
+            raise ValueError(f"the guide has label_dim {g_dim}, the main model {label_dim}")
+        if role == "CFG model" and g_dim:
+            raise ValueError(f"the CFG model must be unconditional (label_dim 0), got label_dim {g_dim}")
     for role, m in roles:
+        declared = getattr(m, "sample_shape", None)  # a model of other samples (a toy model) is no guide
+        if declared is not None and tuple(declared) != shape:
+            raise ValueError(f"noise has shape {shape} per sample, but the {role} makes {tuple(declared)}")
         c, r = getattr(m, "img_channels", None), getattr(m, "img_resolution", None)
         if not getattr(m, "img_resolution_fixed", True) and c is not None and len(shape) == 3:
             if shape[0] != c:
@@ -211,6 +210,42 @@ def _check_finite(x_next: torch.Tensor, step: int, outputs) -> None:
                 "its weights or inputs hold NaN/inf, or it overflowed"
             )
     raise AutoguideError(f"the sampler state became non-finite (NaN or inf) at step {step}")
+
+
+def check_inputs(
+    net: Denoiser,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    guidance: Guidance | None = None,
+    steps: int = 32,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    rho: float = 7.0,
+    churn: float = 0.0,
+    churn_range: tuple[float, float] = (0.0, math.inf),
+    churn_noise: float = 1.0,
+    generator: torch.Generator | PerSampleRNG | None = None,
+) -> list:
+    """Every check :func:`sample` makes, at once, before any work; returns the step plan (Rust
+    core) that :func:`heun` follows. Arguments as for :func:`sample`; ``noise`` (and ``labels``)
+    may be ``meta`` tensors when only their shapes are known yet (what ``generate`` checks before
+    its first batch). ValueError / TypeError naming the parameter otherwise."""
+    if not callable(net):
+        raise TypeError(f"net must be a denoiser callable D(x, sigma, labels=None), got {type(net).__name__}")
+    _check_tensors(noise, labels, guidance, generator)
+    checks.steps("steps", steps)
+    _check_models(net, noise, labels, guidance)
+    checks.number("churn_noise", churn_noise)
+    try:
+        churn_min, churn_max = (float(v) for v in churn_range)
+    except (TypeError, ValueError):
+        raise TypeError(f"churn_range must be a pair (S_min, S_max), got {churn_range!r}") from None
+    lo, hi = guidance.interval if guidance is not None else (0.0, math.inf)
+    sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
+    return _core.step_plan(
+        int(steps), float(sigma_min), float(sigma_max), float(rho), float(churn), churn_min, churn_max, lo, hi
+    )
 
 
 @torch.no_grad()
@@ -250,22 +285,38 @@ def sample(
     Returns:
         Samples [N, ...] in ``noise.dtype``.
     """
-    _check_inputs(noise, labels, guidance, generator)
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-    _check_models(net, noise, labels, guidance)
-    if not math.isfinite(churn_noise):
-        raise ValueError(f"churn_noise must be finite, got {churn_noise}")
-    try:
-        churn_min, churn_max = (float(v) for v in churn_range)
-    except (TypeError, ValueError):
-        raise TypeError(f"churn_range must be a pair (S_min, S_max), got {churn_range!r}") from None
-    lo, hi = guidance.interval if guidance is not None else (0.0, math.inf)
-    sigma_min, sigma_max = sigma_range(net, sigma_min, sigma_max)
-    plan = _core.step_plan(
-        int(steps), float(sigma_min), float(sigma_max), float(rho), float(churn), churn_min, churn_max, lo, hi
+    plan = check_inputs(
+        net,
+        noise,
+        labels,
+        guidance=guidance,
+        steps=steps,
+        sigma_min=sigma_min,
+        sigma_max=sigma_max,
+        rho=rho,
+        churn=churn,
+        churn_range=churn_range,
+        churn_noise=churn_noise,
+        generator=generator,
     )
+    return heun(net, noise, labels, plan, guidance, churn_noise, generator, callback, progress)
 
+
+@torch.no_grad()
+def heun(
+    net: Denoiser,
+    noise: torch.Tensor,
+    labels: torch.Tensor | None,
+    plan: list,
+    guidance: Guidance | None = None,
+    churn_noise: float = 1.0,
+    generator: torch.Generator | PerSampleRNG | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """The EDM Heun sampler (EDM Alg. 2) over a step ``plan`` from :func:`check_inputs`, which has
+    checked the arguments: :func:`sample` is ``check_inputs`` then ``heun``; callers that sample
+    many batches of one shape (``generate``) check once and call ``heun`` per batch."""
     n, dtype, device = noise.shape[0], noise.dtype, noise.device
     weight = guidance.weight if guidance is not None else 1.0
 
@@ -279,8 +330,6 @@ def sample(
 
     iterator = plan
     if progress:
-        from tqdm.auto import tqdm
-
         iterator = tqdm(plan, desc="sampling", unit="step", leave=False)
 
     x_next = noise * plan[0].t_cur
@@ -299,9 +348,17 @@ def sample(
         if step.second_order:
             m2, g2 = evaluate(x_next, t_next, step.guided_next)
             x_next = kernels.guided_heun(x_hat, x_next, d_cur, m2, g2, weight, t_hat, t_next)
-        guide_role = "CFG model" if isinstance(guidance, CFG) else "guide"
-        _check_finite(x_next, step.index, [("main model", t_hat, d_main), (guide_role, t_hat, d_guide),
-                                           ("main model", t_next, m2), (guide_role, t_next, g2)])  # fmt: skip
+        guide_role = None if guidance is None else guidance.guide_role
+        _check_finite(
+            x_next,
+            step.index,
+            [
+                ("main model", t_hat, d_main),
+                (guide_role, t_hat, d_guide),
+                ("main model", t_next, m2),
+                (guide_role, t_next, g2),
+            ],
+        )
         if callback is not None:
             denoised = kernels.reference.guided_denoised(d_main, d_guide, weight)
             callback(StepInfo(step.index, t_hat, t_next, x_hat, denoised, x_next))

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..interop.vae import EncoderInfo
+
 __all__ = ["PREDICTION_TYPES", "DiffusersDenoiser", "denoiser"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -143,8 +145,6 @@ class DiffusersDenoiser(torch.nn.Module):
         resolution: int | None = None,
         latent: bool | None = None,
     ):
-        from ..interop.vae import EncoderInfo
-
         super().__init__()
         self.img_channels, self.img_resolution, is_latent = _image_shape(unet, resolution, latent)
         self.encoder = EncoderInfo("diffusers_vae" if is_latent else "standard_rgb")

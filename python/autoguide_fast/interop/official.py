@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import inspect
 import io
-import json
 import os
 import pickle
 import warnings
@@ -36,12 +35,14 @@ import numpy as np
 import torch
 
 from .._core import AutoguideError
+from ..files import check_regular_file
+from ..networks.edm2 import Precond
+from .presets import official_nimg, parse_official_name
 from .vae import EncoderInfo
 
 __all__ = [
     "OfficialCheckpoint",
     "Record",
-    "convert",
     "is_official_pickle",
     "read",
     "snapshot_metadata",
@@ -234,8 +235,6 @@ def unpickle(path: str | os.PathLike, *, arrays_only: bool = False) -> Any:
     naming the file when it is not a pickle, is truncated, or names a global outside the allow-list.
     ``arrays_only``: a data pickle (dictionaries of numpy arrays, e.g. the official metric reference
     statistics); any class or tensor is refused."""
-    from ..checkpoint import check_regular_file
-
     path = Path(path)
     check_regular_file(path)
     with open(path, "rb", buffering=1 << 20) as f:  # streamed: peak memory is the tensors, once
@@ -314,8 +313,6 @@ def _module_tensors(
 
 
 def _init_arguments(rec: Record) -> dict:
-    from ..networks.edm2 import Precond
-
     args, kwargs = rec.state.get("_init_args") or (), rec.state.get("_init_kwargs") or {}
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
         raise ValueError("constructor arguments (_init_args, _init_kwargs) are malformed")
@@ -345,8 +342,6 @@ def _plain(v, walk: _Walk, depth: int):
 
 
 def _precond(rec: Record, dtype: torch.dtype | None) -> torch.nn.Module:
-    from ..networks.edm2 import Precond
-
     config = _init_arguments(rec)
     tensors: dict[str, torch.Tensor] = {}
     _module_tensors(rec, "", tensors)
@@ -379,9 +374,12 @@ def _encoder(rec: Record | None) -> EncoderInfo | None:
         if scale.dtype.kind != "f" or scale.shape != bias.shape or scale.ndim != 1:
             raise ValueError("StabilityVAEEncoder without per-channel float scale and bias")
         return EncoderInfo(
-            "stability_vae", vae_name=str(st.get("vae_name")), scale=tuple(float(v) for v in scale),
-            bias=tuple(float(v) for v in bias), batch_size=int(st.get("batch_size", 8)),
-        )  # fmt: skip
+            "stability_vae",
+            vae_name=str(st.get("vae_name")),
+            scale=tuple(float(v) for v in scale),
+            bias=tuple(float(v) for v in bias),
+            batch_size=int(st.get("batch_size", 8)),
+        )
     raise ValueError(f"unknown encoder class {rec.class_name!r}")
 
 
@@ -421,58 +419,8 @@ def read(path: str | os.PathLike, dtype: torch.dtype | None = None) -> OfficialC
 def snapshot_metadata(path: str | os.PathLike) -> dict[str, str]:
     """``nimg`` and ``ema_std`` of an official file from its name ``<prefix>-<kimg>-<std>.pkl``
     (nimg recovered as the official tools do); empty when the name does not follow the pattern."""
-    from .presets import official_nimg, parse_official_name
-
     try:
         name = parse_official_name(Path(path).name)
         return dict(nimg=str(official_nimg(name.kimg)), ema_std=str(name.ema_std))
     except ValueError:
         return {}
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike) -> list[Path]:
-    """Official pickle(s) -> network snapshot(s) that :func:`autoguide_fast.load` reads.
-
-    ``src`` is one ``.pkl`` (``dst`` is then the output file, or a directory to put it in) or a
-    directory of them (``dst`` a directory; every ``*.pkl`` is converted, nothing is written unless
-    all of them read). Tensors keep their stored dtype (float16 as published, bit for bit); the
-    metadata holds the network config, the encoder description, the source file name and, for
-    official names ``<prefix>-<kimg>-<std>.pkl``, ``nimg`` and ``ema_std``. Writes are atomic.
-    Returns the written paths.
-    """
-    from ..checkpoint import save_network
-
-    src, dst = Path(src), Path(dst)
-    if src.is_dir():
-        files = sorted(p for p in src.iterdir() if is_official_pickle(p))
-        if not files:
-            raise ValueError(f"src: no official pickles (*.pkl) in {src}")
-        if dst.exists() and not dst.is_dir():
-            raise ValueError(f"out must be a directory when src is one, got the file {dst}")
-        targets = [dst / f"{p.stem}.safetensors" for p in files]
-    else:
-        if not is_official_pickle(src):
-            raise ValueError(f"src must be an official EDM2 pickle (.pkl) or a directory of them, got {src}")
-        files = [src]
-        targets = [dst / f"{src.stem}.safetensors" if dst.is_dir() else dst]
-    if any(t.resolve() == f.resolve() for t, f in zip(targets, files)):
-        raise ValueError(f"out must differ from src, got {dst}")
-    checkpoints = [read(f) for f in files]  # everything is read (and checked) before writing
-    for ck in checkpoints:  # NaN weights or encoder scales would make black images, silently
-        bad = [
-            k
-            for k, t in ck.net.state_dict().items()
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())
-        ]
-        if ck.encoder is not None and ck.encoder.scale is not None:
-            bad += ["encoder scale/bias"] * (not np.isfinite([*ck.encoder.scale, *ck.encoder.bias]).all())
-        if bad:
-            raise AutoguideError(
-                f"{ck.path}: non-finite values (NaN or inf) in {bad[:3]}; nothing was written"
-            )
-    for ck, target in zip(checkpoints, targets):
-        meta = dict(snapshot_metadata(ck.path), source=ck.path.name, cond=json.dumps(ck.net.label_dim > 0))
-        net = ck.net
-        net.encoder = ck.encoder
-        save_network(net, target, **meta)
-    return targets

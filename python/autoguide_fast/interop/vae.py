@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .._core import AutoguideError
+from ..images import to_uint8
 
 __all__ = ["VAE_BATCH", "EncoderInfo", "decode", "load_vae"]
 
@@ -97,7 +98,7 @@ def load_vae(folder: str | os.PathLike, device: torch.device | str = "cpu") -> t
             "save_pretrained writes, e.g. a downloaded stabilityai/sd-vae-ft-mse)"
         )
     try:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # optional (the `vae` extra), and heavy
     except ImportError:
         raise AutoguideError(
             "decoding latents needs diffusers: pip install 'autoguide_fast[vae]' (or pip install diffusers)"
@@ -129,14 +130,10 @@ def decode(
                 "samples have 4 channels but the network has no encoder description: these look like "
                 "VAE latents, which cannot be written as images without the VAE's scale and bias"
             )
-        from ..generation import to_uint8
-
         return to_uint8(x.to(torch.float32))
     if vae is None:
         raise ValueError(encoder.missing_vae_message())
     if encoder.kind == "diffusers_vae":
-        from ..generation import to_uint8
-
         # diffusers' pipelines decode the VAE's [-1, 1] output (VaeImageProcessor.denormalize).
         return to_uint8(_vae_decode(vae, _diffusers_unscaled(x.to(torch.float32), vae), batch).clamp(-1, 1))
     if x.shape[1] != len(encoder.scale):

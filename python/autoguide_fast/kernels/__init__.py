@@ -20,7 +20,7 @@ import warnings
 
 import torch
 
-from . import reference
+from . import cuda, reference
 
 __all__ = ["guided_euler", "guided_heun", "mode", "mp_attention", "reference"]
 
@@ -53,8 +53,6 @@ def _use_cuda(t: torch.Tensor, what: str) -> bool:
         )
     if m == "reference" or t.device.type != "cuda":
         return False
-    from . import cuda
-
     ok = cuda.available()
     if m == "cuda" and not ok:
         extra = cuda.cupy_extra()
@@ -84,8 +82,6 @@ def _check_kernel(what: str, t: torch.Tensor) -> bool:
     if key not in _trusted and (torch.compiler.is_compiling() or capturing):
         return False  # no self-check inside a trace or a graph capture: the reference, until checked
     if key not in _trusted:
-        from . import cuda
-
         args = _self_check_inputs(what, t.device, t.dtype)
         try:
             if what == "attention":
@@ -143,8 +139,6 @@ def guided_euler(x_hat, d_main, d_guide, weight: float, t_hat: float, t_next: fl
         and _fusable(x_hat, d_main, d_guide)
         and _check_kernel("guided step", x_hat)
     ):
-        from . import cuda
-
         return cuda.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
     return reference.guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next)
 
@@ -160,8 +154,6 @@ def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight: float, t_hat: flo
         and d_cur.device == x_hat.device
         and _check_kernel("guided step", x_hat)
     ):
-        from . import cuda
-
         return cuda.guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next)
     return reference.guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next)
 
@@ -172,8 +164,6 @@ def mp_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     need gradients, use the reference."""
     # The kernel has no backward: under autograd (training) the reference runs, so gradients flow.
     if _use_cuda(qkv, "attention") and not (torch.is_grad_enabled() and qkv.requires_grad):
-        from . import cuda
-
         if cuda.supports_attention(qkv, num_heads) and _check_kernel("attention", qkv):
             return cuda.mp_attention(qkv, num_heads)
     return reference.mp_attention(qkv, num_heads)

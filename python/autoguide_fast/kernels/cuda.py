@@ -117,18 +117,31 @@ def _aligned(*tensors) -> np.int32:
 
 @torch.library.custom_op("autoguide_fast::guided_euler", mutates_args=(), device_types="cuda")
 def _guided_euler_op(
-    x_hat: torch.Tensor, d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float, t_hat: float,
+    x_hat: torch.Tensor,
+    d_main: torch.Tensor,
+    d_guide: torch.Tensor | None,
+    weight: float,
+    t_hat: float,
     t_next: float,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     x_hat, d_main, d_guide = _dense(x_hat, d_main, d_guide)
     x_next = x_hat.new_empty(x_hat.shape)
     d = x_hat.new_empty(x_hat.shape, dtype=torch.float32)
     n = x_hat.numel()
     if n:
         grid, block = _grid(n, 16 // x_hat.element_size())
-        args = (_ptr(x_hat), _ptr(d_main), _ptr(d_guide), _ptr(x_next), _ptr(d), np.int64(n),
-                np.float32(weight), np.float32(t_hat), np.float32(t_next - t_hat),
-                _aligned(x_hat, d_main, d_guide, x_next, d))  # fmt: skip
+        args = (
+            _ptr(x_hat),
+            _ptr(d_main),
+            _ptr(d_guide),
+            _ptr(x_next),
+            _ptr(d),
+            np.int64(n),
+            np.float32(weight),
+            np.float32(t_hat),
+            np.float32(t_next - t_hat),
+            _aligned(x_hat, d_main, d_guide, x_next, d),
+        )
         _launch("guided_step.cu", f"guided_euler_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
     return x_next, d
 
@@ -142,17 +155,33 @@ def _(x_hat, d_main, d_guide, weight, t_hat, t_next):
 
 @torch.library.custom_op("autoguide_fast::guided_heun", mutates_args=(), device_types="cuda")
 def _guided_heun_op(
-    x_hat: torch.Tensor, x_next: torch.Tensor, d_cur: torch.Tensor, d_main: torch.Tensor,
-    d_guide: torch.Tensor | None, weight: float, t_hat: float, t_next: float,
-) -> torch.Tensor:  # fmt: skip
+    x_hat: torch.Tensor,
+    x_next: torch.Tensor,
+    d_cur: torch.Tensor,
+    d_main: torch.Tensor,
+    d_guide: torch.Tensor | None,
+    weight: float,
+    t_hat: float,
+    t_next: float,
+) -> torch.Tensor:
     x_hat, x_next, d_cur, d_main, d_guide = _dense(x_hat, x_next, d_cur, d_main, d_guide)
     out = x_hat.new_empty(x_hat.shape)
     n = x_hat.numel()
     if n:
         grid, block = _grid(n, 16 // x_hat.element_size())
-        args = (_ptr(x_hat), _ptr(x_next), _ptr(d_cur), _ptr(d_main), _ptr(d_guide), _ptr(out), np.int64(n),
-                np.float32(weight), np.float32(t_next), np.float32(t_next - t_hat),
-                _aligned(x_hat, x_next, d_cur, d_main, d_guide, out))  # fmt: skip
+        args = (
+            _ptr(x_hat),
+            _ptr(x_next),
+            _ptr(d_cur),
+            _ptr(d_main),
+            _ptr(d_guide),
+            _ptr(out),
+            np.int64(n),
+            np.float32(weight),
+            np.float32(t_next),
+            np.float32(t_next - t_hat),
+            _aligned(x_hat, x_next, d_cur, d_main, d_guide, out),
+        )
         _launch("guided_step.cu", f"guided_heun_{_SUFFIX[x_hat.dtype]}", x_hat.device, grid, block, args)
     return out
 
@@ -213,8 +242,15 @@ def guided_euler(x_hat, d_main, d_guide, weight, t_hat, t_next):
 
 def guided_heun(x_hat, x_next, d_cur, d_main, d_guide, weight, t_hat, t_next):
     """Fused Heun correction on CUDA; validates every input first."""
-    _check_step(x_hat, dict(x_next=(x_next, None), d_cur=(d_cur, torch.float32), d_main=(d_main, None),
-                            d_guide=(d_guide, None)))  # fmt: skip
+    _check_step(
+        x_hat,
+        dict(
+            x_next=(x_next, None),
+            d_cur=(d_cur, torch.float32),
+            d_main=(d_main, None),
+            d_guide=(d_guide, None),
+        ),
+    )
     return _guided_heun_op(x_hat, x_next, d_cur, d_main, d_guide, float(weight), float(t_hat), float(t_next))
 
 
@@ -224,10 +260,15 @@ MAX_GRID_YZ = 65535  # CUDA's limit on gridDim.y and gridDim.z (heads and batch)
 def supports_attention(qkv: torch.Tensor, num_heads: int) -> bool:
     n, c3, h, w = qkv.shape
     return (
-        qkv.device.type == "cuda" and qkv.dtype in _SUFFIX and qkv.is_contiguous() and num_heads >= 1
-        and c3 % (3 * num_heads) == 0 and c3 // 3 // num_heads in HEAD_DIMS
-        and n <= MAX_GRID_YZ and num_heads <= MAX_GRID_YZ
-    )  # fmt: skip
+        qkv.device.type == "cuda"
+        and qkv.dtype in _SUFFIX
+        and qkv.is_contiguous()
+        and num_heads >= 1
+        and c3 % (3 * num_heads) == 0
+        and c3 // 3 // num_heads in HEAD_DIMS
+        and n <= MAX_GRID_YZ
+        and num_heads <= MAX_GRID_YZ
+    )
 
 
 def mp_attention(qkv: torch.Tensor, num_heads: int, tensor_cores: bool | None = None) -> torch.Tensor:

@@ -6,9 +6,14 @@ import math
 
 import torch
 
-from ..networks.mp import normalize
-
-__all__ = ["guided_euler", "guided_heun", "guided_denoised", "mp_attention", "mp_attention_float64"]
+__all__ = [
+    "guided_denoised",
+    "guided_euler",
+    "guided_heun",
+    "mp_attention",
+    "mp_attention_float64",
+    "normalize",
+]
 
 
 def guided_denoised(d_main: torch.Tensor, d_guide: torch.Tensor | None, weight: float) -> torch.Tensor:
@@ -53,3 +58,17 @@ def mp_attention_float64(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     q, k, v = y.unbind(3)
     a = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(d)).softmax(dim=3)
     return torch.einsum("nhqk,nhck->nhcq", a, v).reshape(n, c3 // 3, h, w)
+
+
+# Unit magnitude over `dim` (default: all but the first), Eq. 47: x / (eps + ||x|| / sqrt(n)).
+# Normalises x to unit magnitude per slice (EDM2 Eq. 14's weight normalisation, eps-guarded); the
+# magnitude-preserving layers (networks.mp) and the attention reference both use it.
+def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    # Accumulate in at least float32 (float64 stays float64).
+    norm = torch.linalg.vector_norm(
+        x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
+    )
+    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
+    return x / norm.to(x.dtype)

@@ -12,8 +12,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import file_identity
+from .. import checks
 from ..data import ImageFiles
+from ..files import file_identity
 from ..generation import rank_batches
 from .detectors import detector, weights_path
 from .frechet import FeatureStats, frechet_distance
@@ -56,7 +57,7 @@ def stats_of_batches(
     """Feature statistics of uint8 image batches [B, C, H, W] (this process's share; summed over
     ranks under torch.distributed): ``{'num_images': N, metric: {'mu', 'sigma'}}``."""
     rank, _ = _rank_world()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checks.device("device", device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stats: dict[str, FeatureStats] = {}
     bar = tqdm(total=total, unit="img", desc="features", disable=not progress or rank != 0)
     for images in batches:

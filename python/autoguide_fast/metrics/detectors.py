@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .. import checks
 from ..interop.official import Record, _module_tensors, is_official_pickle, unpickle
 from ..interop.torchscript import is_torchscript, read_tensors
 from .dinov2 import DINOv2
@@ -66,7 +67,7 @@ def weights_path(metric: str, weights: str | os.PathLike | None = None) -> Path:
 
 def _device(device) -> torch.device:
     # The same default as the statistics (metrics.compute): the GPU when there is one.
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return checks.device("device", device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _flag(metric: str) -> str:

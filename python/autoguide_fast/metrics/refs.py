@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from .._core import AutoguideError
-from ..checkpoint import atomic_path
 from ..data import read_npz
+from ..files import atomic_path
 from ..interop.official import unpickle
 
 __all__ = ["load_ref", "save_ref"]

@@ -213,10 +213,14 @@ class Precond(torch.nn.Module):
         if isinstance(label_dim, bool) or not isinstance(label_dim, int) or label_dim < 0:
             raise ValueError(f"label_dim must be an integer >= 0, got {label_dim!r}")
         self._config = dict(
-            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, use_fp16=use_fp16,
-            sigma_data=sigma_data, logvar_channels=logvar_channels,
+            img_resolution=img_resolution,
+            img_channels=img_channels,
+            label_dim=label_dim,
+            use_fp16=use_fp16,
+            sigma_data=sigma_data,
+            logvar_channels=logvar_channels,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in unet_kwargs.items()},
-        )  # fmt: skip
+        )
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim

@@ -10,22 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..kernels.reference import normalize
+
 __all__ = ["MPConv", "MPFourier", "MPSiLU", "mp_cat", "mp_silu", "mp_sum", "normalize", "resample"]
 
 # 0.596 = std of silu(x) for x ~ N(0, 1), so mp_silu keeps unit magnitudes.
 _SILU_STD = 0.596
-
-
-# Unit magnitude over `dim` (default: all but the first), Eq. 47: x / (eps + ||x|| / sqrt(n)).
-def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
-    if dim is None:
-        dim = list(range(1, x.ndim))
-    # Accumulate in at least float32 (float64 stays float64).
-    norm = torch.linalg.vector_norm(
-        x, dim=dim, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32)
-    )
-    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
-    return x / norm.to(x.dtype)
 
 
 # Up- or downsampling by 2 with a separable box-like filter, or nothing ('keep').

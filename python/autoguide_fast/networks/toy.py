@@ -41,6 +41,11 @@ class ToyModel(torch.nn.Module):
         self.gain = torch.nn.Parameter(torch.zeros([]))
 
     @property
+    def sample_shape(self) -> tuple[int]:
+        """The shape of one sample: (in_dim,)."""
+        return (self.in_dim,)
+
+    @property
     def config(self) -> dict:
         """Constructor arguments (JSON-serialisable)."""
         return dict(

@@ -15,7 +15,6 @@ input gives the same bytes (one process or many).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -33,13 +32,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import _umask, atomic_path, remove_stale_temporaries
-from .data import read_entry
-from .parallel import init_process_group
+from ..files import atomic_path, remove_stale_temporaries, umask
+from ..interop.vae import load_vae
+from .archive import read_entry
+from .transforms import _TRANSFORM_FNS, TRANSFORMS, center_crop, center_crop_dhariwal, center_crop_wide, scale
 
 __all__ = [
     "TRANSFORMS",
-    "add_cli",
     "center_crop",
     "center_crop_dhariwal",
     "center_crop_wide",
@@ -49,67 +48,7 @@ __all__ = [
     "scale",
 ]
 
-# The crop modes of the official tool; None resizes only (to ``resolution`` when given).
-TRANSFORMS = ("center-crop", "center-crop-wide", "center-crop-dhariwal")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # the zip epoch: reproducible archives
-
-# ---------------------------------------------------------------------------------------------
-# Transforms: uint8 RGB [H, W, 3] -> [height, width, 3] (the official arithmetic and PIL filters).
-
-
-def scale(img: np.ndarray, width: int | None, height: int | None) -> np.ndarray:
-    """Lanczos resize to width x height (None keeps that side); unchanged when already that size."""
-    h, w = img.shape[:2]
-    size = (width or w, height or h)
-    if size == (w, h):
-        return img
-    return np.asarray(PIL.Image.fromarray(img).resize(size, PIL.Image.Resampling.LANCZOS))
-
-
-def center_crop(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The central square (side min(H, W)), Lanczos-resized to width x height."""
-    h, w = img.shape[:2]
-    s = min(h, w)
-    img = img[(h - s) // 2 : (h + s) // 2, (w - s) // 2 : (w + s) // 2]
-    return np.asarray(PIL.Image.fromarray(img).resize((width, height), PIL.Image.Resampling.LANCZOS))
-
-
-def center_crop_wide(img: np.ndarray, width: int, height: int) -> np.ndarray | None:
-    """The central rows of aspect width:height, Lanczos-resized to width x height and centred on a
-    black width x width canvas; None (the image is skipped) when narrower than ``width`` or too
-    short. The crop height is round(width * H / W) rows of the input, as the official tool counts."""
-    h, w = img.shape[:2]
-    ch = round(width * h / w)
-    if w < width or ch < height:
-        return None
-    img = img[(h - ch) // 2 : (h + ch) // 2]
-    img = np.asarray(PIL.Image.fromarray(img).resize((width, height), PIL.Image.Resampling.LANCZOS))
-    canvas = np.zeros([width, width, 3], dtype=np.uint8)
-    canvas[(width - height) // 2 : (width + height) // 2] = img
-    return canvas
-
-
-def center_crop_dhariwal(img: np.ndarray, width: int, height: int) -> np.ndarray:
-    """ADM's ImageNet crop (Dhariwal & Nichol 2021, guided-diffusion ``center_crop_arr``): halve with
-    a box filter while the short side is >= 2 * size, bicubic-resize the short side to size, take
-    the central size x size (width == height == size)."""
-    size = width
-    pil = PIL.Image.fromarray(img)
-    while min(pil.size) >= 2 * size:
-        pil = pil.resize(tuple(x // 2 for x in pil.size), resample=PIL.Image.Resampling.BOX)
-    k = size / min(pil.size)
-    pil = pil.resize(tuple(round(x * k) for x in pil.size), resample=PIL.Image.Resampling.BICUBIC)
-    arr = np.asarray(pil)
-    y, x = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[y : y + size, x : x + size]
-
-
-_TRANSFORM_FNS: dict[str | None, Callable] = {
-    None: scale,
-    "center-crop": center_crop,
-    "center-crop-wide": center_crop_wide,
-    "center-crop-dhariwal": center_crop_dhariwal,
-}
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks (everything is checked before anything is written).
@@ -300,7 +239,7 @@ def _writer(dest: Path) -> Iterator[Callable[[str, bytes], None]]:
 
     try:
         yield write
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's folder is private
         if dest.exists():
             dest.rmdir()  # checked empty before
         os.replace(tmp, dest)
@@ -491,8 +430,6 @@ def _vae(vae, device) -> torch.nn.Module:
         return vae
     if not isinstance(vae, (str, os.PathLike)):
         raise TypeError(f"vae must be a VAE folder or a loaded AutoencoderKL, got {type(vae).__name__}")
-    from .interop.vae import load_vae  # needs diffusers (optional)
-
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     return load_vae(vae, device)
@@ -529,111 +466,3 @@ def _gather(mine, world: int, rank: int) -> list:
 
 # ---------------------------------------------------------------------------------------------
 # Command line: `autoguide dataset convert|encode`.
-
-
-def _count_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _resolution_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_resolution(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def add_cli(subparsers) -> None:
-    """Adds ``dataset convert`` and ``dataset encode`` to an argparse subparsers object."""
-    ds = subparsers.add_parser(
-        "dataset",
-        help="make EDM2 data sets: convert images to a PNG zip, encode them to VAE latents",
-        description="Data sets in the EDM2 layout, as NVlabs/edm2's dataset_tool.py makes them.",
-    )
-    sub = ds.add_subparsers(dest="dataset_command", required=True)
-    cv = sub.add_parser(
-        "convert",
-        help="folder or zip of images -> square power-of-two PNGs in a zip or folder, with labels",
-        description="Images in name order, converted to RGB; labels from dataset.json or, for a folder, "
-        "from the top-level folder names.",
-    )
-    cv.add_argument("--source", required=True, help="folder (recursive) or .zip of images")
-    cv.add_argument("--dest", required=True, help="output .zip, or a new or empty folder")
-    cv.add_argument(
-        "--transform",
-        choices=TRANSFORMS,
-        default=None,
-        help="crop mode (default: none, resize to --resolution if given)",
-    )
-    cv.add_argument(
-        "--resolution",
-        type=_resolution_arg,
-        default=None,
-        metavar="WxH",
-        help="output size, square power-of-two (center-crop-wide: H <= W); needed with --transform "
-        "(default: the input size)",
-    )
-    cv.add_argument(
-        "--max-images", type=_count_arg, default=None, help="read at most this many (default: all)"
-    )
-    cv.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cv.set_defaults(func=_convert_cli)
-
-    en = sub.add_parser(
-        "encode",
-        help="pixel data set -> VAE posterior mean and std per image (.npy), for latent models",
-        description="As the official encode (StabilityVAEEncoder). Under torchrun the batches are "
-        "split over the ranks; the output equals a one-process run.",
-    )
-    en.add_argument("--source", required=True, help="pixel data set: folder or .zip (a convert output)")
-    en.add_argument("--dest", required=True, help="output .zip, or a new or empty folder")
-    en.add_argument(
-        "--vae",
-        required=True,
-        help="local diffusers AutoencoderKL folder, e.g. a downloaded stabilityai/sd-vae-ft-mse",
-    )
-    en.add_argument("--batch", type=_count_arg, default=8, help="images per VAE call and process")
-    en.add_argument(
-        "--max-images", type=_count_arg, default=None, help="encode at most this many (default: all)"
-    )
-    en.add_argument("--no-progress", action="store_true", help="no progress bar")
-    en.set_defaults(func=_encode_cli)
-
-
-def _convert_cli(args: argparse.Namespace) -> int:
-    r = convert(
-        args.source,
-        args.dest,
-        transform=args.transform,
-        resolution=args.resolution,
-        max_images=args.max_images,
-        progress=not args.no_progress,
-    )
-    skipped = f", {r['skipped']} too small skipped" if r["skipped"] else ""
-    labels = "labelled" if r["labels"] else "unlabelled"
-    side = r["resolution"]
-    print(f"{r['images']} images {side}x{side} ({labels}{skipped}) -> {r['dest']}")
-    return 0
-
-
-def _encode_cli(args: argparse.Namespace) -> int:
-
-    device = init_process_group()
-    r = encode(
-        args.source,
-        args.dest,
-        vae=args.vae,
-        batch=args.batch,
-        max_images=args.max_images,
-        device=device,
-        progress=not args.no_progress,
-    )
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        labels = "labelled" if r["labels"] else "unlabelled"
-        print(f"{r['images']} latents {'x'.join(map(str, r['shape']))} ({labels}) -> {r['dest']}")
-    return 0

@@ -28,18 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import (
-    atomic_write_bytes,
-    load_network,
-    read_metadata,
-    save_figure,
-    save_network,
-    strict_json,
-)
-from .guidance import CFG, Autoguidance
-from .sampling import sample
+from .. import __version__
+from ..checkpoint import load_network, read_metadata, save_network
+from ..files import atomic_write_bytes, figure, save_figure, strict_json
+from ..guidance import CFG, Autoguidance
+from ..sampling import sample
+from .cells import CellCache
 from .toy import (
     MAX_SETS,
     METRICS,
@@ -76,9 +72,16 @@ class SearchSpace:
 
 
 QUICK_SPACE = SearchSpace(
-    capacities=((4, 8), (4, 32)), lengths=(16, 50), ema_stds=(0.010, 0.050), screen_weights=(2.0,),
-    screen_samples=256, finalists=1, weights=(2.0, 3.0), intervals=(None, (0.0, 0.5)), samples=512,
-)  # fmt: skip
+    capacities=((4, 8), (4, 32)),
+    lengths=(16, 50),
+    ema_stds=(0.010, 0.050),
+    screen_weights=(2.0,),
+    screen_samples=256,
+    finalists=1,
+    weights=(2.0, 3.0),
+    intervals=(None, (0.0, 0.5)),
+    samples=512,
+)
 PAPER_GUIDE = (4, 32, 512, 0.010)  # the paper's toy guide: 4 x 32, 512 iterations, EMA 0.010
 
 
@@ -123,8 +126,9 @@ def _guides(root: Path, k: int, space: SearchSpace, recipe: ToyRecipe, progress:
             models.update({names[key]: load_network(p) for key, p in paths.items()})
             continue
         t0 = time.perf_counter()
-        trained = train_snapshots("A", layers, hidden, space.lengths, recipe.batch_size, seed, progress,
-                                  ema_stds=space.ema_stds)  # fmt: skip
+        trained = train_snapshots(
+            "A", layers, hidden, space.lengths, recipe.batch_size, seed, progress, ema_stds=space.ema_stds
+        )
         seconds = time.perf_counter() - t0
         root.mkdir(parents=True, exist_ok=True)
         for key, net in trained.items():
@@ -134,39 +138,17 @@ def _guides(root: Path, k: int, space: SearchSpace, recipe: ToyRecipe, progress:
     return models
 
 
-class CellCache:
-    """Finished cells of an experiment ``{key: result}``, saved atomically after every new cell; a
-    file made under other settings (``identity``: recipe, space, package version, models) is set
-    aside and every cell recomputed."""
-
-    FORMAT = "autoguide_fast.cells/1"
-
-    def __init__(self, path: Path, identity: dict, log=print):
-        self.path, self.identity, self.cells = path, identity, {}
-        if path.is_file():
-            try:
-                doc = json.loads(path.read_text())
-            except (OSError, ValueError) as e:
-                doc = None
-                log(f"{path}: unreadable ({e}); every cell is recomputed")
-            if isinstance(doc, dict) and doc.get("format") == self.FORMAT and doc.get("identity") == identity:
-                self.cells = doc.get("cells", {})
-            elif doc is not None:
-                log(f"{path}: made under other settings; every cell is recomputed")
-
-    def get(self, key: str, compute: Callable[[], dict]) -> dict:
-        if key not in self.cells:
-            self.cells[key] = compute()
-            doc = dict(format=self.FORMAT, identity=self.identity, cells=self.cells)
-            atomic_write_bytes(self.path, (strict_json(doc) + "\n").encode())
-        return self.cells[key]
-
-
 def _row(settings: dict, per_set: list[dict]) -> dict:
     stats = {m: mean_std([r[m] for r in per_set]) for m in METRICS}
     marg = mean_std([margin(r) for r in per_set])
-    return dict(settings, mean={m: v[0] for m, v in stats.items()}, std={m: v[1] for m, v in stats.items()},
-                margin=marg[0], margin_std=marg[1], sets=len(per_set))  # fmt: skip
+    return dict(
+        settings,
+        mean={m: v[0] for m, v in stats.items()},
+        std={m: v[1] for m, v in stats.items()},
+        margin=marg[0],
+        margin_std=marg[1],
+        sets=len(per_set),
+    )
 
 
 def search(
@@ -198,7 +180,7 @@ def search(
     sets = [load_set(out, k, quick=quick, progress=progress, log=log)[0] for k in range(seeds)]
     mains = [(out / f"set{k}" / "main.safetensors").stat().st_mtime_ns for k in range(seeds)]
     identity = dict(recipe=asdict(recipe), space=asdict(space), version=__version__, mains=mains)
-    cells = CellCache(root / "cells.json", json.loads(strict_json(identity)), log)
+    cells = CellCache(root / "cells.json", json.loads(strict_json(identity)), log=log)
     guides = [_guides(root / f"set{k}", k, space, recipe, progress, log) for k in range(seeds)]
     t_guides = time.perf_counter() - t_start
 
@@ -218,13 +200,15 @@ def search(
         return cells.get(key, compute)
 
     def bar(total: int, desc: str):
-        from tqdm.auto import tqdm
-
         return tqdm(total=total, desc=desc, unit="cell", disable=not progress)
 
     # 1. Screen every guide.
-    names = [_guide_name(c[0], c[1], t, s) for c in space.capacities for t in space.lengths
-             for s in map(float, space.ema_stds)]  # fmt: skip
+    names = [
+        _guide_name(c[0], c[1], t, s)
+        for c in space.capacities
+        for t in space.lengths
+        for s in map(float, space.ema_stds)
+    ]
     t0 = time.perf_counter()
     screen = []
     with bar(len(names) * len(space.screen_weights) * seeds, "screen") as pbar:
@@ -276,10 +260,20 @@ def search(
     best = max((r for r in final if r["method"] == "autoguidance"), key=lambda r: r["margin"])
     best_cfg = max((r for r in final if r["method"] == "cfg"), key=lambda r: r["margin"])
     seconds = dict(guides=t_guides, screen=t_screen, final=t_final, total=time.perf_counter() - t_start)
-    summary = dict(seeds=seeds, recipe=asdict(recipe), space=asdict(space), target=TARGET,
-                   finalists=finalists, best=best, best_cfg=best_cfg, seconds=seconds,
-                   fronts={k: [_settings(r) for r in v] for k, v in fronts.items()},
-                   final=final, screen=screen, screen_best=screen_best)  # fmt: skip
+    summary = dict(
+        seeds=seeds,
+        recipe=asdict(recipe),
+        space=asdict(space),
+        target=TARGET,
+        finalists=finalists,
+        best=best,
+        best_cfg=best_cfg,
+        seconds=seconds,
+        fronts={k: [_settings(r) for r in v] for k, v in fronts.items()},
+        final=final,
+        screen=screen,
+        screen_best=screen_best,
+    )
     atomic_write_bytes(root / "search.json", (strict_json(summary, indent=1) + "\n").encode())
     text = _report(summary)
     atomic_write_bytes(root / "search.md", text.encode())
@@ -336,18 +330,18 @@ def _report(s: dict) -> str:
     ]
     lines += _table(s["screen_best"])
     t = s["seconds"]
-    lines += ["", f"Time: {t['total']:.0f} s (guides {t['guides']:.0f} s, screen {t['screen']:.0f} s, "
-              f"final {t['final']:.0f} s).", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Time: {t['total']:.0f} s (guides {t['guides']:.0f} s, screen {t['screen']:.0f} s, "
+        f"final {t['final']:.0f} s).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _figure(final, fronts, screen, space: SearchSpace, seeds: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 6.5))
+    fig = figure(figsize=(15, 6.5))
+    ax, ax2 = fig.subplots(1, 2)
     style = {"autoguidance": ("tab:red", "o"), "cfg": ("tab:blue", "s"), "none": ("k", "*")}
     for kind, (color, marker) in style.items():
         rows = [r for r in final if r["method"] == kind]
@@ -361,9 +355,14 @@ def _figure(final, fronts, screen, space: SearchSpace, seeds: int, path: Path) -
         fr = [r["mean"]["knn_recall"] for r in fronts[kind]]
         ax.plot(fp, fr, marker + "-", color=color, ms=7, lw=1.6, label=f"{label} (Pareto front)")
     best = max(fronts["autoguidance"], key=lambda r: r["margin"])
-    ax.annotate(_settings(best).replace(" guide ", "\nguide "), (best["mean"]["precision"],
-                best["mean"]["knn_recall"]), xytext=(10, -30), textcoords="offset points", fontsize=7,
-                arrowprops=dict(arrowstyle="->", lw=0.6))  # fmt: skip
+    ax.annotate(
+        _settings(best).replace(" guide ", "\nguide "),
+        (best["mean"]["precision"], best["mean"]["knn_recall"]),
+        xytext=(10, -30),
+        textcoords="offset points",
+        fontsize=7,
+        arrowprops=dict(arrowstyle="->", lw=0.6),
+    )
     ax.axvline(TARGET["precision"], color="g", ls="--", lw=0.8)
     ax.axhline(TARGET["knn_recall"], color="g", ls="--", lw=0.8, label="moonshot target")
     ax.set_xlabel("precision (share above the ground truth's 1% log-density quantile)")

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .data import to_float
-from .metrics import feature_stats, frechet_distance, knn_precision_recall
+from ..checkpoint import load
+from ..data import load_dataset, read_npz, to_float
+from ..metrics import feature_stats, frechet_distance, knn_precision_recall
 
 __all__ = [
     "DigitsClassifier",
@@ -23,7 +25,7 @@ __all__ = [
     "train_classifier",
 ]
 
-ASSET = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
+ASSET = Path(__file__).parents[1] / "assets" / "digits_classifier.safetensors"
 
 
 class DigitsClassifier(torch.nn.Module):
@@ -46,8 +48,6 @@ class DigitsClassifier(torch.nn.Module):
 
 
 def _split(seed: int = 0):
-    from .data import load_dataset
-
     d = load_dataset("digits")
     perm = torch.randperm(len(d), generator=torch.Generator().manual_seed(seed))
     n_test = len(d) // 5
@@ -72,8 +72,6 @@ def train_classifier(
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     epochs_iter = range(epochs)
     if progress:
-        from tqdm.auto import tqdm
-
         epochs_iter = tqdm(epochs_iter, desc="digits classifier", unit="epoch")
     for _ in epochs_iter:
         perm = torch.randperm(len(xtr), generator=g)
@@ -93,8 +91,6 @@ def train_classifier(
 
 def load_classifier(path: str | os.PathLike | None = None) -> DigitsClassifier:
     """The shipped classifier (or one saved at ``path`` by ``autoguide classifier``)."""
-    from .checkpoint import load
-
     net = DigitsClassifier()
     net.load_state_dict(load(path or ASSET))
     return net.eval().requires_grad_(False)
@@ -111,8 +107,6 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def reference_stats(classifier: DigitsClassifier | None = None) -> dict[str, np.ndarray]:
     """Features, their mean and covariance for all 1797 real digits."""
-    from .data import load_dataset
-
     classifier = classifier or load_classifier()
     feats = classifier.features(_as_float(load_dataset("digits").images))
     mu, cov = feature_stats(feats)
@@ -125,8 +119,6 @@ _REF_SHAPES = {"features": (None, 128), "mu": (128,), "cov": (128, 128)}
 def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reference statistics saved by ``autoguide eval --save-ref`` (as :func:`reference_stats`
     returns them), checked: ValueError naming the file when a key or shape is wrong."""
-    from .data import read_npz
-
     ref, _ = read_npz(Path(path), tuple(_REF_SHAPES))
     for key, shape in _REF_SHAPES.items():
         if key not in ref:
@@ -142,6 +134,27 @@ def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
+def check_images(images: torch.Tensor, classes: torch.Tensor | None = None, where: str = "images") -> None:
+    """What :func:`evaluate` measures: at least 4 uint8 images [N, 1, 8, 8] (k-NN precision and
+    recall with k = 3) and classes None or [N] digits 0..9; ValueError naming ``where`` otherwise."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+        raise ValueError(
+            f"{where}: the digits metrics measure 8x8 grey digits, got images "
+            f"[N, C, H, W] = {tuple(images.shape)}"
+        )
+    if len(images) < 4:
+        raise ValueError(f"{where}: the digits metrics need at least 4 images, got {len(images)}")
+    if classes is not None:
+        if classes.shape != (len(images),):
+            raise ValueError(
+                f"{where}: classes must be [N] with N = {len(images)}, got {tuple(classes.shape)}"
+            )
+        if int(classes.min()) < 0 or int(classes.max()) > 9:
+            raise ValueError(
+                f"{where}: classes must be digit classes 0..9, got {int(classes.min())}..{int(classes.max())}"
+            )
+
+
 def evaluate(
     images: torch.Tensor,
     classes: torch.Tensor | None = None,
@@ -151,6 +164,7 @@ def evaluate(
 ) -> dict[str, float]:
     """FD_digits, k-NN precision/recall (against the real digits' features) and, when the
     conditioning ``classes`` [N] are given, alignment, for uint8 images [N, 1, 8, 8]."""
+    check_images(images, classes)
     classifier = classifier or load_classifier()
     ref = ref or reference_stats(classifier)
     x = _as_float(images)
@@ -159,11 +173,5 @@ def evaluate(
     precision, recall = knn_precision_recall(torch.as_tensor(ref["features"]), feats, k=k)
     out = dict(fd=frechet_distance(mu, cov, ref["mu"], ref["cov"]), precision=precision, recall=recall)
     if classes is not None:
-        if classes.shape != (len(images),):
-            raise ValueError(f"classes must be [N] with N = {len(images)}, got {tuple(classes.shape)}")
-        if len(classes) and (int(classes.min()) < 0 or int(classes.max()) > 9):
-            raise ValueError(
-                f"classes must be digit classes 0..9, got {int(classes.min())}..{int(classes.max())}"
-            )
         out["alignment"] = float((classifier.fc2(feats).argmax(1) == classes).float().mean())
     return out

@@ -24,20 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import _core
-from .checkpoint import (
-    atomic_write_bytes,
-    load_network,
-    read_metadata,
-    save_figure,
-    save_network,
-    strict_json,
-)
-from .ema import PowerFunctionEMA
-from .guidance import CFG, Autoguidance
-from .metrics import knn_precision_recall, knn_radii
-from .networks.toy import ToyModel
-from .sampling import sample
+from .. import _core
+from ..checkpoint import load_network, read_metadata, save_network
+from ..ema import PowerFunctionEMA
+from ..files import atomic_write_bytes, figure, save_figure, strict_json
+from ..guidance import CFG, Autoguidance
+from ..metrics import knn_precision_recall, knn_radii
+from ..networks.toy import ToyModel
+from ..sampling import sample
 
 __all__ = ["CLASSES", "GaussianMixture", "ToyRecipe", "evaluate", "ground_truth", "run", "train"]
 
@@ -224,8 +218,6 @@ def train_snapshots(
     opt = torch.optim.Adam(net.parameters(), lr=lr_ref, betas=(0.9, 0.99))
     steps = range(lengths[-1])
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc=f"train {classes} {num_layers}x{hidden_dim}", unit="it", leave=False)
     out: dict[tuple[int, float], ToyModel] = {}
     for it in steps:
@@ -480,11 +472,6 @@ def plot(
     CFG and autoguidance (rows: guidance weights 2, 3, 4 where sampled) over the class-A
     outline; with ``mean`` (and ``std``), a third column of metric-vs-weight curves (bands: +-1
     standard deviation over ``seeds`` training sets; weight 1 is no guidance)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sampled = sorted({float(n.rsplit("_w", 1)[1]) for n in methods if n.startswith("cfg_w")})
     weights = [w for w in sampled if w in PLOT_WEIGHTS] or sampled[:3] or [weight]
     gt = ground_truth("A")
@@ -504,7 +491,8 @@ def plot(
             ]
         )
     rows, cols = max(len(panels), len(CURVES) if mean else 0), 3 if mean else 2
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    fig = figure(figsize=(4 * cols, 4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.set_visible(False)
     for row, pair in zip(axes, panels):

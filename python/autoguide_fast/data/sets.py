@@ -8,11 +8,12 @@
   optionally ``labels`` ([N] integers).
 
 Labels are integers in [0, :data:`MAX_CLASSES`); anything else is refused with the file named.
+:func:`read_images` reads back what ``autoguide generate`` wrote (PNGs with their class, or an
+``.npz``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -24,21 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = [
-    "MAX_CLASSES",
-    "ImageDataset",
-    "ImageFiles",
-    "load_dataset",
-    "open_images",
-    "read_npz",
-    "read_png",
-    "to_float",
-]
+from ..files import check_regular_file
+from ..images import read_png, to_float
+from .archive import read_entry
 
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 in [-1, 1] (inverse of ``generation.to_uint8`` up to rounding)."""
-    return images.to(torch.float32) / 127.5 - 1
+__all__ = ["MAX_CLASSES", "ImageDataset", "load_dataset", "read_images", "read_npz"]
 
 
 _IMAGE_SUFFIXES = (".png",)
@@ -119,33 +110,11 @@ def _info(ds) -> dict:
 
 
 def _digits() -> ImageDataset:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy (~1 s) and only for this data set
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # 0..16 -> 0..255
     return ImageDataset(torch.from_numpy(images), torch.from_numpy(d.target.astype(np.int64)), 10, "digits")
-
-
-def read_png(data: bytes, name: str) -> tuple[np.ndarray, dict[str, str]]:
-    """A PNG file's bytes -> uint8 [H, W, C] (palette images as RGB/RGBA) and its text chunks;
-    ValueError naming ``name`` when it is not a readable 8-bit image."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.mode in ("P", "PA"):  # palette indices are not intensities
-            img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
-        elif img.mode == "1":
-            img = img.convert("L")
-        arr = np.asarray(img)
-        text = dict(getattr(img, "text", {}))
-    except UnidentifiedImageError:
-        raise ValueError(f"{name}: not an image file (damaged or not a PNG)") from None
-    except Exception as e:  # PIL raises several exception types for damaged files
-        raise ValueError(f"{name}: not a readable PNG image ({e})") from None
-    if arr.dtype != np.uint8:
-        raise ValueError(f"{name}: images must be 8-bit, got {arr.dtype}")
-    return (arr[:, :, None] if arr.ndim == 2 else arr), text
 
 
 def _json_labels(where: str, data: bytes, names: list[str]) -> torch.Tensor | None:
@@ -221,8 +190,6 @@ def _from_files(path: Path, files: dict[str, bytes]) -> ImageDataset:
 def read_npz(path: Path, keys: tuple[str, ...]) -> tuple[dict[str, np.ndarray], list[str]]:
     """The arrays ``keys`` (those present) of an .npz archive, and the names of all its arrays;
     ValueError naming the file when it is not a readable .npz (nothing is unpickled)."""
-    from .checkpoint import check_regular_file
-
     check_regular_file(path)  # a FIFO would block the reader
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not an .npz file (not a zip archive of arrays)")
@@ -264,51 +231,6 @@ def _npz(path: Path) -> ImageDataset:
     )
 
 
-# Zip entries are inflated only up to what their content can need: a 1 MB zip may declare (or
-# hold) a 1 GiB entry. The bound comes from the entry's own header (PNG IHDR, .npy header), read
-# first, else from a flat cap.
-_MAX_ENTRY = 256 << 20
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _entry_limit(head: bytes) -> int:
-    """Most bytes an entry that starts with ``head`` can legitimately hold."""
-    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
-        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        depth, color = head[24], head[25]
-        channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color, 4)
-        raw = h * (1 + (w * channels * max(depth, 1) + 7) // 8)  # filter byte + packed row
-        return min(_MAX_ENTRY, raw + raw // 64 + (1 << 20))  # deflate's stored blocks + chunks
-    if head.startswith(b"\x93NUMPY"):
-        readers = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
-        try:
-            shape, _, dtype = readers[head[6]](io.BytesIO(head[8:]))
-            return min(_MAX_ENTRY, int(np.prod(shape)) * np.dtype(dtype).itemsize + 4096)
-        except Exception:  # an unreadable header: the flat cap, and np.load refuses it later
-            pass
-    return _MAX_ENTRY
-
-
-def read_entry(z: zipfile.ZipFile, name: str, where: str) -> bytes:
-    """A zip entry's bytes, refused (ValueError naming it) when its declared or actual size is
-    beyond what its header allows, before inflating it."""
-    info = z.getinfo(name)
-    with z.open(info) as f:
-        head = f.read(512)
-        limit = _entry_limit(head)
-        if info.file_size > limit:
-            raise ValueError(
-                f"{where}: the entry declares {info.file_size} bytes, more than its content can hold "
-                f"({limit}); refusing to inflate it (a damaged or hostile zip)"
-            )
-        data = head + f.read(limit + 1 - len(head))
-    if len(data) > limit:
-        raise ValueError(
-            f"{where}: the entry inflates past {limit} bytes; refusing it (a damaged or hostile zip)"
-        )
-    return data
-
-
 def _wanted(name: str) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES) or name == "dataset.json"
 
@@ -328,8 +250,6 @@ def load_dataset(source: str | Path) -> ImageDataset:
         }
         return _from_files(path, files)
     if path.suffix == ".zip":
-        from .checkpoint import check_regular_file
-
         check_regular_file(path)  # a FIFO would block the reader
         try:
             with zipfile.ZipFile(path) as z:
@@ -349,142 +269,31 @@ def load_dataset(source: str | Path) -> ImageDataset:
 # ---------------------------------------------------------------------------------------------
 # Streaming image sources (metrics over data sets of any size): one image decoded at a time.
 
-_STREAM_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-_LATENT_SUFFIX = ".npy"  # the official latent layout: per image float32 [2C, H, W] = (mean, std)
-_PREVIEW = "grid.png"  # the preview grid older `autoguide generate` versions wrote among the images
 
-
-class ImageFiles(torch.utils.data.Dataset):
-    """The images of a folder (recursive), a zip or an ``.npz``, in file-name order, decoded on
-    demand: ``ds[i]`` is uint8 [C, H, W]. A zip is opened once per process (DataLoader workers
-    each open their own); an ``.npz`` is read whole (numpy cannot stream it). ``grid.png``, the
-    preview older versions of ``autoguide generate`` wrote beside the images, is not one of them.
-    Labels come from ``dataset.json`` (the EDM2 layout) as in :func:`load_dataset`; the shape of
-    every image is that of the first (checked as each is read)."""
-
-    def __init__(self, path: str | Path):
-        from .checkpoint import check_regular_file
-
-        self.path = Path(path)
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid = 0
-        self._array: np.ndarray | None = None
-        self.labels: torch.Tensor | None = None
-        meta = None
-        if not self.path.exists():
-            raise FileNotFoundError(f"images not found: {self.path} (give a folder, a .zip or an .npz)")
-        if self.path.is_dir():
-            self.names = sorted(
-                p.relative_to(self.path).as_posix()
-                for p in self.path.rglob("*")
-                if p.is_file()
-                and p.name.lower().endswith((*_STREAM_SUFFIXES, _LATENT_SUFFIX))
-                and p.name != _PREVIEW
-            )
-            if (self.path / "dataset.json").is_file():
-                meta = (self.path / "dataset.json").read_bytes()
-        elif self.path.suffix.lower() == ".zip":
-            check_regular_file(self.path)
-            try:
-                with zipfile.ZipFile(self.path) as z:
-                    names = z.namelist()
-                    meta = (
-                        read_entry(z, "dataset.json", f"{self.path}/dataset.json")
-                        if "dataset.json" in names
-                        else None
-                    )
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:
-                raise ValueError(f"{self.path}: not a readable zip file ({e})") from None
-            self.names = sorted(
-                n
-                for n in names
-                if n.lower().endswith((*_STREAM_SUFFIXES, _LATENT_SUFFIX))
-                and n.rsplit("/", 1)[-1] != _PREVIEW
-            )
-        elif self.path.suffix.lower() == ".npz":
-            ds = _npz(self.path)
-            self._array, self.labels = ds.images.numpy(), ds.labels
-            self.names = [f"{self.path.name}[{i}]" for i in range(len(self._array))]
-        else:
-            raise ValueError(f"images must be a folder, a .zip or an .npz, got {self.path}")
-        if not self.names:
-            raise ValueError(
-                f"{self.path}: holds no images ({', '.join(_STREAM_SUFFIXES)}) or latents (.npy)"
-            )
-        # Official latent data sets (dataset_tool.py encode) hold only .npy files.
-        self.latent = self.names[0].lower().endswith(_LATENT_SUFFIX)
-        if any(n.lower().endswith(_LATENT_SUFFIX) != self.latent for n in self.names):
-            raise ValueError(f"{self.path}: mixes images and .npy latents")
-        if meta is not None:
-            self.labels = _json_labels(f"{self.path}/dataset.json", meta, self.names)
-        self.num_classes = int(self.labels.max()) + 1 if self.labels is not None and len(self.labels) else 0
-        self.shape = tuple(self._image(0).shape)  # [C, H, W] of every image
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @property
-    def resolution(self) -> int:
-        return self.shape[1]
-
-    @property
-    def channels(self) -> int:
-        """Channels of a sample: the image's, or a latent's (half of the stored mean and std)."""
-        return self.shape[0] // 2 if self.latent else self.shape[0]
-
-    @property
-    def name(self) -> str:  # as load_dataset names the same source
-        return self.path.stem if self.path.suffix.lower() == ".npz" else self.path.name
-
-    def info(self) -> dict:
-        """JSON-serialisable description stored in snapshot metadata (as ``ImageDataset.info``)."""
-        return _info(self)
-
-    def _bytes(self, name: str) -> bytes:
-        if self.path.is_dir():
-            return (self.path / name).read_bytes()
-        # One open zip per process: forked DataLoader workers inherit the parent's file object,
-        # whose shared file offset would interleave their reads.
-        if self._zip is None or self._zip_pid != os.getpid():
-            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
-        try:
-            return read_entry(self._zip, name, f"{self.path}/{name}")
-        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
-            raise ValueError(f"{self.path}/{name}: damaged zip entry ({e})") from None
-
-    def _image(self, i: int) -> torch.Tensor:
-        if self._array is not None:
-            return torch.from_numpy(np.ascontiguousarray(self._array[i]))
-        name = self.names[i]
-        if self.latent:
-            return _read_latent(self._bytes(name), f"{self.path}/{name}")
-        arr = read_png(self._bytes(name), f"{self.path}/{name}")[0]
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())  # PIL's arrays are read-only
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        image = self._image(i)
-        if tuple(image.shape) != self.shape:
-            raise ValueError(
-                f"{self.path}/{self.names[i]}: image of shape {tuple(image.shape)}, the first is {self.shape}"
-            )
-        return image
-
-    def __getstate__(self):  # DataLoader workers: each opens the zip anew
-        return {**self.__dict__, "_zip": None}
-
-
-def _read_latent(data: bytes, where: str) -> torch.Tensor:
-    """An official latent entry: float32 [2C, H, W] (the VAE posterior's mean and std), read as
-    plain data (no pickles)."""
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{where}: not a readable .npy array ({e})") from None
-    if arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[0] % 2 or not np.isfinite(arr).all():
-        raise ValueError(f"{where}: a latent must be finite float32 [2C, H, W], got {arr.dtype} {arr.shape}")
-    return torch.from_numpy(arr.copy())
-
-
-def open_images(path: str | Path) -> ImageFiles:
-    """A streaming :class:`ImageFiles` over a folder, a zip or an ``.npz`` of images."""
-    return ImageFiles(path)
+def read_images(path: str | os.PathLike):
+    """uint8 images [N, C, H, W] and their classes [N] (None unless every image has one) from a
+    directory of PNGs written by ``autoguide generate`` (class in a text chunk) or an .npz."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--images {path}: no such directory or .npz file")
+    if path.suffix == ".npz" and not path.is_dir():
+        ds = load_dataset(path)  # checks the file: 'images' present, uint8, integer labels
+        return ds.images, ds.labels
+    if not path.is_dir():
+        raise ValueError(f"--images must be a directory of PNGs or an .npz file, got the file {path}")
+    files = [f for f in sorted(path.rglob("*.png")) if f.name != "grid.png" and f.is_file()]
+    if not files:
+        raise ValueError(f"--images {path}: the directory holds no PNG images")
+    arrays, classes = [], []
+    for f in files:
+        arr, text = read_png(f.read_bytes(), str(f))
+        if arrays and arr.shape != arrays[0].shape:
+            raise ValueError(f"{f}: image of shape {arr.shape}, but {files[0]} has {arrays[0].shape}")
+        c = text.get("class")
+        if c is not None and not c.strip().isdigit():
+            raise ValueError(f"{f}: its 'class' text chunk must be a class number, got {c!r}")
+        arrays.append(arr)
+        classes.append(None if c is None else int(c))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    known = None if any(c is None for c in classes) else torch.tensor(classes, dtype=torch.int64)
+    return images, known

@@ -25,7 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_bytes, load_network, save_figure, strict_json
+from ..checkpoint import load_network
+from ..ema import list_snapshots, reconstruct
+from ..files import atomic_write_bytes, figure, save_figure, strict_json
+from ..guidance import CFG, Autoguidance
+from ..training import TrainOptions, train
+from . import digits
+from .cells import CellCache
+from .sweep import evaluate_guidance, snapshot_time, sweep
 
 __all__ = ["QUICK_STUDY", "DigitsStudy", "digits_seeds"]
 
@@ -46,34 +53,51 @@ class DigitsStudy:
     steps: int = 16
 
 
-QUICK_STUDY = DigitsStudy(main_kimg=0.512, guide_presets=("digits-xxs",), guide_kimg=(0.128, 0.256),
-                          guide_snapshot_kimg=0.064, ema_guide=(0.10,), weights=(1.5, 2.0), samples=48,
-                          steps=4)  # fmt: skip
+QUICK_STUDY = DigitsStudy(
+    main_kimg=0.512,
+    guide_presets=("digits-xxs",),
+    guide_kimg=(0.128, 0.256),
+    guide_snapshot_kimg=0.064,
+    ema_guide=(0.10,),
+    weights=(1.5, 2.0),
+    samples=48,
+    steps=4,
+)
 
 
 def _options(study: DigitsStudy, role: str, k: int):
-    from .training import TrainOptions
-
     K = study.main_kimg
-    common = dict(batch=128, lr_decay_kimg=K / 4, rampup_kimg=K / 20, ema_stds=(0.05, 0.10),
-                  checkpoint_kimg=K / 8, log_kimg=K / 50)  # fmt: skip
+    common = dict(
+        batch=128,
+        lr_decay_kimg=K / 4,
+        rampup_kimg=K / 20,
+        ema_stds=(0.05, 0.10),
+        checkpoint_kimg=K / 8,
+        log_kimg=K / 50,
+    )
     if role == "main":
         return TrainOptions(preset="digits-s", cond=True, kimg=K, snapshot_kimg=K / 8, seed=k, **common)
     if role == "uncond":
-        return TrainOptions(preset="digits-xs", cond=False, kimg=K / 2, snapshot_kimg=K / 8, seed=200 + k,
-                            **common)  # fmt: skip
-    return TrainOptions(preset=role, cond=True, kimg=max(study.guide_kimg), seed=100 + k,
-                        snapshot_kimg=study.guide_snapshot_kimg, **common)  # fmt: skip
+        return TrainOptions(
+            preset="digits-xs", cond=False, kimg=K / 2, snapshot_kimg=K / 8, seed=200 + k, **common
+        )
+    return TrainOptions(
+        preset=role,
+        cond=True,
+        kimg=max(study.guide_kimg),
+        seed=100 + k,
+        snapshot_kimg=study.guide_snapshot_kimg,
+        **common,
+    )
 
 
 def _train_set(out: Path, study: DigitsStudy, k: int, log) -> dict[str, float]:
-    from .training import train
-
     seconds = {}
     for role in ("main", *study.guide_presets, "uncond"):
         t0 = time.perf_counter()
-        result = train("digits", out / f"set{k}" / role, _options(study, role, k), progress=False,
-                       log=lambda s: None)  # fmt: skip
+        result = train(
+            "digits", out / f"set{k}" / role, _options(study, role, k), progress=False, log=lambda s: None
+        )
         if result["status"] != "done":  # stopped by a signal: its checkpoint resumes the next run
             raise KeyboardInterrupt(f"training {out / f'set{k}' / role} was {result['status']}")
         seconds[role] = time.perf_counter() - t0
@@ -83,15 +107,12 @@ def _train_set(out: Path, study: DigitsStudy, k: int, log) -> dict[str, float]:
 
 def _final(run: Path, std: float, folder: Path, nimg: int | None = None) -> Path:
     # The run reconstructed post hoc at EMA length std (at time nimg; None: its newest snapshot).
-    from .ema import reconstruct
 
     return reconstruct(run, [std], nimg, out_dir=folder, progress=False)[0]
 
 
 def _time(run: Path, kimg: float) -> int:
     # The snapshot time of a guide run that stands for the training length kimg (as sweep picks it).
-    from .ema import list_snapshots
-    from .experiment import snapshot_time
 
     return snapshot_time(sorted({s.nimg for s in list_snapshots(run)}), kimg, run)
 
@@ -113,11 +134,6 @@ def digits_seeds(
     """Runs the study (see the module docstring) in ``out``: trains what is missing (runs resume),
     reuses finished sweep cells and evaluations, and writes ``study.json``, ``study.md`` and
     ``study.png``. Returns the summary."""
-    from . import digits
-    from .experiment import evaluate_guidance, sweep
-    from .guidance import CFG, Autoguidance
-    from .toy_search import CellCache
-
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= 100:
         raise ValueError(f"seeds must be an integer in [1, 100] (training sets), got {seeds!r}")
     study = study or (QUICK_STUDY if quick else DigitsStudy())
@@ -136,18 +152,37 @@ def digits_seeds(
     set0 = out / "set0"
     cells = []
     for preset in study.guide_presets:
-        sweep(set0 / "main", set0 / preset, ws, out / f"sweep-{preset}", ema_main=[study.ema_main],
-              ema_guide=list(study.ema_guide), guide_kimg=list(study.guide_kimg), seeds=range(n),
-              steps=study.steps, log=log)  # fmt: skip
+        sweep(
+            set0 / "main",
+            set0 / preset,
+            ws,
+            out / f"sweep-{preset}",
+            ema_main=[study.ema_main],
+            ema_guide=list(study.ema_guide),
+            guide_kimg=list(study.guide_kimg),
+            seeds=range(n),
+            steps=study.steps,
+            log=log,
+        )
         doc = json.loads((out / f"sweep-{preset}" / "cells.json").read_text())["cells"]
         times = {round(_time(set0 / preset, kimg) / 1000, 6): kimg for kimg in study.guide_kimg}
         for c in doc.values():
-            if (round(c.get("guide_kimg", -1), 6) in times and c["weight"] in ws
-                    and c["ema_guide"] in study.ema_guide and c["ema_main"] == study.ema_main):  # fmt: skip
-                cells.append(dict(c, guide=preset, guide_kimg=times[round(c["guide_kimg"], 6)],
-                                  snapshot_kimg=c["guide_kimg"]))  # fmt: skip
+            if (
+                round(c.get("guide_kimg", -1), 6) in times
+                and c["weight"] in ws
+                and c["ema_guide"] in study.ema_guide
+                and c["ema_main"] == study.ema_main
+            ):
+                cells.append(
+                    dict(
+                        c,
+                        guide=preset,
+                        guide_kimg=times[round(c["guide_kimg"], 6)],
+                        snapshot_kimg=c["guide_kimg"],
+                    )
+                )
     identity = dict(study=asdict(study), seeds=seeds)
-    cache = CellCache(out / "evaluations.json", json.loads(strict_json(identity)), log)
+    cache = CellCache(out / "evaluations.json", json.loads(strict_json(identity)), log=log)
     models: dict[tuple, object] = {}
 
     def model(k: int, role: str, std: float, kimg: float | None = None):
@@ -193,9 +228,15 @@ def digits_seeds(
     table = {}
     for m, (w, g) in checks.items():
         rows = [[evaluate(k, m, w, g, s0) for s0 in (0, n)] for k in range(seeds)]
-        table[m] = dict(weight=w, guide=g, fd_a=[r[0]["fd"] for r in rows], fd_b=[r[1]["fd"] for r in rows],
-                        precision=[r[0]["precision"] for r in rows], recall=[r[0]["recall"] for r in rows],
-                        alignment=[r[0].get("alignment") for r in rows])  # fmt: skip
+        table[m] = dict(
+            weight=w,
+            guide=g,
+            fd_a=[r[0]["fd"] for r in rows],
+            fd_b=[r[1]["fd"] for r in rows],
+            precision=[r[0]["precision"] for r in rows],
+            recall=[r[0]["recall"] for r in rows],
+            alignment=[r[0].get("alignment") for r in rows],
+        )
     t_check = time.perf_counter() - t0
     # Differences to autoguidance, paired by training set and seed set.
     ag = np.array(table["autoguidance"]["fd_a"] + table["autoguidance"]["fd_b"])
@@ -204,9 +245,17 @@ def digits_seeds(
     }
     noise = [abs(a - b) / math.sqrt(2) for t in table.values() for a, b in zip(t["fd_a"], t["fd_b"])]
     seconds = dict(train=t_train, search=t_search, check=t_check, total=time.perf_counter() - t_start)
-    summary = dict(seeds=seeds, study=asdict(study), best=best, search=search, check=table, diffs=diffs,
-                   sampling_noise=float(np.sqrt(np.mean(np.square(noise)))), train_seconds=train_seconds,
-                   seconds=seconds)  # fmt: skip
+    summary = dict(
+        seeds=seeds,
+        study=asdict(study),
+        best=best,
+        search=search,
+        check=table,
+        diffs=diffs,
+        sampling_noise=float(np.sqrt(np.mean(np.square(noise)))),
+        train_seconds=train_seconds,
+        seconds=seconds,
+    )
     atomic_write_bytes(out / "study.json", (strict_json(summary, indent=1) + "\n").encode())
     text = _report(summary)
     atomic_write_bytes(out / "study.md", text.encode())
@@ -227,8 +276,10 @@ def _report(s: dict) -> str:
         g = t["guide"]
         guide = "-" if g is None else f"{g['guide']}, {g['guide_kimg']:g} kimg, EMA {g['ema_guide']:g}"
         diff = "-" if m == "autoguidance" else _pm(s["diffs"][m])
-        lines.append(f"| {m} | {t['weight']:g} | {guide} | {_pm(t['fd_a'])} | {_pm(t['fd_b'])} | "
-                     f"{_pm(t['precision'])} | {_pm(t['recall'])} | {diff} |")  # fmt: skip
+        lines.append(
+            f"| {m} | {t['weight']:g} | {guide} | {_pm(t['fd_a'])} | {_pm(t['fd_b'])} | "
+            f"{_pm(t['precision'])} | {_pm(t['recall'])} | {diff} |"
+        )
     lines += [
         "",
         f"Sampling noise of one FD (|FD_A - FD_B| / sqrt 2, rms over cells): {s['sampling_noise']:.3f}.",
@@ -241,21 +292,23 @@ def _report(s: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for c in sorted(s["search"]["autoguidance"], key=lambda c: c["fd"])[:10]:
-        lines.append(f"| {c['guide']} | {c['guide_kimg']:g} | {c['ema_guide']:g} | {c['weight']:g} | "
-                     f"{c['fd']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {c['guide']} | {c['guide_kimg']:g} | {c['ema_guide']:g} | {c['weight']:g} | "
+            f"{c['fd']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} |"
+        )
     t = s["seconds"]
-    lines += ["", f"Time: {t['total']:.0f} s (training {t['train']:.0f} s, search {t['search']:.0f} s, "
-              f"check {t['check']:.0f} s).", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Time: {t['total']:.0f} s (training {t['train']:.0f} s, search {t['search']:.0f} s, "
+        f"check {t['check']:.0f} s).",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _figure(s: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5))
+    fig = figure(figsize=(14, 5))
+    ax, ax2 = fig.subplots(1, 2)
     for preset in s["study"]["guide_presets"]:
         for kimg in s["study"]["guide_kimg"]:
             rows = [
@@ -265,8 +318,12 @@ def _figure(s: dict, path: Path) -> None:
                 continue
             best_ema = min(rows, key=lambda c: c["fd"])["ema_guide"]
             rows = sorted((c for c in rows if c["ema_guide"] == best_ema), key=lambda c: c["weight"])
-            ax.plot([c["weight"] for c in rows], [c["fd"] for c in rows], "o-",
-                    label=f"autoguidance {preset} {kimg:g} kimg EMA {best_ema:g}")  # fmt: skip
+            ax.plot(
+                [c["weight"] for c in rows],
+                [c["fd"] for c in rows],
+                "o-",
+                label=f"autoguidance {preset} {kimg:g} kimg EMA {best_ema:g}",
+            )
     for m in ("cfg", "cfg_interval"):
         rows = s["search"][m]
         color = "k" if m == "cfg" else "grey"
