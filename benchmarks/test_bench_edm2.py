@@ -37,3 +37,60 @@ def test_forward_weight_cache(benchmark, preset, batch):
         f"speedup {speedup:.2f}x"
     )
     benchmark.pedantic(lambda: run(True), rounds=5, iterations=1)
+
+
+def _net(preset: str, seed: int) -> Precond:
+    # Random weights with non-zero gains (a fresh network's zero output gain skips nothing, but
+    # would make every output c_skip x and the comparison below vacuous).
+    torch.manual_seed(seed)
+    net = Precond(**PRESETS[preset]).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("gain"):
+                p.fill_(0.8)
+    return net
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "main, guide, batch",
+    [("digits-s", "digits-xs", 1), ("digits-s", "digits-xs", 64)]
+    + [("img32-xs", "img32-xs", 1), ("img32-xs", "img32-xs", 64)],
+)
+def test_sampling_fast_path(benchmark, monkeypatch, main, guide, batch, compiled):
+    """sample() with autoguidance (Heun, 4 steps: 7 calls of each network) through the fast
+    inference path (networks.fast) against the plain eager network, whose path is level with the
+    official network's. Compiling is timed once, apart (it is paid once per network and batch size)."""
+    import time
+
+    from autoguide_fast import Autoguidance, sample
+    from autoguide_fast.networks.fast import optimize
+
+    monkeypatch.setenv("AUTOGUIDE_EDM2", "plain")  # sample() leaves the plain networks as they are
+    nets = _net(main, 0), _net(guide, 1)
+    cfg = PRESETS[main]
+    noise = torch.randn(batch, cfg["img_channels"], cfg["img_resolution"], cfg["img_resolution"])
+    labels = torch.eye(10)[torch.arange(batch) % 10]
+    fast = [optimize(n, compile=compiled) for n in nets]
+
+    def run(m, g):
+        return sample(m, noise, labels, guidance=Autoguidance(g, 2.0), steps=4)
+
+    t0 = time.perf_counter()
+    got = run(*fast)
+    first_s = time.perf_counter() - t0
+    want = run(*nets)
+    err = float((got - want).abs().max())
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    t_fast, t_plain = paired_times(lambda: run(*fast), lambda: run(*nets), rounds=5)
+    speedup = t_plain / t_fast
+    benchmark.extra_info.update(
+        fast_s=t_fast, plain_s=t_plain, speedup=speedup, first_call_s=first_s, max_abs_err=err
+    )
+    kind = "compiled" if compiled else "eager"
+    print(
+        f"\nsample {main}+{guide} batch {batch} {kind}: fast {t_fast * 1e3:.1f} ms, "
+        f"plain {t_plain * 1e3:.1f} ms, speedup {speedup:.2f}x "
+        f"(first call {first_s:.1f} s, max |diff| {err:.2g})"
+    )
+    benchmark.pedantic(lambda: run(*fast), rounds=1, iterations=1)

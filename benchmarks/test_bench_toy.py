@@ -1,13 +1,16 @@
 """Toy benchmarks: sampler overhead, and toy training speed against a straightforward eager
-implementation of the same recipe. Run with ``make bench``; ratios are measured in one process."""
+implementation of the same recipe and against the previous implementation (autograd, float64
+targets, one model at a time). Run with ``make bench``; ratios are measured in one process."""
 
+import copy
 import math
 
 import numpy as np
 import torch
 
 from autoguide_fast import Autoguidance, sample, step_plan
-from autoguide_fast.networks.toy import ToyModel
+from autoguide_fast.ema import PowerFunctionEMA
+from autoguide_fast.networks.toy import ToyModel, ToyStack
 from autoguide_fast.studies import toy
 from conftest import paired_times
 
@@ -104,3 +107,97 @@ def test_toy_training_speed(benchmark):
     )
     benchmark.pedantic(ours, rounds=1, iterations=1)
     assert speedup >= 3.0
+
+
+def previous_train(classes: str, hidden_dim: int, iters: int, batch_size: int, seed: int) -> ToyModel:
+    """``toy.train`` as it was before models were stacked: per iteration a float64 ground-truth
+    score, and the model's score and its parameter gradients by double back-propagation."""
+    gt = toy.ground_truth(classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ToyModel(hidden_dim=hidden_dim).train()
+    ema = PowerFunctionEMA(net, [0.010])
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for it in range(iters):
+        opt.param_groups[0]["lr"] = 1e-2 / math.sqrt(max(it / 512, 1))
+        sigma = (torch.randn(batch_size, generator=gen) * 1.5 - 2.3).exp()
+        x = gt.sample(batch_size, sigma, generator=gen)
+        target = gt.score(x, sigma)
+        loss = (sigma**2 * (target - net.score(x, sigma)).square().mean(-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(it + 1, 1)
+    return copy.deepcopy(ema.emas[0])
+
+
+def test_toy_main_models_speed(benchmark):
+    """The three main models of ``autoguide toy`` (4x64, batch 4096, seeds 0, 10, 20), trained as
+    one stack vs one after another the previous way, over the same iterations (not slower;
+    1.2-1.5x measured on a loaded 2-core machine)."""
+    iters, seeds = 8, (0, 10, 20)
+
+    def ours():
+        toy._train_together([("A", s) for s in seeds], 4, 64, [iters], 4096)
+
+    def previous():
+        for s in seeds:
+            previous_train("A", 64, iters, 4096, s)
+
+    t_ours, t_prev = paired_times(ours, previous, rounds=3)
+    speedup = t_prev / t_ours
+    benchmark.extra_info.update(ours_s=t_ours, previous_s=t_prev, speedup=speedup)
+    print(f"\n3 main models x {iters} it: stacked {t_ours:.2f} s, previous {t_prev:.2f} s, {speedup:.2f}x")
+    benchmark.pedantic(ours, rounds=1, iterations=1)
+    assert speedup >= 1.0
+
+
+def test_mixture_score_float32_speed(benchmark):
+    """Training targets: the core's float32 score vs its float64 score of one training batch
+    (4096 class-A points at the recipe's noise levels; goal >= 1.5x)."""
+    gt = toy.ground_truth("A")
+    gen = torch.Generator().manual_seed(0)
+    sigma = (torch.randn(4096, generator=gen) * 1.5 - 2.3).exp()
+    x = gt.sample(4096, sigma, generator=gen)
+    t32, t64 = paired_times(lambda: gt.score_f32(x, sigma), lambda: gt.score(x, sigma), rounds=9)
+    benchmark.extra_info.update(float32_ms=t32 * 1e3, float64_ms=t64 * 1e3, speedup=t64 / t32)
+    print(f"\nmixture score of 4096 points: float32 {t32 * 1e3:.2f} ms, float64 {t64 * 1e3:.2f} ms")
+    benchmark.pedantic(lambda: gt.score_f32(x, sigma), rounds=3, iterations=1)
+    assert t64 / t32 >= 1.5
+
+
+def test_toy_step_speed(benchmark):
+    """One training step of a main model (loss, gradients, Adam): ToyStack's explicit formulas
+    (three models stacked, time per model) vs autograd's double back-propagation (not slower)."""
+    gt = toy.ground_truth("A")
+    gen = torch.Generator().manual_seed(0)
+    sigma = (torch.randn(4096, generator=gen) * 1.5 - 2.3).exp()
+    x = gt.sample(4096, sigma, generator=gen)
+    target = gt.score_f32(x, sigma)
+    torch.manual_seed(0)
+    net = ToyModel(hidden_dim=64).train()
+    net.gain.data.fill_(0.5)  # a trained model's gain: gradients reach every weight
+    stack = ToyStack([copy.deepcopy(net) for _ in range(3)])
+    opt, stack_opt = (torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.9, 0.99)) for m in (net, stack))
+    X, S, T = (t.expand(3, *t.shape).contiguous() for t in (x, sigma, target))
+
+    def autograd_step():
+        loss = (sigma**2 * (target - net.score(x, sigma)).square().mean(-1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def stacked_step():
+        stack.normalize_()
+        stack.loss_backward(X, S, T)
+        stack_opt.step()
+
+    t_stack, t_auto = paired_times(stacked_step, autograd_step, rounds=9)
+    speedup = t_auto / (t_stack / 3)
+    benchmark.extra_info.update(
+        stacked_ms_per_model=t_stack / 3 * 1e3, autograd_ms=t_auto * 1e3, speedup=speedup
+    )
+    print(f"\nper model: stacked {t_stack / 3 * 1e3:.1f} ms, autograd {t_auto * 1e3:.1f} ms, {speedup:.2f}x")
+    benchmark.pedantic(stacked_step, rounds=3, iterations=1)
+    assert speedup >= 1.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autoguide_fast import Autoguidance, sample
-from autoguide_fast.networks.toy import ToyModel
+from autoguide_fast.networks.toy import ToyModel, ToyStack
 from autoguide_fast.studies import toy
 from conftest import rel_err
 
@@ -56,6 +56,43 @@ def test_mixture_evaluation_matches_float64_reference(classes):
     torch.testing.assert_close(logp, ref_logp, rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(score, ref_score, rtol=1e-8, atol=1e-8)
     assert (comp == ref_comp).float().mean() > 0.99  # ties aside, the same most responsible component
+
+
+def mixture_score_f32(gt, x, sigma):
+    """The same score computed by torch in float32 (logdet, inverse, softmax): the framework's
+    float32 error, which the core's float32 path must not exceed by more than 2x."""
+    x = x.float()
+    s2 = torch.as_tensor(sigma, dtype=torch.float32).broadcast_to(x.shape[:-1])[:, None, None, None] ** 2
+    cov = gt.Sigma.float() + s2 * torch.eye(2)
+    y = gt.mu.float() - x[:, None, :]
+    z = (torch.linalg.inv(cov) @ y[..., None])[..., 0]
+    logw = gt.phi.float().log() - 0.5 * torch.logdet(cov) - 0.5 * (y * z).sum(-1)
+    return (torch.softmax(logw, -1)[..., None] * z).sum(-2)
+
+
+@pytest.mark.parametrize("classes", ["A", "AB"])
+def test_float32_score_is_as_accurate_as_torch_float32(classes):
+    # Training points (sigma ~ the recipe's log-normal, x ~ p(x; sigma)) and points anywhere.
+    gt = toy.ground_truth(classes)
+    g = torch.Generator().manual_seed(6)
+    sigma = (torch.randn(2000, generator=g) * 1.5 - 2.3).exp()
+    points = {
+        "training": (gt.sample(2000, sigma, generator=g), sigma),
+        "uniform": (
+            torch.rand(300, 2, generator=g) * 3 - 1.5,
+            torch.cat([torch.zeros(50), (torch.randn(250, generator=g) * 1.5 - 2.3).exp()]),
+        ),
+    }
+    for x, s in points.values():
+        ref = mixture_reference(gt, x, s)[1]
+        ours = gt.score_f32(x, s)
+        assert ours.dtype == torch.float32 and ours.shape == x.shape
+        err = (ours.double() - ref).norm(dim=-1) / ref.norm(dim=-1)
+        torch_err = (mixture_score_f32(gt, x, s).double() - ref).norm(dim=-1) / ref.norm(dim=-1)
+        assert err.max() <= 2 * torch_err.max() and err.max() < 1e-4
+        assert err.median() <= 2 * torch_err.median()
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        gt.score_f32(torch.zeros(3, 2), -1.0)
 
 
 def test_score_is_the_gradient_of_logp():
@@ -135,6 +172,71 @@ def test_training_learns_the_score():
     again = toy.train("A", hidden_dim=32, iters=150, batch_size=512)
     for a, b in zip(trained.parameters(), again.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # seeded: reproducible
+
+
+def _autograd_loss(net, x, sigma, target):
+    net.zero_grad()
+    loss = (sigma**2 * (target - net.score(x, sigma)).square().mean(-1)).mean()
+    loss.backward()
+    return loss.detach(), [layer.weight.grad for layer in net.layers[::2]] + [net.gain.grad]
+
+
+def rel_errs(grads, refs):
+    """Largest relative error of every tensor of ``grads`` against ``refs``: [len(grads)]."""
+    return torch.stack([(g.double() - r).abs().max() / r.abs().max() for g, r in zip(grads, refs)])
+
+
+def test_stack_gradients_equal_autograd():
+    # Explicit formulas vs double back-propagation through ToyModel: equal in float64, and in
+    # float32 (three models stacked) no further from float64 than autograd in float32 is.
+    g = torch.Generator().manual_seed(7)
+    x, target = torch.randn(3, 300, 2, generator=g), torch.randn(3, 300, 2, generator=g)
+    sigma = (torch.randn(3, 300, generator=g) * 1.5 - 2.3).exp()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        nets = [ToyModel(num_layers=3, hidden_dim=24).double().train() for _ in range(3)]
+    for net, gain in zip(nets, (0.7, -1.3, 2.0)):
+        net.gain.data.fill_(gain)
+        net.layers[0].weight.data /= 1.1  # not yet normalised: the forced normalisation acts
+    refs = [
+        _autograd_loss(net, x[k].double(), sigma[k].double(), target[k].double())
+        for k, net in enumerate(nets)
+    ]
+    # The forward pass normalised the weights in place; float32 copies start from the same ones.
+    nets32 = [ToyModel(num_layers=3, hidden_dim=24) for _ in nets]
+    for a, b in zip(nets32, nets):
+        a.load_state_dict({k: v.float() for k, v in b.state_dict().items()})
+    autograd32 = [_autograd_loss(net.train(), x[k], sigma[k], target[k]) for k, net in enumerate(nets32)]
+    stack64, stack32 = ToyStack(nets), ToyStack(nets32)
+    for stack, dtype in ((stack64, torch.float64), (stack32, torch.float32)):
+        loss = stack.loss_backward(x.to(dtype), sigma.to(dtype), target.to(dtype))
+        torch.testing.assert_close(loss.double(), torch.stack([r[0] for r in refs]), rtol=1e-5, atol=0)
+    for k, (_, ref_grads) in enumerate(refs):
+        grads64 = [w.grad[k] for w in stack64.weights] + [stack64.gain.grad[k]]
+        grads32 = [w.grad[k] for w in stack32.weights] + [stack32.gain.grad[k]]
+
+        assert rel_errs(grads64, ref_grads).max() < 1e-12
+        # Per model, the largest relative error of autograd's float32 gradients sets the bound.
+        assert rel_errs(grads32, ref_grads).max() <= 2 * rel_errs(autograd32[k][1], ref_grads).max()
+
+
+def test_training_together_equals_alone():
+    # Stacking runs batches the arithmetic, not the data: each run draws from its own generator.
+    # With one thread every run of a stack is bit for bit the run alone; with more, the BLAS may
+    # split the stacked products differently (float32 rounding: test_stack_gradients_equal_autograd).
+    runs = [("A", 0), ("AB", 2), ("A", 10)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        together = toy._train_together(runs, 2, 16, [3, 5], 256, (0.01, 0.05))
+        for (classes, seed), snaps in zip(runs, together):
+            alone = toy.train_snapshots(classes, 2, 16, (3, 5), 256, seed, ema_stds=(0.01, 0.05))
+            assert sorted(snaps) == sorted(alone)
+            for key, net in alone.items():
+                for a, b in zip(snaps[key].state_dict().values(), net.state_dict().values()):
+                    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_evaluate_on_known_distributions():

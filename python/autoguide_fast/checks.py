@@ -248,7 +248,10 @@ def arg(check: Callable, *args, **kwargs):
                 raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
             return check("value", value, *args, **kwargs)
         except (TypeError, ValueError) as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
+            text = str(e)
+            for prefix in ("value: ", "value "):  # the parser names the flag
+                text = text.removeprefix(prefix)
+            raise argparse.ArgumentTypeError(text) from None
 
     convert.__name__ = getattr(check, "__name__", "value")  # argparse names the type in some errors
     return convert

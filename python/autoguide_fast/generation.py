@@ -23,6 +23,7 @@ from .files import atomic_path, atomic_write_bytes, remove_stale_temporaries, st
 from .guidance import Guidance
 from .images import save_grid
 from .interop.vae import decode, load_vae
+from .networks import fast
 from .sampling import PerSampleRNG, check_inputs, heun
 
 __all__ = ["Batch", "compact_seeds", "generate", "rank_batches", "write_outputs"]
@@ -122,6 +123,7 @@ def generate(
             "sample() with your own labels"
         )
     kernels.mode()  # a bad AUTOGUIDE_KERNELS is named here, before a caller creates any output
+    fast.mode()  # and a bad AUTOGUIDE_EDM2
     if class_idx is not None:
         if not label_dim:
             raise ValueError(f"class_idx must be None: the model is unconditional, got {class_idx!r}")
@@ -151,6 +153,9 @@ def generate(
     chunks = [[seeds[i] for i in b] for b in rank_batches(len(seeds), batch, rank, world) if len(b)]
     # Everything is checked above, before the first batch is asked for (and before a caller
     # such as write_outputs creates anything).
+    # EDM2 networks on CPU: the fast inference path (networks.fast, AUTOGUIDE_EDM2), built once
+    # for every batch.
+    net, guidance = fast.accelerate(net, guidance, torch.empty(0, device=device))
     sampler = dict(plan=plan, guidance=guidance, churn_noise=churn_noise)
     return _batches(net, chunks, shape, label_dim, class_idx, sampler, decode, device, progress and rank == 0)
 
@@ -169,7 +174,7 @@ def _check_conditioning_batch(net, guidance, n_seeds: int, batch: int, world: in
     samples of one sampler call in order; generate's chunks of ``batch`` seeds (and torchrun's
     shards) would pair rows with seeds by position in the chunk, so only B == every seed in one
     chunk is meaningful."""
-    models = [("net", net)] + ([] if guidance is None else guidance.models)
+    models = [("net", net)] + [(f"guidance's {role}", m) for role, m in getattr(guidance, "models", [])]
     for role, m in models:
         b = getattr(m, "conditioning_batch", 1)
         if b != 1 and not (world == 1 and b == n_seeds and batch >= b):

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from . import _core, checks, kernels
 from ._core import AutoguideError
 from .guidance import Denoiser, Guidance
+from .networks import fast
 
 __all__ = [
     "PerSampleRNG",
@@ -299,6 +300,8 @@ def sample(
         churn_noise=churn_noise,
         generator=generator,
     )
+    # EDM2 networks on CPU float32 run their inference path (networks.fast, AUTOGUIDE_EDM2).
+    net, guidance = fast.accelerate(net, guidance, noise)
     return heun(net, noise, labels, plan, guidance, churn_noise, generator, callback, progress)
 
 

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # during start-up (importing torch and the library): no traceback
         print("\nautoguide: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # --help (0), or a flag the parser refused (2, one line already printed)
+        return e.code if isinstance(e.code, int) else 2
     debug = args.debug or os.environ.get("AUTOGUIDE_DEBUG", "").strip().lower() not in (
         "",
         "0",

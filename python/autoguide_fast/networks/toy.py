@@ -6,11 +6,14 @@ An MLP outputs an unnormalised log-density ``log p(x; sigma)``; its score is the
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
-from .mp import MPConv, MPSiLU
+from .mp import _SILU_STD, MPConv, MPSiLU, normalize
 
-__all__ = ["ToyModel"]
+__all__ = ["ToyModel", "ToyStack"]
 
 
 class ToyModel(torch.nn.Module):
@@ -89,3 +92,122 @@ class ToyModel(torch.nn.Module):
             raise ValueError("labels must be None: a ToyModel is trained on one set of classes")
         s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).broadcast_to(x.shape[:-1]).unsqueeze(-1)
         return x + s**2 * self.score(x, sigma)
+
+
+# silu'(h) = sig (1 + h - silu(h)) and silu''(h) = 2 t + (silu'(h) - sig) (1 - 2 sig) with
+# t = sig (1 - sig), from sig = sigmoid(h) and a = silu(h) = h sig (one transcendental per layer).
+def silu_derivatives(h: torch.Tensor, sig: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    d1 = (h - a).add_(1).mul_(sig)
+    t = sig - sig * sig
+    d2 = (d1 - sig).mul_(torch.rsub(sig, 1, alpha=2)).add_(t, alpha=2)
+    return d1, d2
+
+
+# Gradient of a loss through W_eff = w / (||w_row|| + sqrt(fan_in) eps), the weight an MPConv
+# applies in training mode (normalize(w) / sqrt(fan_in)), given grad_eff = dLoss / dW_eff.
+def mp_weight_grad(w: torch.Tensor, grad_eff: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    r = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    q = r + math.sqrt(w.shape[-1]) * eps
+    return (grad_eff - w * ((grad_eff * w).sum(-1, keepdim=True) / (r * q))) / q
+
+
+class ToyStack(torch.nn.Module):
+    """``S`` :class:`ToyModel` s of one shape with their parameters stacked (``weights[l]``
+    [S, out, in], ``gain`` [S]), trained as one batched computation by :meth:`loss_backward`:
+    the exact-score-matching loss and its parameter gradients by explicit formulas (the
+    model's score is itself a gradient, so autograd would build a double-backward graph).
+    """
+
+    def __init__(self, models: Sequence[ToyModel]):
+        super().__init__()
+        if not models or len({(m.in_dim, m.num_layers, m.hidden_dim, m.sigma_data) for m in models}) != 1:
+            raise ValueError("models must be a non-empty list of ToyModels of one configuration")
+        self.config = models[0].config
+        self.sigma_data = models[0].sigma_data
+        layers = [[p.detach() for p in m.layers.parameters()] for m in models]
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(torch.stack(ws)) for ws in zip(*layers))
+        self.gain = torch.nn.Parameter(torch.stack([m.gain.detach() for m in models]))
+
+    def __len__(self) -> int:
+        return len(self.gain)
+
+    def models(self) -> list[ToyModel]:
+        """The stacked models as separate :class:`ToyModel` s (eval mode, no gradients)."""
+        out = []
+        for i in range(len(self)):
+            with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten
+                net = ToyModel(**self.config)
+            state = {f"layers.{2 * l}.weight": w[i] for l, w in enumerate(self.weights)}
+            net.load_state_dict(dict(state, gain=self.gain[i]))
+            out.append(net.eval().requires_grad_(False))
+        return out
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """Forced weight normalisation (Eq. 66 of EDM2), as MPConv does in training mode before
+        every forward pass with a changed weight."""
+        for w in self.weights:
+            w.copy_(normalize(w, dim=-1))
+
+    @torch.no_grad()
+    def loss_backward(self, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-model loss ``mean_n sigma^2 mean_d (target - score)^2`` [S] of points ``x``
+        [S, N, 2] at noise levels ``sigma`` [S, N] against ``target`` scores [S, N, 2], the same
+        as ``ToyModel.score`` in training mode with autograd; the loss's gradient is stored in
+        every parameter's ``.grad``.
+
+        Notation (per model): u = (x c_in, log(sigma) / 4, 1), h_0 = W_0 u, h_l = V_l silu(h_{l-1})
+        with V_l = W_l / 0.596, logp = gain / sigma * mean(h_L^2) - |x c_in|^2 / 2. The score is the
+        backward pass d_L = k h_L (k = 2 gain / (sigma H)), b_l = V_l^T d_l, d_{l-1} = b_l silu'(h_{l-1}),
+        score = c_in (W_0^T d_0)[:2] - x c_in^2; its adjoint runs forwards, then the forward
+        pass's adjoint backwards.
+        """
+        S, N = sigma.shape
+        H = self.weights[0].shape[1]
+        sigma = sigma.unsqueeze(-1)
+        c_in = (self.sigma_data**2 + sigma**2).rsqrt()
+        xc = x * c_in
+        u = torch.cat([xc, sigma.log() / 4, torch.ones_like(sigma)], dim=-1)
+        W = [normalize(w, dim=-1) / math.sqrt(w.shape[-1]) for w in self.weights]
+        V = [W[0]] + [w / _SILU_STD for w in W[1:]]
+        L = len(V) - 1
+        # Forward: h_l, a_l = silu(h_{l-1}) (a_0 = u), and silu', silu'' at h_{l-1}.
+        h, a, d1, d2 = [torch.bmm(u, V[0].mT)], [u], [], []
+        for l in range(1, L + 1):
+            sig = torch.sigmoid(h[-1])
+            a.append(h[-1] * sig)
+            for out, v in zip((d1, d2), silu_derivatives(h[-1], sig, a[-1])):
+                out.append(v)
+            h.append(torch.bmm(a[-1], V[l].mT))
+        k = (2 / H) * self.gain[:, None, None] / sigma
+        # Score: backward pass d_l (d logp / d h_l), b_l (d logp / d a_l).
+        d, b = [None] * (L + 1), [None] * (L + 1)
+        d[L] = k * h[L]
+        for l in range(L, 0, -1):
+            b[l] = torch.bmm(d[l], V[l])
+            d[l - 1] = b[l] * d1[l - 1]
+        score = c_in * torch.bmm(d[0], V[0][..., :2]) - xc * c_in
+        diff = score - target
+        loss = (sigma.squeeze(-1) ** 2 * diff.square().mean(-1)).mean(-1)
+        # Adjoint of the score pass, l = 0 .. L: bars, and the weight gradients G_l.
+        s_bar = c_in * sigma**2 * diff / N
+        G = [torch.zeros_like(v) for v in V]
+        G[0][..., :2] = torch.bmm(d[0].mT, s_bar)
+        d_bar = torch.bmm(s_bar, V[0][..., :2].mT)
+        h_bar = [None] * (L + 1)
+        for l in range(1, L + 1):
+            b_bar = d_bar * d1[l - 1]
+            h_bar[l - 1] = (d_bar * b[l]).mul_(d2[l - 1])
+            d_bar = torch.bmm(b_bar, V[l].mT)
+            torch.bmm(d[l].mT, b_bar, out=G[l])
+        gain_grad = ((2 / H) / sigma * (h[L] * d_bar).sum(-1, keepdim=True)).sum((1, 2))
+        # Adjoint of the forward pass, l = L .. 0.
+        h_bar[L] = k * d_bar
+        for l in range(L, 0, -1):
+            G[l].baddbmm_(h_bar[l].mT, a[l])
+            h_bar[l - 1].addcmul_(torch.bmm(h_bar[l], V[l]), d1[l - 1])
+        G[0].baddbmm_(h_bar[0].mT, u)
+        for l, (w, g) in enumerate(zip(self.weights, G)):
+            w.grad = mp_weight_grad(w, g if l == 0 else g / _SILU_STD)
+        self.gain.grad = gain_grad
+        return loss

@@ -135,11 +135,11 @@ def load_reference(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 @torch.no_grad()
 def check_images(images: torch.Tensor, classes: torch.Tensor | None = None, where: str = "images") -> None:
-    """What :func:`evaluate` measures: at least 4 uint8 images [N, 1, 8, 8] (k-NN precision and
+    """What :func:`evaluate` measures: at least 4 uint8 digits [N, 1, 8, 8] (k-NN precision and
     recall with k = 3) and classes None or [N] digits 0..9; ValueError naming ``where`` otherwise."""
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
         raise ValueError(
-            f"{where}: the digits metrics measure 8x8 grey digits, got images "
+            f"{where}: the digits metrics measure uint8 [N, 1, 8, 8] grey digits, got {images.dtype} "
             f"[N, C, H, W] = {tuple(images.shape)}"
         )
     if len(images) < 4:

@@ -1,9 +1,10 @@
 """The 2D toy experiment of "Guiding a Diffusion Model with a Bad Version of Itself"
 (Karras et al. 2024, Section 3 and Figure 1).
 
-- :func:`ground_truth`: the tree-shaped class-conditional Gaussian mixtures ("A", "B", "AB"),
-  with exact log-density, score and sampling at any noise level (Rust core, float64).
-- :func:`train`: the paper's toy training recipe (exact-score matching, Adam, power-function EMA).
+- :func:`ground_truth` (:mod:`.toy_mixture`): the tree-shaped class-conditional Gaussian mixtures
+  ("A", "B", "AB"), with exact log-density, score and sampling at any noise level (Rust core).
+- :func:`train`, :func:`train_snapshots` (:mod:`.toy_training`): the paper's toy training recipe
+  (exact-score matching, Adam, power-function EMA).
 - :func:`evaluate`: precision, k-NN precision/recall, mean log-density and branch coverage.
 - :func:`run`: the whole experiment (three models, eight sampling methods, table and figure);
   ``autoguide toy`` on the command line.
@@ -11,10 +12,8 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,216 +23,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import _core
 from ..checkpoint import load_network, read_metadata, save_network
-from ..ema import PowerFunctionEMA
 from ..files import atomic_write_bytes, figure, save_figure, strict_json
 from ..guidance import CFG, Autoguidance
 from ..metrics import knn_precision_recall, knn_radii
 from ..networks.toy import ToyModel
 from ..sampling import sample
+from .toy_mixture import CLASSES, COMPONENTS_PER_BRANCH, GaussianMixture, ground_truth
+from .toy_training import EMA_STD, _train_together, train, train_snapshots
 
-__all__ = ["CLASSES", "GaussianMixture", "ToyRecipe", "evaluate", "ground_truth", "run", "train"]
-
-CLASSES = ("A", "B", "AB")
-COMPONENTS_PER_BRANCH = 8
-
-
-class GaussianMixture:
-    """2D Gaussian mixture ``sum_k phi_k N(mu_k, Sigma_k)``, diffused by ``N(0, sigma^2 I)``.
-
-    Exact evaluation runs in the Rust core in float64; results come back in ``x``'s dtype and device.
-    Calling the mixture makes it a denoiser: ``D(x, sigma) = x + sigma^2 * score(x, sigma)``.
-
-    Args:
-        phi: component weights [K] (normalised here).
-        mu: means [K, 2].
-        Sigma: covariances [K, 2, 2], symmetric positive definite.
-    """
-
-    def __init__(self, phi, mu, Sigma):
-        phi = torch.as_tensor(np.asarray(phi), dtype=torch.float64)
-        self.phi = phi / phi.sum()
-        self.mu = torch.as_tensor(np.asarray(mu), dtype=torch.float64)
-        self.Sigma = torch.as_tensor(np.asarray(Sigma), dtype=torch.float64)
-        if self.mu.shape != (len(phi), 2) or self.Sigma.shape != (len(phi), 2, 2):
-            raise ValueError(
-                f"mu and Sigma must be [K, 2] and [K, 2, 2] for K = {len(phi)} weights, "
-                f"got {tuple(self.mu.shape)} and {tuple(self.Sigma.shape)}"
-            )
-        self._mixture = _core.Mixture2D(
-            phi.tolist(), self.mu.flatten().tolist(), self.Sigma.flatten().tolist()
-        )
-
-    def __len__(self) -> int:
-        return len(self.phi)
-
-    def _eval(self, x: torch.Tensor, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if x.shape[-1:] != (2,):
-            raise ValueError(f"x must have shape [..., 2], got {tuple(x.shape)}")
-        shape = x.shape[:-1]
-        xs = x.detach().to("cpu", torch.float64).reshape(-1, 2).contiguous()
-        s = torch.as_tensor(sigma, dtype=torch.float64).to("cpu").broadcast_to(shape).reshape(-1).contiguous()
-        logp, score, argmax = self._mixture.eval(xs.numpy().tobytes(), s.numpy().tobytes())
-        return (
-            torch.from_numpy(np.frombuffer(logp, dtype=np.float64).copy()).reshape(shape),
-            torch.from_numpy(np.frombuffer(score, dtype=np.float64).copy()).reshape(*shape, 2),
-            torch.from_numpy(np.frombuffer(argmax, dtype=np.uint32).astype(np.int64)).reshape(shape),
-        )
-
-    def logp(self, x: torch.Tensor, sigma=0) -> torch.Tensor:
-        """``log p(x; sigma)`` for ``x`` [..., 2], ``sigma`` scalar or [...]: [...]."""
-        return self._eval(x, sigma)[0].to(x.dtype).to(x.device)
-
-    def score(self, x: torch.Tensor, sigma=0) -> torch.Tensor:
-        """``grad_x log p(x; sigma)``: [..., 2]."""
-        return self._eval(x, sigma)[1].to(x.dtype).to(x.device)
-
-    def responsible(self, x: torch.Tensor, sigma=0) -> torch.Tensor:
-        """Index of the component with the largest posterior responsibility: int64 [...]."""
-        return self._eval(x, sigma)[2].to(x.device)
-
-    def __call__(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact denoiser ``E[y | x] = x + sigma^2 * score`` (labels must be None)."""
-        if labels is not None:
-            raise ValueError("labels must be None: a GaussianMixture is already one set of classes")
-        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).broadcast_to(x.shape[:-1]).unsqueeze(-1)
-        return x + s**2 * self.score(x, sigma)
-
-    def sample(self, n: int, sigma=0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples of ``p(x; sigma)`` (``sigma`` scalar or [n]): float32 [n, 2] on the CPU."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}")
-        s2 = torch.as_tensor(sigma, dtype=torch.float64).to("cpu").broadcast_to((n,)) ** 2
-        i = torch.multinomial(self.phi, n, replacement=True, generator=generator)
-        z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        # Closed-form Cholesky factor of Sigma_i + sigma^2 I.
-        a, b, c = self.Sigma[i, 0, 0] + s2, self.Sigma[i, 0, 1], self.Sigma[i, 1, 1] + s2
-        l11 = a.sqrt()
-        l21 = b / l11
-        l22 = (c - l21**2).sqrt()
-        x = self.mu[i] + torch.stack([l11 * z[:, 0], l21 * z[:, 0] + l22 * z[:, 1]], dim=-1)
-        return x.float()
-
-    def branch_masses(self) -> torch.Tensor:
-        """Total weight of every branch (``COMPONENTS_PER_BRANCH`` consecutive components): [B]."""
-        return self.phi.reshape(-1, COMPONENTS_PER_BRANCH).sum(-1)
-
-
-@functools.cache
-def ground_truth(classes: str = "A") -> GaussianMixture:
-    """The paper's ground-truth distribution for ``classes`` in {"A", "B", "AB"}: each class a
-    binary tree of depth 7 (127 branches) drawn as 8 elongated Gaussians per branch."""
-    if classes not in CLASSES:
-        raise ValueError(f"classes must be one of {CLASSES}, got {classes!r}")
-    rnd = np.random.RandomState(2)
-    origin, scale = np.array([0.0030, 0.0325]), np.array([1.3136, 1.3844])
-    comps: list[tuple[str, float, np.ndarray, np.ndarray]] = []
-
-    def branch(cls: str, depth: int, pos: np.ndarray, angle: float) -> None:
-        if depth >= 7:
-            return
-        direction = np.array([np.cos(angle), np.sin(angle)])
-        length = 0.292 * (0.8**depth) * (rnd.randn() * 0.2 + 1)
-        thick = 0.2 * (0.8**depth) / length
-        size = scale * length * 0.06
-        along = np.outer(direction, direction)
-        cov = (along + (np.eye(2) - along) * (thick**2)) * np.outer(size, size)
-        for t in np.linspace(0.07, 0.93, num=COMPONENTS_PER_BRANCH):
-            comps.append((cls, length * (0.5**depth), (pos + direction * length * t) * scale, cov))
-        for sign in (1, -1):
-            turn = sign * (0.7**depth) * (rnd.randn() * 0.2 + 1)
-            branch(cls, depth + 1, pos + direction * length, angle + turn)
-
-    branch("A", 0, origin, np.pi * 0.25)
-    branch("B", 0, origin, np.pi * 1.25)
-    sel = [c for c in comps if c[0] in classes]
-    return GaussianMixture([c[1] for c in sel], np.stack([c[2] for c in sel]), np.stack([c[3] for c in sel]))
-
-
-def train(
-    classes: str = "A",
-    num_layers: int = 4,
-    hidden_dim: int = 64,
-    iters: int = 4096,
-    batch_size: int = 4096,
-    seed: int = 0,
-    progress: bool = False,
-    *,
-    lr_ref: float = 1e-2,
-    lr_iter: int = 512,
-    P_mean: float = -2.3,
-    P_std: float = 1.5,
-    ema_std: float = 0.010,
-) -> ToyModel:
-    """Trains a :class:`ToyModel` on ``ground_truth(classes)`` with the paper's recipe and
-    returns its power-function EMA (std ``ema_std``) in eval mode.
-
-    Exact-score matching: ``sigma ~ exp(N(P_mean, P_std^2))``, loss
-    ``sigma^2 |score_gt - score_model|^2``, Adam (0.9, 0.99), lr ``lr_ref / sqrt(max(t / lr_iter, 1))``.
-    """
-    models = train_snapshots(
-        classes, num_layers, hidden_dim, (iters,), batch_size, seed, progress, ema_stds=(ema_std,),
-        lr_ref=lr_ref, lr_iter=lr_iter, P_mean=P_mean, P_std=P_std,
-    )  # fmt: skip
-    return models[(iters, float(ema_std))]
-
-
-def train_snapshots(
-    classes: str = "A",
-    num_layers: int = 4,
-    hidden_dim: int = 64,
-    iters: Sequence[int] = (4096,),
-    batch_size: int = 4096,
-    seed: int = 0,
-    progress: bool = False,
-    *,
-    ema_stds: Sequence[float] = (0.010,),
-    lr_ref: float = 1e-2,
-    lr_iter: int = 512,
-    P_mean: float = -2.3,
-    P_std: float = 1.5,
-) -> dict[tuple[int, float], ToyModel]:
-    """One training run of :func:`train`, with the EMA of every width in ``ema_stds`` copied at
-    every iteration count in ``iters``: ``{(iters, ema_std): model}``.
-
-    The learning-rate schedule does not depend on the training length, so the EMA copied at
-    iteration ``t`` equals what ``train(..., iters=t, ema_std=...)`` returns, bit for bit: one run
-    gives every training length of a guide search.
-    """
-    try:
-        lengths = sorted({int(t) for t in iters})
-    except (TypeError, ValueError):
-        raise ValueError(f"iters must be positive integers, got {iters!r}") from None
-    for name, v in [("batch_size", batch_size)] + [("iters", t) for t in iters]:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    stds = list(dict.fromkeys(float(s) for s in ema_stds))
-    gt = ground_truth(classes)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ToyModel(num_layers=num_layers, hidden_dim=hidden_dim).train()
-    ema = PowerFunctionEMA(net, stds)
-    opt = torch.optim.Adam(net.parameters(), lr=lr_ref, betas=(0.9, 0.99))
-    steps = range(lengths[-1])
-    if progress:
-        steps = tqdm(steps, desc=f"train {classes} {num_layers}x{hidden_dim}", unit="it", leave=False)
-    out: dict[tuple[int, float], ToyModel] = {}
-    for it in steps:
-        opt.param_groups[0]["lr"] = lr_ref / math.sqrt(max(it / lr_iter, 1))
-        sigma = (torch.randn(batch_size, generator=gen) * P_std + P_mean).exp()
-        x = gt.sample(batch_size, sigma, generator=gen)
-        target = gt.score(x, sigma)
-        loss = (sigma**2 * (target - net.score(x, sigma)).square().mean(-1)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(it + 1, 1)
-        if it + 1 in lengths:
-            for std, copy_from in zip(ema.stds, ema.emas):
-                out[(it + 1, std)] = copy.deepcopy(copy_from)
-    return out
+__all__ = [
+    "CLASSES",
+    "EMA_STD",
+    "GaussianMixture",
+    "ToyRecipe",
+    "evaluate",
+    "ground_truth",
+    "run",
+    "train",
+    "train_snapshots",
+]
 
 
 @functools.lru_cache(maxsize=8)
@@ -324,33 +133,56 @@ def set_dir(out: str | Path, k: int) -> Path:
     return Path(out) / f"set{k}"
 
 
-def _models(out: Path, recipe: ToyRecipe, offset: int, retrain: bool, progress: bool, log):
+# Models trained as one stack at most (memory grows with it; 3 keeps a stack in the caches).
+STACK_SIZE = 3
+
+
+def _models(out: Path, recipe: ToyRecipe, sets: Sequence[int], retrain: bool, progress: bool, log):
+    """The models of training sets ``sets`` (reused from ``out/set<k>`` or trained there): per set
+    ``({"main", "guide", "uncond"}: model, {name: training seconds})``. Models of one shape and
+    length are trained together, up to ``STACK_SIZE`` at a time, whatever their set."""
     spec = {
         "main": ("A", recipe.main_hidden, recipe.main_iters),
         "guide": ("A", recipe.guide_hidden, recipe.guide_iters),
         "uncond": ("AB", recipe.guide_hidden, recipe.guide_iters),
     }
-    models, seconds = {}, {}
-    for i, (name, (classes, hidden, iters)) in enumerate(spec.items()):
-        path = out / f"{name}.safetensors"
-        want = dict(classes=classes, layers=recipe.num_layers, hidden=hidden, iters=iters,
-                    batch_size=recipe.batch_size, seed=offset + i)  # fmt: skip
-        if path.is_file() and not retrain and read_metadata(path).get("recipe") == json.dumps(want):
-            models[name] = load_network(path)
-            seconds[name] = float(read_metadata(path).get("train_seconds", "nan"))
-            log(f"reusing {path}")
-            continue
-        t0 = time.perf_counter()
-        net = train(
-            classes, recipe.num_layers, hidden, iters, recipe.batch_size, seed=offset + i, progress=progress
-        )
-        seconds[name] = time.perf_counter() - t0
-        log(f"trained {path} ({classes}, {recipe.num_layers}x{hidden}, {iters} it, seed {offset + i}) "
-            f"in {seconds[name]:.1f} s")  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        save_network(net, path, recipe=want, train_seconds=seconds[name])
-        models[name] = net
-    return models, seconds
+    models: list[dict] = [{} for _ in sets]
+    seconds: list[dict] = [{} for _ in sets]
+    todo: dict[tuple[int, int], list] = {}
+    for j, k in enumerate(sets):
+        offset = SEED_STRIDE * k
+        for i, (name, (classes, hidden, iters)) in enumerate(spec.items()):
+            path = set_dir(out, k) / f"{name}.safetensors"
+            want = dict(
+                classes=classes,
+                layers=recipe.num_layers,
+                hidden=hidden,
+                iters=iters,
+                batch_size=recipe.batch_size,
+                seed=offset + i,
+            )
+            if path.is_file() and not retrain and read_metadata(path).get("recipe") == json.dumps(want):
+                models[j][name] = load_network(path)
+                seconds[j][name] = float(read_metadata(path).get("train_seconds", "nan"))
+                log(f"reusing {path}")
+                continue
+            todo.setdefault((hidden, iters), []).append((j, name, path, want))
+    for (hidden, iters), planned in todo.items():
+        for group in (planned[i : i + STACK_SIZE] for i in range(0, len(planned), STACK_SIZE)):
+            t0 = time.perf_counter()
+            runs = [(want["classes"], want["seed"]) for *_, want in group]
+            layers, batch = recipe.num_layers, recipe.batch_size
+            trained = _train_together(runs, layers, hidden, [iters], batch, (EMA_STD,), progress)
+            took = time.perf_counter() - t0
+            names = ", ".join(f"{path} ({want['classes']}, seed {want['seed']})" for *_, path, want in group)
+            log(f"trained {names} ({layers}x{hidden}, {iters} it) together in {took:.1f} s")
+            for (j, name, path, want), snapshots in zip(group, trained):
+                # Each model's share of the stack's time: the stack's models cost the same.
+                seconds[j][name] = took / len(group)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                models[j][name] = snapshots[(iters, EMA_STD)]
+                save_network(models[j][name], path, recipe=want, train_seconds=seconds[j][name])
+    return list(zip(models, seconds))
 
 
 def load_set(
@@ -359,7 +191,7 @@ def load_set(
     """The three models of training set ``k`` of the toy run in ``out`` (trained there if missing):
     ``({"main", "guide", "uncond"}: model, {name: training seconds})``."""
     recipe = QUICK if quick else ToyRecipe()
-    return _models(set_dir(out, k), recipe, SEED_STRIDE * k, False, progress, log)
+    return _models(Path(out), recipe, [k], False, progress, log)[0]
 
 
 def initial_noise(n: int, k: int, sigma_max: float) -> torch.Tensor:
@@ -398,16 +230,22 @@ def run(
         raise ValueError(f"out must be a directory, got the file {out}")
     out.mkdir(parents=True, exist_ok=True)
     sets, first = [], None
-    for k in range(seeds):
+    for k, (models, seconds) in enumerate(_models(out, recipe, range(seeds), retrain, progress, log)):
         offset = SEED_STRIDE * k
-        models, seconds = _models(set_dir(out, k), recipe, offset, retrain, progress, log)
         t0 = time.perf_counter()
         methods = _sample_methods(models, recipe, k, progress)
         metrics = {name: evaluate(x) for name, x in methods.items()}
         log(f"set {k}: sampled and evaluated {len(methods)} methods in {time.perf_counter() - t0:.1f} s")
         first = first or methods
-        sets.append(dict(set=k, train_seeds=dict(main=offset, guide=offset + 1, uncond=offset + 2),
-                         noise_seed=offset + 1, train_seconds=seconds, metrics=metrics))  # fmt: skip
+        sets.append(
+            dict(
+                set=k,
+                train_seeds=dict(main=offset, guide=offset + 1, uncond=offset + 2),
+                noise_seed=offset + 1,
+                train_seconds=seconds,
+                metrics=metrics,
+            )
+        )
     names = list(sets[0]["metrics"])
     stats = {n: {m: mean_std([s["metrics"][n][m] for s in sets]) for m in METRICS} for n in names}
     mean = {n: {m: v[0] for m, v in ms.items()} for n, ms in stats.items()}
@@ -417,8 +255,10 @@ def run(
     plot(first, out / "figure.png", mean=mean, std=std if seeds > 1 else None, seeds=seeds)
     log(format_table(mean, std if seeds > 1 else None))
     total = sum(sum(s["train_seconds"].values()) for s in sets)
-    log(f"training time: {total:.1f} s over {seeds} set(s) (set 0: "
-        f"{', '.join(f'{k} {v:.1f} s' for k, v in sets[0]['train_seconds'].items())})")  # fmt: skip
+    log(
+        f"training time: {total:.1f} s over {seeds} set(s) (set 0: "
+        f"{', '.join(f'{k} {v:.1f} s' for k, v in sets[0]['train_seconds'].items())})"
+    )
     log(f"wrote {out / 'metrics.json'} and {out / 'figure.png'}")
     return mean
 

@@ -169,7 +169,7 @@ fn power_function_beta(std: f64, t_next: f64, t_delta: f64) -> PyResult<f64> {
 }
 
 fn f64s(name: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(PyValueError::new_err(format!(
             "{name} must hold float64 values, got {} bytes",
             bytes.len()
@@ -181,19 +181,50 @@ fn f64s(name: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
         .collect())
 }
 
+fn f32s(name: &str, bytes: &[u8]) -> PyResult<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(PyValueError::new_err(format!(
+            "{name} must hold float32 values, got {} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_ne_bytes(c.try_into().expect("chunk of 4")))
+        .collect())
+}
+
 /// 2D Gaussian mixture with exact log-density and score under heat diffusion.
 #[pyclass(frozen, module = "autoguide_fast._core")]
 struct Mixture2D {
     inner: mixture::Mixture2D,
+    inner_f32: mixture::Mixture2DF32,
 }
 
 #[pymethods]
 impl Mixture2D {
     #[new]
     fn new(phi: Vec<f64>, mu: Vec<f64>, cov: Vec<f64>) -> PyResult<Self> {
-        Ok(Self {
-            inner: mixture::Mixture2D::new(&phi, &mu, &cov).map_err(to_py)?,
-        })
+        let inner = mixture::Mixture2D::new(&phi, &mu, &cov).map_err(to_py)?;
+        let inner_f32 = mixture::Mixture2DF32::new(&inner);
+        Ok(Self { inner, inner_f32 })
+    }
+
+    /// x: float32 bytes [N, 2]; sigma: float32 bytes [N]. Returns the score, float32 [N, 2], as
+    /// native-endian bytes (float32 arithmetic: relative error about 1e-6).
+    fn score_f32<'py>(
+        &self,
+        py: Python<'py>,
+        x: &[u8],
+        sigma: &[u8],
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let x = f32s("x", x)?;
+        let sigma = f32s("sigma", sigma)?;
+        let score = py
+            .detach(|| self.inner_f32.score(&x, &sigma))
+            .map_err(to_py)?;
+        let bytes: Vec<u8> = score.iter().flat_map(|f| f.to_ne_bytes()).collect();
+        Ok(PyBytes::new(py, &bytes))
     }
 
     fn __len__(&self) -> usize {

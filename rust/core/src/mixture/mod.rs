@@ -7,6 +7,9 @@ use rayon::prelude::*;
 
 use crate::error::{invalid, Error, Result};
 
+mod single;
+pub use single::Mixture2DF32;
+
 /// A mixture of 2D Gaussians with normalised weights, stored one array per quantity.
 #[derive(Debug, Clone)]
 pub struct Mixture2D {
@@ -321,6 +324,7 @@ impl Mixture2D {
 
 #[cfg(test)]
 mod tests {
+    use super::single::exp_nonpositive_f32;
     use super::*;
 
     const LOG_2PI: f64 = 1.837_877_066_409_345_5;
@@ -372,6 +376,41 @@ mod tests {
         assert!(worst < 1e-15, "{worst}");
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert_eq!(exp_nonpositive(-1e4), 0.0);
+    }
+
+    #[test]
+    fn inline_exp_f32_matches_std() {
+        let mut worst: f64 = 0.0;
+        for i in 0..200_000 {
+            let x = -(i as f32) * 0.000_43;
+            let (ours, want) = (exp_nonpositive_f32(x), f64::from(x).exp());
+            if x > -87.0 {
+                worst = worst.max((f64::from(ours) - want).abs() / want);
+            }
+        }
+        assert!(worst < 3e-7, "{worst}");
+        assert_eq!(exp_nonpositive_f32(0.0), 1.0);
+        assert_eq!(exp_nonpositive_f32(-1e4), 0.0);
+    }
+
+    #[test]
+    fn float32_score_matches_float64() {
+        let m = two_components();
+        let m32 = Mixture2DF32::new(&m);
+        let (x, sigma) = ([0.3, -0.2, 0.9, -0.8, 5.0, 5.0], [0.4, 0.05, 0.0]);
+        let want = m.eval(&x, &sigma).unwrap().score;
+        let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let s32: Vec<f32> = sigma.iter().map(|&v| v as f32).collect();
+        let got = m32.score(&x32, &s32).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (f64::from(*g) - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{g} vs {w}"
+            );
+        }
+        assert!(m32.score(&[0.0, 0.0], &[-1.0]).is_err());
+        assert!(m32.score(&[0.0], &[1.0]).is_err());
+        assert!(m32.score(&[f32::NAN, 0.0], &[1.0]).is_err());
     }
 
     #[test]

@@ -1,0 +1,177 @@
+"""The paper's toy training recipe: exact-score matching against the ground-truth mixture, Adam,
+power-function EMA; models of one shape trained together as one batched computation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..ema import PowerFunctionEMA
+from ..networks.toy import ToyModel, ToyStack
+from .toy_mixture import ground_truth
+
+__all__ = ["EMA_STD", "train", "train_snapshots"]
+
+
+EMA_STD = 0.010  # the recipe's power-function EMA width
+
+
+def train(
+    classes: str = "A",
+    num_layers: int = 4,
+    hidden_dim: int = 64,
+    iters: int = 4096,
+    batch_size: int = 4096,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    lr_ref: float = 1e-2,
+    lr_iter: int = 512,
+    P_mean: float = -2.3,
+    P_std: float = 1.5,
+    ema_std: float = EMA_STD,
+) -> ToyModel:
+    """Trains a :class:`ToyModel` on ``ground_truth(classes)`` with the paper's recipe and
+    returns its power-function EMA (std ``ema_std``) in eval mode.
+
+    Exact-score matching: ``sigma ~ exp(N(P_mean, P_std^2))``, loss
+    ``sigma^2 |score_gt - score_model|^2``, Adam (0.9, 0.99), lr ``lr_ref / sqrt(max(t / lr_iter, 1))``.
+    """
+    models = train_snapshots(
+        classes,
+        num_layers,
+        hidden_dim,
+        (iters,),
+        batch_size,
+        seed,
+        progress,
+        ema_stds=(ema_std,),
+        lr_ref=lr_ref,
+        lr_iter=lr_iter,
+        P_mean=P_mean,
+        P_std=P_std,
+    )
+    return models[(iters, float(ema_std))]
+
+
+def train_snapshots(
+    classes: str = "A",
+    num_layers: int = 4,
+    hidden_dim: int = 64,
+    iters: Sequence[int] = (4096,),
+    batch_size: int = 4096,
+    seed: int = 0,
+    progress: bool = False,
+    *,
+    ema_stds: Sequence[float] = (EMA_STD,),
+    lr_ref: float = 1e-2,
+    lr_iter: int = 512,
+    P_mean: float = -2.3,
+    P_std: float = 1.5,
+) -> dict[tuple[int, float], ToyModel]:
+    """One training run of :func:`train`, with the EMA of every width in ``ema_stds`` copied at
+    every iteration count in ``iters``: ``{(iters, ema_std): model}``.
+
+    The learning-rate schedule does not depend on the training length, so the EMA copied at
+    iteration ``t`` equals what ``train(..., iters=t, ema_std=...)`` returns, bit for bit: one run
+    gives every training length of a guide search.
+    """
+    try:
+        lengths = sorted({int(t) for t in iters})
+    except (TypeError, ValueError):
+        raise ValueError(f"iters must be positive integers, got {iters!r}") from None
+    for name, v in [("batch_size", batch_size)] + [("iters", t) for t in iters]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    ground_truth(classes)  # ValueError naming bad classes before anything is trained
+    (out,) = _train_together(
+        [(classes, seed)],
+        num_layers,
+        hidden_dim,
+        lengths,
+        batch_size,
+        ema_stds,
+        progress,
+        lr_ref=lr_ref,
+        lr_iter=lr_iter,
+        P_mean=P_mean,
+        P_std=P_std,
+    )
+    return out
+
+
+# Iterations whose training data is drawn and scored in one call of the Rust core.
+DATA_CHUNK = 64
+
+
+def _train_together(
+    runs: Sequence[tuple[str, int]],
+    num_layers: int,
+    hidden_dim: int,
+    lengths: Sequence[int],
+    batch_size: int,
+    ema_stds: Sequence[float] = (EMA_STD,),
+    progress: bool = False,
+    *,
+    lr_ref: float = 1e-2,
+    lr_iter: int = 512,
+    P_mean: float = -2.3,
+    P_std: float = 1.5,
+) -> list[dict[tuple[int, float], ToyModel]]:
+    """:func:`train_snapshots` of several ``(classes, seed)`` runs of one model shape at once: the
+    models are stacked and trained as one batched computation (:class:`ToyStack`); every run
+    draws its data from its own seeded generator exactly as it would alone."""
+    stds = list(dict.fromkeys(float(s) for s in ema_stds))
+    gts = [ground_truth(classes) for classes, _ in runs]
+    gens = [torch.Generator().manual_seed(seed) for _, seed in runs]
+    nets = []
+    for _, seed in runs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nets.append(ToyModel(num_layers=num_layers, hidden_dim=hidden_dim))
+    stack = ToyStack(nets)
+    ema = PowerFunctionEMA(stack, stds)
+    opt = torch.optim.Adam(stack.parameters(), lr=lr_ref, betas=(0.9, 0.99))
+    names = ",".join(dict.fromkeys(c for c, _ in runs))
+    bar = tqdm(
+        total=lengths[-1],
+        desc=f"train {names} {num_layers}x{hidden_dim} ({len(runs)} models)",
+        unit="it",
+        leave=False,
+        disable=not progress,
+    )
+    out: list[dict[tuple[int, float], ToyModel]] = [{} for _ in runs]
+    for start in range(0, lengths[-1], DATA_CHUNK):
+        chunk = min(DATA_CHUNK, lengths[-1] - start)
+        sigma, x, target = _training_data(gts, gens, chunk, batch_size, P_mean, P_std)
+        for i in range(chunk):
+            it = start + i
+            opt.param_groups[0]["lr"] = lr_ref / math.sqrt(max(it / lr_iter, 1))
+            stack.normalize_()
+            stack.loss_backward(x[i], sigma[i], target[i])
+            opt.step()
+            ema.update(it + 1, 1)
+            if it + 1 in lengths:
+                for std, averaged in zip(ema.stds, ema.emas):
+                    for k, net in enumerate(averaged.models()):
+                        out[k][(it + 1, std)] = net
+            bar.update()
+    bar.close()
+    return out
+
+
+def _training_data(gts, gens, iters: int, batch_size: int, P_mean: float, P_std: float):
+    """``iters`` iterations of training data of every run: noise levels [iters, S, N], points
+    [iters, S, N, 2] and their ground-truth scores (float32 core, one call per run)."""
+    sigma = torch.empty(iters, len(gts), batch_size)
+    x = torch.empty(iters, len(gts), batch_size, 2)
+    target = torch.empty_like(x)
+    for k, (gt, gen) in enumerate(zip(gts, gens)):
+        for i in range(iters):  # the draws of one iteration, in the order of the recipe
+            sigma[i, k] = (torch.randn(batch_size, generator=gen) * P_std + P_mean).exp()
+            x[i, k] = gt.sample(batch_size, sigma[i, k], generator=gen)
+        target[:, k] = gt.score_f32(x[:, k], sigma[:, k])
+    return sigma, x, target
