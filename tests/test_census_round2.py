@@ -393,6 +393,8 @@ def test_api_misuse_is_named_not_raw():
         ag.seeded_noise([0.5], (2,))
     with pytest.raises(ValueError, match="stds must be a non-empty sequence"):
         PowerFunctionEMA(net, "0.05")
+    with pytest.raises(ValueError, match=r"x must have shape \[N, 1, H, W\]"):
+        net(torch.randn(1, 4, 8, 8), torch.ones(1))
 
 
 def test_environment_failures_and_kernel_setting(tmp_path, capsys, monkeypatch):

@@ -191,6 +191,17 @@ class UNet(torch.nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
+def check_input(net, x) -> None:
+    """``x`` must be a tensor [N, img_channels, H, W]: a ValueError naming the shapes, not a
+    convolution's RuntimeError deep inside the network."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != net.img_channels:
+        raise ValueError(
+            f"x must have shape [N, {net.img_channels}, H, W] for this network, got {tuple(x.shape)}"
+        )
+
+
 class Precond(torch.nn.Module):
     """EDM preconditioning around :class:`UNet` with learned uncertainty; a denoiser:
     ``net(x, sigma, class_labels=None, return_logvar=False)`` with x [N, C, H, W], sigma 0-d or [N],
@@ -245,6 +256,7 @@ class Precond(torch.nn.Module):
         force_fp32: bool = False,
         return_logvar: bool = False,
     ):
+        check_input(self, x)
         # float32 as the official network; float64 stays float64 (reference-precision runs).
         outer = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(outer)

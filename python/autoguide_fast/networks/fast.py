@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import reference
-from .edm2 import Block, Precond
+from .edm2 import Block, Precond, check_input
 from .mp import _SILU_STD, MPConv, normalize, resample
 
 __all__ = ["FastPrecond", "accelerate", "for_sampling", "mode", "optimize"]
@@ -189,6 +189,7 @@ class FastPrecond(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
             return self.net(x, sigma, labels)
+        check_input(self.net, x)
         n = x.shape[0]
         sigma = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1).expand(n, 1, 1, 1)
         if self.label_dim == 0:
