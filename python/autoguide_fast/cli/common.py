@@ -11,6 +11,7 @@ import torch.distributed as dist
 from .. import checks
 from ..checkpoint import load_network, read_metadata
 from ..files import atomic_write_bytes, check_replaceable, strict_json
+from ..generation import generate
 from ..guidance import CFG, Autoguidance, Combined
 from ..interop import presets
 from ..interop.official import is_official_pickle, snapshot_metadata
@@ -79,6 +80,21 @@ def models_and_guidance(args: argparse.Namespace):
             alpha=getattr(guidance, "alpha", None),
         )
     return net, guidance, models, guidance_info
+
+
+def generate_batches(args: argparse.Namespace, net, guidance, seeds, device, progress: bool = False):
+    """``generate``'s batches for the model and sampler flags of ``generate`` and ``metrics gen``."""
+    return generate(
+        net,
+        seeds,
+        guidance=guidance,
+        class_idx=args.class_idx,
+        batch=args.batch,
+        vae=args.vae,
+        device=device,
+        progress=progress,
+        **sampler_options(args),
+    )
 
 
 def sampler_options(args: argparse.Namespace) -> dict:

@@ -7,10 +7,17 @@ from pathlib import Path
 
 from .. import __version__, checks
 from ..checkpoint import convert
-from ..generation import compact_seeds, generate, write_outputs
+from ..generation import compact_seeds, write_outputs
 from ..interop import presets
 from ..parallel import init_process_group
-from .common import add_model_args, add_sampler_args, check_not_input, models_and_guidance, sampler_options
+from .common import (
+    add_model_args,
+    add_sampler_args,
+    check_not_input,
+    generate_batches,
+    models_and_guidance,
+    sampler_options,
+)
 
 
 def add_generate(sub) -> None:
@@ -82,17 +89,7 @@ def _generate(args: argparse.Namespace) -> int:
         sampler=sampler,
         vae=str(Path(args.vae).resolve()) if args.vae else None,
     )
-    batches = generate(
-        net,
-        seeds,
-        guidance=guidance,
-        class_idx=args.class_idx,
-        batch=args.batch,
-        vae=args.vae,
-        device=device,
-        progress=not args.no_progress,
-        **sampler,
-    )
+    batches = generate_batches(args, net, guidance, seeds, device, progress=not args.no_progress)
     write_outputs(batches, out, manifest, subdirs=args.subdirs)
     return 0
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .. import checks
-from ..generation import generate
 from ..metrics import image_stats, load_ref, metrics_from_stats, save_ref, stats_of_batches
 from ..parallel import init_process_group
 from .common import (
@@ -17,10 +16,10 @@ from .common import (
     add_sampler_args,
     check_not_input,
     check_outputs,
+    generate_batches,
     load_detectors,
     models_and_guidance,
     report,
-    sampler_options,
 )
 
 
@@ -77,16 +76,7 @@ def _metrics_gen(args: argparse.Namespace) -> int:
     device = init_process_group()
     net, guidance, _, _ = models_and_guidance(args)
     detectors = load_detectors(args, device)
-    batches = generate(
-        net,
-        seeds,
-        guidance=guidance,
-        class_idx=args.class_idx,
-        batch=args.batch,
-        vae=args.vae,
-        device=device,
-        **sampler_options(args),
-    )
+    batches = generate_batches(args, net, guidance, seeds, device)
     stats = stats_of_batches(
         (b.images for b in batches), detectors, device=device, total=len(seeds), progress=not args.no_progress
     )
