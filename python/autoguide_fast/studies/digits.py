@@ -139,7 +139,7 @@ def check_images(images: torch.Tensor, classes: torch.Tensor | None = None, wher
     recall with k = 3) and classes None or [N] digits 0..9; ValueError naming ``where`` otherwise."""
     if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (1, 8, 8):
         raise ValueError(
-            f"{where}: the digits metrics measure uint8 [N, 1, 8, 8] grey digits, got {images.dtype} "
+            f"{where}: the digits metrics measure 8x8 grey digits, uint8 [N, 1, 8, 8], got {images.dtype} "
             f"[N, C, H, W] = {tuple(images.shape)}"
         )
     if len(images) < 4:
