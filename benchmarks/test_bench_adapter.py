@@ -14,11 +14,17 @@ def test_adapter_overhead(benchmark):
     """``DiffusersDenoiser(x, sigma)`` vs ``unet(x, t)`` on the same inputs (goal: ratio <= 1.03)."""
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-    ).eval()  # fmt: skip
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
     text = torch.randn(1, 8, 16)
     d = denoiser(unet, diffusers.DDPMScheduler(prediction_type="v_prediction"), encoder_hidden_states=text)
     x, sigma = torch.randn(4, 4, 16, 16), torch.full((4,), 3.0)

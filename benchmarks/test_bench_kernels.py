@@ -142,10 +142,14 @@ def guided_step_overhead_numbers(cuda, dtype: torch.dtype, n: int = STEP_N_SMALL
 
     info = dict(dtype=str(dtype).removeprefix("torch."), n=n)
     us = dict(
-        euler_graph=replay_time(public, info), euler_eager=cuda_time(public),
-        host_public=host_time(public), host_op=host_time(op), host_launch=host_time(launch),
-        torch_pair_eager=cuda_time(torch_pair), torch_pair_graph=replay_time(torch_pair, info),
-    )  # fmt: skip
+        euler_graph=replay_time(public, info),
+        euler_eager=cuda_time(public),
+        host_public=host_time(public),
+        host_op=host_time(op),
+        host_launch=host_time(launch),
+        torch_pair_eager=cuda_time(torch_pair),
+        torch_pair_graph=replay_time(torch_pair, info),
+    )
     return info | {f"{k}_us": v * 1e6 for k, v in us.items()}
 
 
@@ -186,8 +190,14 @@ def attention_numbers(cuda, batch: int, res: int, heads: int, dtype: torch.dtype
         "torch_ref": lambda: reference.mp_attention(qkv, heads),
         "torch_best": lambda: torch_best_attention(qkv, heads),
     }
-    info = dict(batch=batch, res=res, heads=heads, dtype=str(dtype).removeprefix("torch."), tensor_cores=tc,
-                flash_eligible=_flash_eligible(qkv, heads))  # fmt: skip
+    info = dict(
+        batch=batch,
+        res=res,
+        heads=heads,
+        dtype=str(dtype).removeprefix("torch."),
+        tensor_cores=tc,
+        flash_eligible=_flash_eligible(qkv, heads),
+    )
     for name, fn in paths.items():
         err = fn().double() - want
         info[f"{name}_rel_err"] = float(err.norm() / want.norm())
@@ -264,9 +274,16 @@ def end_to_end_numbers(batch: int = 32, steps: int = 32, rounds: int = 2, progre
     diff = float((images["cuda"] - images["reference"]).abs().max())
     scale = float(images["reference"].abs().max())
     return dict(
-        batch=batch, steps=steps, kernels_on_s=on, kernels_off_s=off, ratio=off / on, max_abs_diff=diff,
-        max_rel_diff=diff / scale, image_max=scale, finite=bool(torch.isfinite(images["cuda"]).all()),
-    )  # fmt: skip
+        batch=batch,
+        steps=steps,
+        kernels_on_s=on,
+        kernels_off_s=off,
+        ratio=off / on,
+        max_abs_diff=diff,
+        max_rel_diff=diff / scale,
+        image_max=scale,
+        finite=bool(torch.isfinite(images["cuda"]).all()),
+    )
 
 
 def _report(benchmark, info: dict, label: str) -> None:

@@ -108,12 +108,18 @@ def test_posthoc_reconstruction(benchmark, run, tmp_path):
     before_kb, peak_kb = json.loads(ran.stdout)
     outputs_mb = sum(p.stat().st_size for p in (tmp_path / "rss").iterdir()) / 2**20
     stats = dict(
-        inputs_gib=nbytes / 2**30, ours_s=t_ours, baseline_s=t_base, speedup=t_base / t_ours,
-        ours_gib_s=ours_rate / 2**30, sequential_read_gib_s=read_rate / 2**30,
+        inputs_gib=nbytes / 2**30,
+        ours_s=t_ours,
+        baseline_s=t_base,
+        speedup=t_base / t_ours,
+        ours_gib_s=ours_rate / 2**30,
+        sequential_read_gib_s=read_rate / 2**30,
         read_fraction=ours_rate / read_rate,
-        peak_rss_mib=peak_kb / 1024, rss_after_imports_mib=before_kb / 1024,
-        peak_rss_above_imports_mib=(peak_kb - before_kb) / 1024, outputs_mib=outputs_mb,
-    )  # fmt: skip
+        peak_rss_mib=peak_kb / 1024,
+        rss_after_imports_mib=before_kb / 1024,
+        peak_rss_above_imports_mib=(peak_kb - before_kb) / 1024,
+        outputs_mib=outputs_mb,
+    )
     benchmark.extra_info.update(stats)
     print("\n" + json.dumps(stats, indent=1))
     benchmark.pedantic(

@@ -157,11 +157,17 @@ def build_tiny(root: Path) -> tuple[Path, list[str], Path]:
     def unet(seed: int, width: int) -> UNet2DConditionModel:
         torch.manual_seed(seed)
         return UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(width, 2 * width), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
-            attention_head_dim=4, norm_num_groups=8,
-        )  # fmt: skip
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(width, 2 * width),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=16,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
 
     pipe = root / "tiny-pipeline"
     unet(0, 32).save_pretrained(pipe / "unet")
@@ -170,15 +176,23 @@ def build_tiny(root: Path) -> tuple[Path, list[str], Path]:
     )
     torch.manual_seed(1)
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1, norm_num_groups=4,
-        latent_channels=4, sample_size=8,
-    ).save_pretrained(pipe / "vae")  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=8,
+    ).save_pretrained(pipe / "vae")
     unet(2, 16).save_pretrained(root / "guide-small" / "unet")
     unet(3, 32).save_pretrained(root / "guide-early" / "unet")
     embeddings = root / "prompt.safetensors"
-    save_file({"encoder_hidden_states": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(4))},
-              embeddings)  # fmt: skip
+    save_file(
+        {"encoder_hidden_states": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(4))},
+        embeddings,
+    )
     return pipe, [str(root / "guide-small"), str(root / "guide-early")], embeddings
 
 
@@ -189,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--main", type=Path, help="main model: a diffusers pipeline folder (unet/, scheduler/, vae/)"
     )
-    p.add_argument("--guide", action="append", default=[], metavar="[NAME=]DIR",
-                   help="a guide UNet folder (or a pipeline folder); repeat for several")  # fmt: skip
+    p.add_argument(
+        "--guide",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="a guide UNet folder (or a pipeline folder); repeat for several",
+    )
     p.add_argument(
         "--weights", default=None, help="guidance weights: 'w1,w2,...' or 'lo:hi:step' (default 1.5,2,2.5,3)"
     )
@@ -210,8 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", help="MODULE:FUNCTION scoring a cell's images (see above); default: none")
     p.add_argument("--objective", default="fd", help="the metric value that picks the best cell")
     p.add_argument("--maximize", action="store_true", help="larger objective is better")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                   help="UNet dtype (default: float16 on CUDA, else float32; the VAE: float32)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="UNet dtype (default: float16 on CUDA, else float32; the VAE: float32)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--tiny",
@@ -246,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         scheduler = load_scheduler(args.main)
         cond = load_conditioning(args.embeddings)
         main_net = denoiser(load_unet(args.main, dtype, args.device), scheduler, **cond)
-        guides = {name: denoiser(load_unet(path, dtype, args.device), scheduler, **cond)
-                  for name, path in guide_names(args.guide).items()}  # fmt: skip
+        guides = {
+            name: denoiser(load_unet(path, dtype, args.device), scheduler, **cond)
+            for name, path in guide_names(args.guide).items()
+        }
         vae_dir = args.vae or (args.main / "vae" if (args.main / "vae" / "config.json").is_file() else None)
         vae = None
         if vae_dir is not None:
@@ -259,17 +283,30 @@ def main(argv: list[str] | None = None) -> int:
         # conditioning and the dtype (not the temporary --tiny folder, whose files are new each run).
         identity = dict(
             main="tiny" if args.tiny else file_identity(unet_folder(args.main)),
-            guides={n: "tiny" if args.tiny else file_identity(unet_folder(Path(g)))
-                    for n, g in guide_names(args.guide).items()},
+            guides={
+                n: "tiny" if args.tiny else file_identity(unet_folder(Path(g)))
+                for n, g in guide_names(args.guide).items()
+            },
             embeddings=None if args.embeddings is None else digest(args.embeddings),
             vae=None if vae_dir is None or args.tiny else file_identity(Path(vae_dir)),
             dtype=str(dtype),
-        )  # fmt: skip
+        )
         best = sweep_denoisers(
-            main_net, guides, weights, seeds, args.out, identity=identity, metric=metric,
-            objective=args.objective, minimize=not args.maximize, steps=args.steps, batch=args.batch,
-            class_idx=args.class_label, vae=vae, device=args.device,
-        )  # fmt: skip
+            main_net,
+            guides,
+            weights,
+            seeds,
+            args.out,
+            identity=identity,
+            metric=metric,
+            objective=args.objective,
+            minimize=not args.maximize,
+            steps=args.steps,
+            batch=args.batch,
+            class_idx=args.class_label,
+            vae=vae,
+            device=args.device,
+        )
     print(f"wrote {args.out / 'table.md'} and {args.out / 'contact_sheet.png'}")
     if best is None:
         print("no metric: compare the grids (contact_sheet.png), or pass --metric MODULE:FUNCTION")

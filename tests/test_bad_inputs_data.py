@@ -385,7 +385,7 @@ def test_sweep_recomputes_cells_of_other_settings(tmp_path):
                     alignment=1.0,
                 )
             }
-        )  # fmt: skip
+        )
     )
     best, computed = run(guide, out="old")
     assert computed == 1 and best["fd"] == fresh["fd"] > 0

@@ -5,9 +5,24 @@ import pytest
 from autoguide_fast.cli import build_parser
 
 COMMANDS = [
-    "toy", "train", "ema", "generate", "convert", "presets", "eval", "classifier", "experiment", "sweep",
-    "metrics", "metrics ref", "metrics calc", "metrics gen", "dataset", "dataset convert", "dataset encode",
-]  # fmt: skip
+    "toy",
+    "train",
+    "ema",
+    "generate",
+    "convert",
+    "presets",
+    "eval",
+    "classifier",
+    "experiment",
+    "sweep",
+    "metrics",
+    "metrics ref",
+    "metrics calc",
+    "metrics gen",
+    "dataset",
+    "dataset convert",
+    "dataset encode",
+]
 
 
 def test_every_command_is_listed():

@@ -95,8 +95,15 @@ def test_generate_bad_inputs(models, capsys, extra, culprit):
 def test_ema_bad_inputs(tmp_path, capsys):
     from autoguide_fast.training import TrainOptions, train
 
-    small = dict(preset="digits-xs", kimg=0.064, batch=32, snapshot_kimg=0.032, checkpoint_kimg=0.064,
-                 log_kimg=0.064, rampup_kimg=0.1)  # fmt: skip
+    small = dict(
+        preset="digits-xs",
+        kimg=0.064,
+        batch=32,
+        snapshot_kimg=0.032,
+        checkpoint_kimg=0.064,
+        log_kimg=0.064,
+        rampup_kimg=0.1,
+    )
     train("digits", tmp_path / "a", TrainOptions(**small), progress=False)
     train("digits", tmp_path / "b", TrainOptions(**small, seed=1), progress=False)
     code, err = run(capsys, "ema", "--snapshots", tmp_path / "a", "--std", "0.07", "--out", tmp_path / "a")
@@ -137,9 +144,13 @@ def test_ema_bad_inputs(tmp_path, capsys):
 
 
 def test_train_bad_inputs_create_nothing(tmp_path, capsys):
-    for extra, culprit in [(["--rampup-kimg", "-5"], "rampup_kimg"), (["--ema", "0.05,0.05"], "distinct"),
-                           (["--checkpoint-kimg", "0"], "checkpoint_kimg"), (["--seed", "-1"], "seed"),
-                           (["--data", str(tmp_path / "nope")], "nope")]:  # fmt: skip
+    for extra, culprit in [
+        (["--rampup-kimg", "-5"], "rampup_kimg"),
+        (["--ema", "0.05,0.05"], "distinct"),
+        (["--checkpoint-kimg", "0"], "checkpoint_kimg"),
+        (["--seed", "-1"], "seed"),
+        (["--data", str(tmp_path / "nope")], "nope"),
+    ]:
         code, err = run(capsys, "train", "--out", tmp_path / "r", "--kimg", "0.128", "--no-progress", *extra)
         assert code == 2 and culprit in err and "Traceback" not in err, err
         assert not (tmp_path / "r").exists()
@@ -152,9 +163,12 @@ def test_errors_interrupts_pipes_and_bugs(monkeypatch, capsys):
 
         return f
 
-    for exc, code, text in [(KeyboardInterrupt(), 130, "interrupted"), (BrokenPipeError(), 0, ""),
-                            (ZeroDivisionError("x"), 1, "unexpected ZeroDivisionError"),
-                            (AutoguideError("bad file"), 2, "error: bad file")]:  # fmt: skip
+    for exc, code, text in [
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (BrokenPipeError(), 0, ""),
+        (ZeroDivisionError("x"), 1, "unexpected ZeroDivisionError"),
+        (AutoguideError("bad file"), 2, "error: bad file"),
+    ]:
         monkeypatch.setattr(cli_generate, "_presets", raising(exc))
         got, err = run(capsys, "presets")
         assert got == code and text in err and "Traceback" not in err
@@ -168,8 +182,21 @@ def test_errors_interrupts_pipes_and_bugs(monkeypatch, capsys):
 def test_a_fifo_never_blocks(tmp_path):
     fifo = tmp_path / "net.safetensors"
     os.mkfifo(fifo)
-    ran = subprocess.run([sys.executable, "-m", "autoguide_fast.cli", "generate", "--net", str(fifo), "--out",
-                          str(tmp_path / "o")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autoguide_fast.cli",
+            "generate",
+            "--net",
+            str(fifo),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ran.returncode == 2 and "not a regular file" in ran.stderr
 
 
@@ -206,8 +233,19 @@ def test_outputs_are_atomic_strict_json_and_honour_the_umask(tmp_path, capsys):
     net = tiny(tmp_path)
     old = os.umask(0o027)
     try:
-        code, err = run(capsys, "generate", "--net", net, "--seeds", "0-2", "--steps", "2", "--out",
-                        tmp_path / "o", "--no-progress")  # fmt: skip
+        code, err = run(
+            capsys,
+            "generate",
+            "--net",
+            net,
+            "--seeds",
+            "0-2",
+            "--steps",
+            "2",
+            "--out",
+            tmp_path / "o",
+            "--no-progress",
+        )
     finally:
         os.umask(old)
     assert code == 0, err

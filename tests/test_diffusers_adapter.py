@@ -18,21 +18,33 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 def small_unet(seed: int = 0, **config) -> UNet2DModel:
     """A small random UNet2DModel on 8x8x3 images; ``config`` overrides or adds constructor arguments."""
     torch.manual_seed(seed)
-    base = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 32),
-                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                norm_num_groups=8)  # fmt: skip
+    base = dict(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
     return UNet2DModel(**{**base, **config}).eval()
 
 
 def small_cond_unet(seed: int, width: int = 32) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
         block_out_channels=(width, 2 * width),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-    ).eval()  # fmt: skip
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
 
 
 class Counted:
@@ -112,9 +124,13 @@ def diffusers_heun(unet, train_scheduler, noise, steps):
     # HeunDiscreteScheduler's defaults (betas 0.00085..0.012) are not DDPMScheduler's (0.0001..0.02).
     c = train_scheduler.config
     sched = HeunDiscreteScheduler(
-        num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
-        beta_schedule=c.beta_schedule, prediction_type=c.prediction_type, use_karras_sigmas=True,
-    )  # fmt: skip
+        num_train_timesteps=c.num_train_timesteps,
+        beta_start=c.beta_start,
+        beta_end=c.beta_end,
+        beta_schedule=c.beta_schedule,
+        prediction_type=c.prediction_type,
+        use_karras_sigmas=True,
+    )
     sched.set_timesteps(steps)
     x = noise * sched.init_noise_sigma
     for t in sched.timesteps:
@@ -219,8 +235,9 @@ def test_guided_equals_reference(method, prediction_type):
         guidance, ref_guide = CFG(guide, 2.0), plain_denoiser(main_unet, train, prediction_type, negative)
     sigmas = edm_sigmas(STEPS, main.sigma_min, main.sigma_max, 7.0)
     with torch.no_grad():
-        ours = sample(main, noise, guidance=guidance, steps=STEPS, sigma_min=main.sigma_min,
-                      sigma_max=main.sigma_max)  # fmt: skip
+        ours = sample(
+            main, noise, guidance=guidance, steps=STEPS, sigma_min=main.sigma_min, sigma_max=main.sigma_max
+        )
         ref = reference_guided(
             plain_denoiser(main_unet, train, prediction_type, text), ref_guide, 2.0, noise, sigmas
         )
@@ -236,8 +253,14 @@ def test_guide_not_called_at_weight_one():
     main = denoiser(main_unet, train, encoder_hidden_states=text)
     guide = Counted(denoiser(guide_unet, train, encoder_hidden_states=text))
     plain = sample(main, noise, steps=3, sigma_min=main.sigma_min, sigma_max=main.sigma_max)
-    guided = sample(main, noise, guidance=Autoguidance(guide, 1.0), steps=3, sigma_min=main.sigma_min,
-                    sigma_max=main.sigma_max)  # fmt: skip
+    guided = sample(
+        main,
+        noise,
+        guidance=Autoguidance(guide, 1.0),
+        steps=3,
+        sigma_min=main.sigma_min,
+        sigma_max=main.sigma_max,
+    )
     assert guide.calls == 0
     torch.testing.assert_close(guided, plain, rtol=0, atol=0)
 

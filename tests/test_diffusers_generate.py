@@ -27,8 +27,9 @@ STEPS = 3
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     """Stable Diffusion's training schedule (scaled_linear betas 0.00085..0.012)."""
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         prediction_type=prediction_type)  # fmt: skip
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
+    )
 
 
 def tiny_vae(scaling_factor=0.18215, shift_factor=None, stats=False) -> AutoencoderKL:
@@ -36,11 +37,19 @@ def tiny_vae(scaling_factor=0.18215, shift_factor=None, stats=False) -> Autoenco
     torch.manual_seed(5)
     extra = dict(latents_mean=(0.1, -0.2, 0.3, 0.0), latents_std=(0.5, 1.5, 1.0, 2.0)) if stats else {}
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
-        norm_num_groups=4, latent_channels=4, sample_size=8, scaling_factor=scaling_factor,
-        shift_factor=shift_factor, **extra,
-    ).eval()  # fmt: skip
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        sample_size=8,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        **extra,
+    ).eval()
 
 
 def pipeline_decode(vae, z):
@@ -114,16 +123,25 @@ def test_default_sigma_range_is_the_training_grid():
 
 def test_edm_models_keep_the_edm_range():
     torch.manual_seed(0)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=0, model_channels=16, channel_mult=(1,),
-                  num_blocks=1, attn_resolutions=()).eval()  # fmt: skip
+    net = Precond(
+        img_resolution=8,
+        img_channels=3,
+        label_dim=0,
+        model_channels=16,
+        channel_mult=(1,),
+        num_blocks=1,
+        attn_resolutions=(),
+    ).eval()
     assert not hasattr(net, "sigma_min") and not hasattr(net, "sigma_max")
     assert sigma_range(net) == (0.002, 80.0)
     assert sigma_range(lambda x, s, labels=None: x) == (0.002, 80.0)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(
-        sample(net, noise, steps=STEPS), sample(net, noise, steps=STEPS, sigma_min=0.002, sigma_max=80.0),
-        rtol=0, atol=0,
-    )  # fmt: skip
+        sample(net, noise, steps=STEPS),
+        sample(net, noise, steps=STEPS, sigma_min=0.002, sigma_max=80.0),
+        rtol=0,
+        atol=0,
+    )
     # EDM (2022) style declarations: EDMPrecond's 0 / inf leave EDM's range; non-numbers are ignored.
     assert sigma_range(SimpleNamespace(sigma_min=0.0, sigma_max=float("inf"))) == (0.002, 80.0)
     assert sigma_range(SimpleNamespace(sigma_min="0.5", sigma_max=None)) == (0.002, 80.0)
@@ -158,8 +176,12 @@ def test_adapter_image_attributes():
     with pytest.raises(TypeError, match="latent must be None, True or False, got 'yes'"):
         denoiser(small_unet(), DDPMScheduler(), latent="yes")
     with pytest.raises(ValueError, match="one common batch size"):
-        denoiser(small_cond_unet(0), DDPMScheduler(), encoder_hidden_states=torch.zeros(2, 5, 16),
-                 added_cond_kwargs={"time_ids": torch.zeros(3, 6)})  # fmt: skip
+        denoiser(
+            small_cond_unet(0),
+            DDPMScheduler(),
+            encoder_hidden_states=torch.zeros(2, 5, 16),
+            added_cond_kwargs={"time_ids": torch.zeros(3, 6)},
+        )
 
 
 def test_generate_pixel_unet_equals_sample_and_ignores_batching():
@@ -229,14 +251,18 @@ def test_autoguidance_through_generate_equals_sample(tmp_path):
     # write_outputs: one PNG per seed with the same pixels, or one .npz.
     manifest = write_outputs(
         generate(main, seeds, guidance=guidance, batch=4, steps=STEPS, vae=vae, device="cpu"),
-        tmp_path / "png", {"model": "tiny"},
-    )  # fmt: skip
+        tmp_path / "png",
+        {"model": "tiny"},
+    )
     assert manifest["complete"] and (tmp_path / "png-grid.png").is_file()
     for seed, img in zip(seeds, images4):
         png = np.asarray(Image.open(tmp_path / "png" / f"{seed:06d}.png"))
         np.testing.assert_array_equal(png, img.permute(1, 2, 0).numpy())
-    write_outputs(generate(main, seeds, guidance=guidance, batch=4, steps=STEPS, vae=vae, device="cpu"),
-                  tmp_path / "out.npz", {})  # fmt: skip
+    write_outputs(
+        generate(main, seeds, guidance=guidance, batch=4, steps=STEPS, vae=vae, device="cpu"),
+        tmp_path / "out.npz",
+        {},
+    )
     with np.load(tmp_path / "out.npz") as f:
         np.testing.assert_array_equal(f["images"], images4.permute(0, 2, 3, 1).numpy())
         np.testing.assert_array_equal(f["seeds"], seeds)
@@ -247,8 +273,11 @@ def test_per_sample_conditioning_and_generate_chunks():
     rows = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(9))
     d = denoiser(small_cond_unet(0), sd_scheduler(), encoder_hidden_states=rows)
     assert d.conditioning_batch == 3
-    with pytest.raises(ValueError, match=r"net carries per-sample conditioning of batch 3, but generate "
-                                         r"samples 5 seeds in chunks of batch=2.*batch of 1"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"net carries per-sample conditioning of batch 3, but generate "
+        r"samples 5 seeds in chunks of batch=2.*batch of 1",
+    ):
         generate(d, range(5), batch=2, steps=STEPS, vae=vae, device="cpu")
     with pytest.raises(ValueError, match="batch 3, but generate samples 3 seeds in chunks of batch=2"):
         generate(d, range(3), batch=2, steps=STEPS, vae=vae, device="cpu")

@@ -10,9 +10,16 @@ import pytest
 from autoguide_fast.studies.digits_study import DigitsStudy, digits_seeds
 
 # Batches of 128 images: the guide run has snapshots at 128 and 256 images.
-TINY = DigitsStudy(main_kimg=0.256, guide_presets=("digits-xxs",), guide_kimg=(0.128, 0.256),
-                   guide_snapshot_kimg=0.128, ema_guide=(0.1,), weights=(2.0,), samples=24,
-                   steps=3)  # fmt: skip
+TINY = DigitsStudy(
+    main_kimg=0.256,
+    guide_presets=("digits-xxs",),
+    guide_kimg=(0.128, 0.256),
+    guide_snapshot_kimg=0.128,
+    ema_guide=(0.1,),
+    weights=(2.0,),
+    samples=24,
+    steps=3,
+)
 
 
 def test_digits_seeds_tiny(tmp_path):
@@ -26,8 +33,9 @@ def test_digits_seeds_tiny(tmp_path):
     assert sorted(c["guide_kimg"] for c in cells) == [0.128, 0.256]
     best = s["best"]["autoguidance"]
     assert best["fd"] == min(c["fd"] for c in cells)
-    assert s["check"]["autoguidance"]["guide"] == dict(guide="digits-xxs", ema_guide=0.10,
-                                                       guide_kimg=best["guide_kimg"])  # fmt: skip
+    assert s["check"]["autoguidance"]["guide"] == dict(
+        guide="digits-xxs", ema_guide=0.10, guide_kimg=best["guide_kimg"]
+    )
     # The check evaluates the same models on set 0 with the same seeds: the sweep's number again.
     assert s["check"]["autoguidance"]["fd_a"][0] == pytest.approx(best["fd"], rel=1e-9)
     # Differences are paired by training set and seed set.

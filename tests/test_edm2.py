@@ -69,9 +69,15 @@ def test_sampler_matches_reference(reference, name, weight):
     ref = reference(f"{name}.safetensors")
     cfg = config_of(f"{name}.safetensors")
     x = ag.sample(
-        main, ref["in.noise"], ref["in.labels"], guidance=ag.Autoguidance(guide, weight),
-        steps=cfg["num_steps"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"], rho=cfg["rho"],
-    )  # fmt: skip
+        main,
+        ref["in.noise"],
+        ref["in.labels"],
+        guidance=ag.Autoguidance(guide, weight),
+        steps=cfg["num_steps"],
+        sigma_min=cfg["sigma_min"],
+        sigma_max=cfg["sigma_max"],
+        rho=cfg["rho"],
+    )
     assert rel_err(x, ref["out.x"]) < 1e-4
 
 

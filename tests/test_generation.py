@@ -126,8 +126,24 @@ def test_cli_generate_and_eval(tmp_path, capsys):
     _, net = tiny(tmp_path)
     _, guide = tiny(tmp_path, "guide", seed=1)
     out = tmp_path / "imgs"
-    args = ["generate", "--net", str(net), "--guide", str(guide), "--weight", "2", "--seeds", "0-19",
-            "--batch", "7", "--steps", "4", "--out", str(out), "--no-progress"]  # fmt: skip
+    args = [
+        "generate",
+        "--net",
+        str(net),
+        "--guide",
+        str(guide),
+        "--weight",
+        "2",
+        "--seeds",
+        "0-19",
+        "--batch",
+        "7",
+        "--steps",
+        "4",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert len(list(out.glob("0000*.png"))) == 20 and (tmp_path / "imgs-grid.png").is_file()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -165,9 +181,24 @@ def test_torchrun_generation_matches_one_process(tmp_path):
         "--no-progress",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "autoguide_fast.cli",
-           *common, "--out", str(tmp_path / "ddp")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "autoguide_fast.cli",
+        *common,
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
     ran = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
@@ -191,21 +222,45 @@ def test_sweep_over_guide_training_lengths(tmp_path):
     from autoguide_fast.training import TrainOptions, train
 
     _, net = tiny(tmp_path)
-    opts = TrainOptions(preset="digits-xs", kimg=0.096, batch=32, snapshot_kimg=0.032, checkpoint_kimg=0.096,
-                        log_kimg=0.032, lr_decay_kimg=0.064, rampup_kimg=0, ema_stds=(0.05, 0.1))  # fmt: skip
+    opts = TrainOptions(
+        preset="digits-xs",
+        kimg=0.096,
+        batch=32,
+        snapshot_kimg=0.032,
+        checkpoint_kimg=0.096,
+        log_kimg=0.032,
+        lr_decay_kimg=0.064,
+        rampup_kimg=0,
+        ema_stds=(0.05, 0.1),
+    )
     train("digits", tmp_path / "g", opts, progress=False, log=lambda _: None)
     assert sorted({s.nimg for s in list_snapshots(tmp_path / "g")}) == [32, 64, 96]
     lines = []
-    sweep(net, tmp_path / "g", "2.0", tmp_path / "sw", ema_guide=[0.10], guide_kimg=[0.04, 0.096, 0.1],
-          seeds=range(20), steps=3, log=lines.append)  # fmt: skip
+    sweep(
+        net,
+        tmp_path / "g",
+        "2.0",
+        tmp_path / "sw",
+        ema_guide=[0.10],
+        guide_kimg=[0.04, 0.096, 0.1],
+        seeds=range(20),
+        steps=3,
+        log=lines.append,
+    )
     cells = json.loads((tmp_path / "sw" / "cells.json").read_text())["cells"].values()
     assert sorted(c["guide_kimg"] for c in cells) == [0.032, 0.096]  # 0.1 and 0.096 are one time
     assert "| 0.032 | 2 |" in (tmp_path / "sw" / "table.md").read_text()
     (early,) = [c for c in cells if c["guide_kimg"] == 0.032]
     ref_guide = reconstruct(tmp_path / "g", [0.10], 32, out_dir=tmp_path / "ref", progress=False)[0]
     classifier = digits.load_classifier()
-    m, _ = evaluate_guidance(ag.load(net), ag.Autoguidance(ag.load(ref_guide), 2.0), list(range(20)), 3,
-                             digits.reference_stats(classifier), classifier)  # fmt: skip
+    m, _ = evaluate_guidance(
+        ag.load(net),
+        ag.Autoguidance(ag.load(ref_guide), 2.0),
+        list(range(20)),
+        3,
+        digits.reference_stats(classifier),
+        classifier,
+    )
     assert early["fd"] == pytest.approx(m["fd"], rel=1e-12)
     with pytest.raises(ValueError, match="no snapshot near 0.01 kimg"):
         sweep(net, tmp_path / "g", "2.0", tmp_path / "x", ema_guide=[0.10], guide_kimg=[0.01])

@@ -149,8 +149,11 @@ def test_fake_implementations_give_the_real_ops_shapes_and_strides(layout):
     x = meta(2, 4, 8, 8)
     xn, d = cuda._guided_euler_op(x, x, None, 2.0, 1.0, 0.5)
     assert contiguous(xn, x.shape, torch.float16) and contiguous(d, x.shape, torch.float32)
-    assert contiguous(cuda._guided_heun_op(x, x, meta(2, 4, 8, 8, dtype=torch.float32), x, x, 2.0, 1.0, 0.5),
-                      x.shape, torch.float16)  # fmt: skip
+    assert contiguous(
+        cuda._guided_heun_op(x, x, meta(2, 4, 8, 8, dtype=torch.float32), x, x, 2.0, 1.0, 0.5),
+        x.shape,
+        torch.float16,
+    )
     for tensor_cores in (False, True):
         y = cuda._mp_attention_op(meta(2, 3 * 64, 8, 8), 2, tensor_cores)
         assert contiguous(y, (2, 64, 8, 8), torch.float16)
@@ -280,16 +283,28 @@ def test_gpu_guided_step(cuda, dtype, n, guide):
         assert _within(out, want, ref_out, dtype, scale)
 
 
-ATTENTION_SHAPES = [(2, 64, (8, 8)), (3, 32, (7, 9)), (5, 64, (16, 16)), (1, 128, (1, 63)), (4, 64, (1, 257)),
-                    (2, 32, (32, 32)), (3, 128, (10, 13))]  # fmt: skip
+ATTENTION_SHAPES = [
+    (2, 64, (8, 8)),
+    (3, 32, (7, 9)),
+    (5, 64, (16, 16)),
+    (1, 128, (1, 63)),
+    (4, 64, (1, 257)),
+    (2, 32, (32, 32)),
+    (3, 128, (10, 13)),
+]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "dtype, tensor_cores",
-    [(torch.float32, False), (torch.float16, False), (torch.bfloat16, False), (torch.float16, True),
-     (torch.bfloat16, True)],
-)  # fmt: skip
+    [
+        (torch.float32, False),
+        (torch.float16, False),
+        (torch.bfloat16, False),
+        (torch.float16, True),
+        (torch.bfloat16, True),
+    ],
+)
 @pytest.mark.parametrize("heads, d, hw", ATTENTION_SHAPES)
 def test_gpu_attention(cuda, dtype, tensor_cores, heads, d, hw):
     if tensor_cores and torch.cuda.get_device_capability() < (8, 0):

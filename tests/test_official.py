@@ -26,8 +26,12 @@ GENERATE_CASES = [k for k, v in MANIFEST.items() if "net" in v]
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "autoguide_fast.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "autoguide_fast.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _guidance(case):
@@ -44,8 +48,12 @@ def test_generation_reproduces_the_official_tool(name):
     net = ag.load(OFFICIAL / case["net"])
     assert {t.dtype for t in net.state_dict().values()} == {torch.float16}  # kept as published
     vae = load_vae(OFFICIAL / case["vae"]) if "vae" in case else None
-    churn = dict(churn=case.get("S_churn", 0), churn_min=case.get("S_min", 0),
-                 churn_max=case.get("S_max", float("inf")), churn_noise=case.get("S_noise", 1))  # fmt: skip
+    churn = dict(
+        churn=case.get("S_churn", 0),
+        churn_min=case.get("S_min", 0),
+        churn_max=case.get("S_max", float("inf")),
+        churn_noise=case.get("S_noise", 1),
+    )
     batches = list(
         generate(
             net,
@@ -57,7 +65,7 @@ def test_generation_reproduces_the_official_tool(name):
             vae=vae,
             device="cpu",
             **churn,
-        )  # fmt: skip
+        )
     )
     floats = torch.cat([b.samples for b in batches])
     images = torch.cat([b.images for b in batches]).permute(0, 2, 3, 1).numpy()

@@ -130,8 +130,10 @@ def test_an_explicit_dtype_applies_to_every_averaged_tensor(tmp_path):
     x = solve_coefficients([n for n, _ in keys], [s for _, s in keys], 4000, [0.09])
     buffers = {name for name, _ in Precond(**PRESETS["digits-xs"]).named_buffers()}
     for dtype, want_dtype in [
-        (torch.float16, torch.float16), ("bfloat16", torch.bfloat16), ("float32", torch.float32)
-    ]:  # fmt: skip
+        (torch.float16, torch.float16),
+        ("bfloat16", torch.bfloat16),
+        ("float32", torch.float32),
+    ]:
         [path] = reconstruct(run, 0.09, out_dir=tmp_path / str(dtype), progress=False, dtype=dtype)
         got = checkpoint.load(path)
         for k in got:
@@ -257,9 +259,17 @@ def test_bad_inputs_fail_before_any_output(tmp_path):
 
 def test_posthoc_matches_an_ema_tracked_online(tmp_path):
     # Train with widths 0.05 and 0.10 saved often, and 0.07 tracked online as the answer.
-    opts = TrainOptions(preset="digits-xs", kimg=0.64, batch=32, ema_stds=(0.05, 0.07, 0.10),
-                        snapshot_kimg=0.064, checkpoint_kimg=0.64, log_kimg=0.64, rampup_kimg=0.1,
-                        lr_decay_kimg=0.2)  # fmt: skip
+    opts = TrainOptions(
+        preset="digits-xs",
+        kimg=0.64,
+        batch=32,
+        ema_stds=(0.05, 0.07, 0.10),
+        snapshot_kimg=0.064,
+        checkpoint_kimg=0.64,
+        log_kimg=0.64,
+        rampup_kimg=0.1,
+        lr_decay_kimg=0.2,
+    )
     train("digits", tmp_path / "run", opts, progress=False)
     inputs = [s.path for s in list_snapshots(tmp_path / "run") if s.std != 0.07]
     [path] = reconstruct(inputs, 0.07, out_dir=tmp_path / "out", progress=False)
@@ -295,10 +305,27 @@ def test_cli(tmp_path, capsys):
         == 0
     )
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
-        "phema-000004000-0.060.safetensors", "phema-000004000-0.090.safetensors"]  # fmt: skip
+        "phema-000004000-0.060.safetensors",
+        "phema-000004000-0.090.safetensors",
+    ]
     assert main(["ema", "--snapshots", str(run)]) == 2
-    assert main(["ema", "--snapshots", str(run), "--std", "0.07", "--out", str(tmp_path / "h"),
-                 "--dtype", "float16", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "ema",
+                "--snapshots",
+                str(run),
+                "--std",
+                "0.07",
+                "--out",
+                str(tmp_path / "h"),
+                "--dtype",
+                "float16",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     [path] = (tmp_path / "h").iterdir()
     assert checkpoint.load(path)["unet.out_conv.weight"].dtype == torch.float16
     code = main(

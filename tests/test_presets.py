@@ -25,24 +25,48 @@ OFFICIAL = {
     "edm2-img512-xs-dino": ("edm2-img512-xs-2147483-0.200.pkl", None, 1.0, "fd_dinov2", 103.39),
     "edm2-img64-xl-fid": ("edm2-img64-xl-0671088-0.040.pkl", None, 1.0, "fid", 1.33),
     "edm2-img512-m-guid-dino": (
-        "edm2-img512-m-2147483-0.015.pkl", "edm2-img512-xs-uncond-2147483-0.015.pkl", 2.00, "fd_dinov2", 41.98
+        "edm2-img512-m-2147483-0.015.pkl",
+        "edm2-img512-xs-uncond-2147483-0.015.pkl",
+        2.00,
+        "fd_dinov2",
+        41.98,
     ),
     "edm2-img512-s-autog-fid": (
-        "edm2-img512-s-2147483-0.070.pkl", "edm2-img512-xs-0134217-0.125.pkl", 2.10, "fid", 1.34
+        "edm2-img512-s-2147483-0.070.pkl",
+        "edm2-img512-xs-0134217-0.125.pkl",
+        2.10,
+        "fid",
+        1.34,
     ),
     "edm2-img512-xxl-autog-fid": (
-        "edm2-img512-xxl-0939524-0.075.pkl", "edm2-img512-m-0268435-0.155.pkl", 2.05, "fid", 1.25
+        "edm2-img512-xxl-0939524-0.075.pkl",
+        "edm2-img512-m-0268435-0.155.pkl",
+        2.05,
+        "fid",
+        1.25,
     ),
     "edm2-img512-xxl-autog-dino": (
-        "edm2-img512-xxl-0939524-0.130.pkl", "edm2-img512-m-0268435-0.205.pkl", 2.30, "fd_dinov2", 24.18
+        "edm2-img512-xxl-0939524-0.130.pkl",
+        "edm2-img512-m-0268435-0.205.pkl",
+        2.30,
+        "fd_dinov2",
+        24.18,
     ),
     "edm2-img512-s-uncond-autog-fid": (
-        "edm2-img512-s-uncond-2147483-0.070.pkl", "edm2-img512-xs-uncond-0134217-0.110.pkl", 2.85, "fid", 3.86
+        "edm2-img512-s-uncond-2147483-0.070.pkl",
+        "edm2-img512-xs-uncond-0134217-0.110.pkl",
+        2.85,
+        "fid",
+        3.86,
     ),
     "edm2-img64-s-autog-fid": (
-        "edm2-img64-s-1073741-0.045.pkl", "edm2-img64-xs-0134217-0.110.pkl", 1.70, "fid", 1.01
+        "edm2-img64-s-1073741-0.045.pkl",
+        "edm2-img64-xs-0134217-0.110.pkl",
+        1.70,
+        "fid",
+        1.01,
     ),
-}  # fmt: skip
+}
 
 
 def test_counts():
@@ -215,13 +239,22 @@ def test_table():
     assert len(lines) == 1 + 36
     assert lines[0].split() == ["name", "kind", "net", "gnet", "guidance", "metric"]
     assert lines[1].split() == [
-        "edm2-img512-xs-fid", "none", "edm2-img512-xs-2147483-0.135.pkl", "-", "1.00", "fid=3.53",
-    ]  # fmt: skip
+        "edm2-img512-xs-fid",
+        "none",
+        "edm2-img512-xs-2147483-0.135.pkl",
+        "-",
+        "1.00",
+        "fid=3.53",
+    ]
     row = next(line for line in lines if line.startswith("edm2-img512-s-autog-fid "))
     assert row.split() == [
-        "edm2-img512-s-autog-fid", "autoguidance", "edm2-img512-s-2147483-0.070.pkl",
-        "edm2-img512-xs-0134217-0.125.pkl", "2.10", "fid=1.34",
-    ]  # fmt: skip
+        "edm2-img512-s-autog-fid",
+        "autoguidance",
+        "edm2-img512-s-2147483-0.070.pkl",
+        "edm2-img512-xs-0134217-0.125.pkl",
+        "2.10",
+        "fid=1.34",
+    ]
     # Columns line up.
     assert len({line.index(" none ") for line in lines if " none " in line}) == 1
     for kind, count in [("none", 16), ("cfg", 12), ("autoguidance", 8)]:

@@ -21,8 +21,19 @@ class GaussianData:
         return self.mean + (x - self.mean) * self.sd**2 / (self.sd**2 + s2)
 
 
-def reference_heun(net, noise, steps, sigma_min, sigma_max, rho, churn=0.0, s_min=0.0, s_max=math.inf,
-                   s_noise=1.0, generator=None):  # fmt: skip
+def reference_heun(
+    net,
+    noise,
+    steps,
+    sigma_min,
+    sigma_max,
+    rho,
+    churn=0.0,
+    s_min=0.0,
+    s_max=math.inf,
+    s_noise=1.0,
+    generator=None,
+):
     """EDM Algorithm 2 written out directly (float64 schedule), independent of the library."""
     i = torch.arange(steps, dtype=torch.float64)
     t = (
@@ -67,10 +78,28 @@ def test_ode_solution_of_gaussian_data_matches_closed_form():
 def test_sampler_equals_independent_heun(steps, churn):
     net = GaussianData(torch.tensor([1.0, -0.5]))
     noise = torch.randn(5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ours = sample(net, noise, steps=steps, churn=churn, churn_range=(0.05, 50.0), churn_noise=1.003,
-                  generator=torch.Generator().manual_seed(7))  # fmt: skip
-    ref = reference_heun(net, noise, steps, 0.002, 80.0, 7.0, churn, 0.05, 50.0, 1.003,
-                         generator=torch.Generator().manual_seed(7))  # fmt: skip
+    ours = sample(
+        net,
+        noise,
+        steps=steps,
+        churn=churn,
+        churn_range=(0.05, 50.0),
+        churn_noise=1.003,
+        generator=torch.Generator().manual_seed(7),
+    )
+    ref = reference_heun(
+        net,
+        noise,
+        steps,
+        0.002,
+        80.0,
+        7.0,
+        churn,
+        0.05,
+        50.0,
+        1.003,
+        generator=torch.Generator().manual_seed(7),
+    )
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
 
 

@@ -13,8 +13,17 @@ from safetensors.torch import load_file, save_file
 
 from autoguide_fast import AutoguideError, checkpoint
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-          torch.int8, torch.uint8, torch.bool]  # fmt: skip
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 def make(dtype, shape, seed=0):

@@ -47,8 +47,18 @@ def models():
 def test_sweep_scores_every_cell_and_resumes(models, tmp_path):
     main, guides = models
     metric, lines = Brightness(), []
-    best = sweep_denoisers(main, guides, "1.5,3", SEEDS, tmp_path / "sw", metric=metric, steps=STEPS,
-                           batch=2, identity={"main": "m0"}, log=lines.append)  # fmt: skip
+    best = sweep_denoisers(
+        main,
+        guides,
+        "1.5,3",
+        SEEDS,
+        tmp_path / "sw",
+        metric=metric,
+        steps=STEPS,
+        batch=2,
+        identity={"main": "m0"},
+        log=lines.append,
+    )
     assert metric.calls == 4
     doc = json.loads((tmp_path / "sw" / "cells.json").read_text())
     cells = {(c["guide"], c["weight"]): c for c in doc["cells"].values()}
@@ -56,8 +66,14 @@ def test_sweep_scores_every_cell_and_resumes(models, tmp_path):
     for (name, w), c in cells.items():  # the numbers of the cell's own images
         # The sweep's own batch: diffusers UNets round differently at other batch sizes on some
         # thread counts (one uint8 level; see test_diffusers_generate).
-        images = torch.cat([b.images for b in generate(main, SEEDS, guidance=Autoguidance(guides[name], w),
-                                                       steps=STEPS, batch=2, device="cpu")])  # fmt: skip
+        images = torch.cat(
+            [
+                b.images
+                for b in generate(
+                    main, SEEDS, guidance=Autoguidance(guides[name], w), steps=STEPS, batch=2, device="cpu"
+                )
+            ]
+        )
         assert c["mean"] == images.double().mean().item() and c["fd"] == abs(c["mean"] - 100)
         assert (tmp_path / "sw" / c["grid"]).is_file()
     assert best == min(cells.values(), key=lambda c: c["fd"])
@@ -68,8 +84,18 @@ def test_sweep_scores_every_cell_and_resumes(models, tmp_path):
     for name in ("contact_sheet.png", "heatmap.png"):
         assert (tmp_path / "sw" / name).stat().st_size > 1000
     # Resume: only the new weight is computed; the cached cells come back as they were.
-    again = sweep_denoisers(main, guides, "1.5,2,3", SEEDS, tmp_path / "sw", metric=metric, steps=STEPS,
-                            batch=3, identity={"main": "m0"}, log=lines.append)  # fmt: skip
+    again = sweep_denoisers(
+        main,
+        guides,
+        "1.5,2,3",
+        SEEDS,
+        tmp_path / "sw",
+        metric=metric,
+        steps=STEPS,
+        batch=3,
+        identity={"main": "m0"},
+        log=lines.append,
+    )
     assert metric.calls == 6  # batch is not part of a cell's identity: images do not depend on it
     after = {
         (c["guide"], c["weight"]): c
@@ -78,9 +104,19 @@ def test_sweep_scores_every_cell_and_resumes(models, tmp_path):
     assert len(after) == 6 and all(after[k] == c for k, c in cells.items())
     assert again["fd"] <= best["fd"]
     # Another identity (other checkpoints, other prompt) recomputes; maximize picks the other end.
-    top = sweep_denoisers(main, guides, "1.5", SEEDS, tmp_path / "sw", metric=metric, steps=STEPS,
-                          identity={"main": "m1"}, objective="mean", minimize=False,
-                          log=lines.append)  # fmt: skip
+    top = sweep_denoisers(
+        main,
+        guides,
+        "1.5",
+        SEEDS,
+        tmp_path / "sw",
+        metric=metric,
+        steps=STEPS,
+        identity={"main": "m1"},
+        objective="mean",
+        minimize=False,
+        log=lines.append,
+    )
     assert metric.calls == 8
     assert top["mean"] == max(c["mean"] for c in cells.values() if c["weight"] == 1.5)
 
@@ -134,17 +170,36 @@ def test_example_runs_tiny(tmp_path):
     out = tmp_path / "ex"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(tmp_path))
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--tiny", "--out", str(out), "--seeds", "0-2", "--steps", "2",
-         "--weights", "1.5,2.5", "--metric", "usermetric:score"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--tiny",
+            "--out",
+            str(out),
+            "--seeds",
+            "0-2",
+            "--steps",
+            "2",
+            "--weights",
+            "1.5,2.5",
+            "--metric",
+            "usermetric:score",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "table.md").read_text().splitlines()
     assert table[0] == "| guide | weight | fd | n | grid |"
     rows = [line.strip("| ").split(" | ") for line in table[2:]]
     assert sorted((r[0], r[1]) for r in rows) == [
-        ("guide-early", "1.5"), ("guide-early", "2.5"), ("guide-small", "1.5"), ("guide-small", "2.5")
-    ]  # fmt: skip
+        ("guide-early", "1.5"),
+        ("guide-early", "2.5"),
+        ("guide-small", "1.5"),
+        ("guide-small", "2.5"),
+    ]
     assert all(r[3] == "3" for r in rows)  # the metric saw every seed of each cell
     for r in rows:
         assert (out / r[-1]).is_file()

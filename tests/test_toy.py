@@ -361,9 +361,17 @@ def test_guide_search_quick(tmp_path):
     from autoguide_fast import checkpoint
     from autoguide_fast.studies.toy_search import SearchSpace, search
 
-    space = SearchSpace(capacities=((2, 8), (4, 32)), lengths=(20, 50), ema_stds=(0.010, 0.050),
-                        screen_weights=(2.0,), screen_samples=128, finalists=1, weights=(2.0, 3.0),
-                        intervals=(None, (0.0, 0.5)), samples=256)  # fmt: skip
+    space = SearchSpace(
+        capacities=((2, 8), (4, 32)),
+        lengths=(20, 50),
+        ema_stds=(0.010, 0.050),
+        screen_weights=(2.0,),
+        screen_samples=128,
+        finalists=1,
+        weights=(2.0, 3.0),
+        intervals=(None, (0.0, 0.5)),
+        samples=256,
+    )
     lines = []
     summary = search(tmp_path, seeds=2, quick=True, space=space, progress=False, log=lines.append)
     root = tmp_path / "search"
