@@ -77,49 +77,11 @@ def train(
     dataset = _open_data(data, stream)
     streamed = isinstance(dataset, ImageFiles)
 
-    # Distributed set-up.
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if device is None:
-        device = torch.device(
-            f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        )
-    device = checks.device("device", device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL and every default-device allocation use this rank's GPU
-    if opts.batch % world:
-        raise ValueError(f"batch ({opts.batch}) must be divisible by the number of processes ({world})")
-    per_rank = opts.batch // world
-    batch_gpu = min(opts.batch_gpu or per_rank, per_rank)
-    if per_rank % batch_gpu:
-        raise ValueError(f"batch per process ({per_rank}) must be a multiple of batch_gpu ({batch_gpu})")
+    world, rank, device, per_rank, batch_gpu = _processes(opts, device)
     rounds = per_rank // batch_gpu
-
-    # Network, checked against the data.
-    cfg = dict(PRESETS[opts.preset], **opts.net_kwargs)
-    label_dim = dataset.num_classes if opts.cond else 0
-    if opts.cond and dataset.labels is None:
-        raise ValueError(f"data set {dataset.name!r} has no labels: train with cond=False (--uncond)")
-    preset_shape = (PRESETS[opts.preset]["img_channels"], PRESETS[opts.preset]["img_resolution"])
-    if preset_shape != (dataset.channels, dataset.resolution) and rank_zero():
-        log(
-            f"note: preset {opts.preset} is made for {preset_shape[1]}x{preset_shape[1]}x{preset_shape[0]}; "
-            f"this trains it at the data's {dataset.resolution}x{dataset.resolution}x{dataset.channels}"
-        )
-    cfg.update(img_resolution=dataset.resolution, img_channels=dataset.channels, label_dim=label_dim)
-    if opts.dropout is not None:
-        cfg["dropout"] = opts.dropout
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(opts.seed)
-        net = Precond(**cfg).to(device).train().requires_grad_(True)
     latent = streamed and dataset.latent
-    # Latent data: the network and its snapshots carry the encoder, so generate --vae decodes them.
-    net.encoder = stability_encoder(opts.vae_name) if latent else None
-    # fp64 holds the weights and runs the network in float64 (slow; for checking numerics).
-    dtype = torch.float64 if opts.precision == "fp64" else torch.float32
-    net.to(dtype)
+    net = _network(opts, dataset, device, latent, log)
+    label_dim, dtype = net.label_dim, next(net.parameters()).dtype
     ema = PowerFunctionEMA(net, opts.ema_stds)
     opt = torch.optim.Adam(net.parameters(), lr=opts.lr, betas=(0.9, 0.99), eps=1e-8)
     ddp = torch.nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
@@ -130,21 +92,7 @@ def train(
     run_id = read_metadata(states[-1]).get("run_id") if states else None
     run_id = run_id or uuid.uuid4().hex
     if states:
-        saved = TrainOptions.from_json(read_metadata(states[-1])["options"])
-        if (saved.preset, saved.net_kwargs, saved.cond) != (opts.preset, opts.net_kwargs, opts.cond):
-            raise ValueError(
-                f"{out} holds a run of another network ({saved.preset}, cond={saved.cond}); use another out"
-            )
-        if tuple(saved.ema_stds) != tuple(opts.ema_stds):
-            raise ValueError(
-                f"{out} holds a run with EMA widths {list(saved.ema_stds)}, not {list(opts.ema_stds)}: its "
-                "EMA state belongs to those widths (resume with the same --ema, or use another out)"
-            )
-        saved_data = json.loads(read_metadata(states[-1]).get("dataset", "null"))
-        if saved_data is not None and saved_data != dataset.info():
-            raise ValueError(
-                f"{out} was trained on another data set ({saved_data}), not {dataset.info()}; use another out"
-            )
+        _check_resumable(out, states[-1], opts, dataset)
         nimg, step = _load_state(states[-1], net, ema, opt, device)
         log(f"resuming from {states[-1]} at {nimg / 1000:.1f} kimg")
     # Dropout and anything else that draws from torch's global generator: a stream per rank (not
@@ -308,3 +256,67 @@ def train(
     finally:
         if lock is not None:
             lock.close()
+
+
+def _processes(opts: TrainOptions, device) -> tuple[int, int, torch.device, int, int]:
+    """Joins torchrun's process group when there is one: ``(world, rank, device, per_rank,
+    batch_gpu)`` with the batch split over the processes and accumulation rounds (checked)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = checks.device("device", device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and every default-device allocation use this rank's GPU
+    if opts.batch % world:
+        raise ValueError(f"batch ({opts.batch}) must be divisible by the number of processes ({world})")
+    per_rank = opts.batch // world
+    batch_gpu = min(opts.batch_gpu or per_rank, per_rank)
+    if per_rank % batch_gpu:
+        raise ValueError(f"batch per process ({per_rank}) must be a multiple of batch_gpu ({batch_gpu})")
+    return world, rank, device, per_rank, batch_gpu
+
+
+def _network(opts: TrainOptions, dataset, device: torch.device, latent: bool, log) -> Precond:
+    """The preset's network at the data's shape and classes, seeded, in training mode; latent data
+    give it the encoder (so generate --vae decodes its samples); fp64 runs it in float64."""
+    cfg = dict(PRESETS[opts.preset], **opts.net_kwargs)
+    label_dim = dataset.num_classes if opts.cond else 0
+    if opts.cond and dataset.labels is None:
+        raise ValueError(f"data set {dataset.name!r} has no labels: train with cond=False (--uncond)")
+    preset_shape = (PRESETS[opts.preset]["img_channels"], PRESETS[opts.preset]["img_resolution"])
+    if preset_shape != (dataset.channels, dataset.resolution) and rank_zero():
+        log(
+            f"note: preset {opts.preset} is made for {preset_shape[1]}x{preset_shape[1]}x{preset_shape[0]}; "
+            f"this trains it at the data's {dataset.resolution}x{dataset.resolution}x{dataset.channels}"
+        )
+    cfg.update(img_resolution=dataset.resolution, img_channels=dataset.channels, label_dim=label_dim)
+    if opts.dropout is not None:
+        cfg["dropout"] = opts.dropout
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(opts.seed)
+        net = Precond(**cfg).to(device).train().requires_grad_(True)
+    net.encoder = stability_encoder(opts.vae_name) if latent else None
+    return net.to(torch.float64 if opts.precision == "fp64" else torch.float32)
+
+
+def _check_resumable(out: Path, state: Path, opts: TrainOptions, dataset) -> None:
+    """A run folder resumes only the run it holds: the same network, EMA widths and data set."""
+    meta = read_metadata(state)
+    saved = TrainOptions.from_json(meta["options"])
+    if (saved.preset, saved.net_kwargs, saved.cond) != (opts.preset, opts.net_kwargs, opts.cond):
+        raise ValueError(
+            f"{out} holds a run of another network ({saved.preset}, cond={saved.cond}); use another out"
+        )
+    if tuple(saved.ema_stds) != tuple(opts.ema_stds):
+        raise ValueError(
+            f"{out} holds a run with EMA widths {list(saved.ema_stds)}, not {list(opts.ema_stds)}: its "
+            "EMA state belongs to those widths (resume with the same --ema, or use another out)"
+        )
+    saved_data = json.loads(meta.get("dataset", "null"))
+    if saved_data is not None and saved_data != dataset.info():
+        raise ValueError(
+            f"{out} was trained on another data set ({saved_data}), not {dataset.info()}; use another out"
+        )
