@@ -17,7 +17,7 @@ import torch
 import autoguide_fast as ag
 from autoguide_fast.generation import generate
 from autoguide_fast.networks import PRESETS, Precond
-from autoguide_fast.networks.fast import FastPrecond, for_sampling, optimize
+from autoguide_fast.networks.fast import COMPILE_WORTH_MACS, FastPrecond, for_sampling, optimize
 from conftest import rel_err
 from test_edm2 import load_reference_net
 
@@ -135,6 +135,14 @@ def test_for_sampling_picks_the_path(monkeypatch):
     assert for_sampling(net, x) is net
     monkeypatch.setenv("AUTOGUIDE_EDM2", "compile")
     assert for_sampling(net, x).compiled
+    # auto: compiled only when the run's multiply-adds reach COMPILE_WORTH_MACS (torch.compile
+    # is lazy: nothing is compiled until a call).
+    monkeypatch.setenv("AUTOGUIDE_EDM2", "auto")
+    macs = for_sampling(net, x).macs
+    assert not for_sampling(net, x, evaluations=0.99 * COMPILE_WORTH_MACS / macs).compiled
+    assert for_sampling(net, x, evaluations=COMPILE_WORTH_MACS / macs).compiled
+    monkeypatch.setenv("AUTOGUIDE_EDM2", "fast")
+    assert not for_sampling(net, x, evaluations=10 * COMPILE_WORTH_MACS / macs).compiled
     monkeypatch.setenv("AUTOGUIDE_EDM2", "fastest")
     with pytest.raises(ValueError, match="AUTOGUIDE_EDM2 must be one of"):
         for_sampling(net, x)

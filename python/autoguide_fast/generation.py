@@ -154,8 +154,9 @@ def generate(
     # Everything is checked above, before the first batch is asked for (and before a caller
     # such as write_outputs creates anything).
     # EDM2 networks on CPU: the fast inference path (networks.fast, AUTOGUIDE_EDM2), built once
-    # for every batch.
-    net, guidance = fast.accelerate(net, guidance, torch.empty(0, device=device))
+    # for every batch, and compiled under `auto` when this process's work pays for it.
+    calls = sum(len(c) for c in chunks) * sum(1 + step.second_order for step in plan)
+    net, guidance = fast.accelerate(net, guidance, torch.empty(0, device=device), calls)
     sampler = dict(plan=plan, guidance=guidance, churn_noise=churn_noise)
     return _batches(net, chunks, shape, label_dim, class_idx, sampler, decode, device, progress and rank == 0)
 

@@ -17,10 +17,11 @@ What it changes, all exact in real arithmetic (float32 rounding moves by a few u
   batch size. A compiler failure (no C++ compiler, say) warns once and the eager path serves.
 
 :func:`autoguide_fast.sample` and :func:`autoguide_fast.generate` use it for EDM2 networks on CPU
-float32 inputs, as ``AUTOGUIDE_EDM2`` says: ``auto`` (default) and ``fast``: the eager fast path;
-``compile``: compiled too (for long runs: compiling costs 20-120 s per network and batch size on a
-2-core machine, and its gain is measured by ``benchmarks/test_bench_edm2.py``); ``plain``: the
-network as it is.
+float32 inputs, as ``AUTOGUIDE_EDM2`` says: ``fast``: the eager fast path; ``compile``: compiled
+too (compiling costs 10-120 s per network and batch size on a 2-core machine; its gain is
+measured by ``benchmarks/test_bench_edm2.py``); ``auto`` (default): ``fast``, and compiled for a
+``generate`` run long enough to pay for it (:data:`COMPILE_WORTH_MACS`); ``plain``: the network
+as it is.
 
 The weights are a snapshot taken by :func:`optimize`: build it again after changing the network.
 """
@@ -146,9 +147,16 @@ class FastPrecond(torch.nn.Module):
             + (self.in_conv.numel() + self.out_conv.numel()) * net.img_resolution**2
         )
         self._compiled = None
-        if compile:
-            self._compiled = torch.compile(self._forward, dynamic=False)
         self._compiled_for: set = set()  # input shapes already compiled (no config patch needed)
+        if compile:
+            self.compile_()
+
+    def compile_(self) -> FastPrecond:
+        """Calls go to a ``torch.compile``-d forward from now on (compiled at the first call of
+        each batch size; a compiler failure warns once and the eager path serves)."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._forward, dynamic=False)
+        return self
 
     @property
     def compiled(self) -> bool:
@@ -239,10 +247,20 @@ def mode() -> str:
     return value
 
 
-def for_sampling(model, example: torch.Tensor):
+# Under AUTOGUIDE_EDM2=auto a run is compiled when its work is at least this many multiply-adds:
+# about 30 min of plain evaluation on a 2-core CPU (~40 GMAC/s). Compiling costs up to ~2 min
+# per network and batch size there (cold cache; a run meets two sizes, the last batch being
+# partial) and saves a third or more of the time (1.6-2.2x measured, benchmarks/test_bench_edm2.py),
+# so it pays back well before that.
+COMPILE_WORTH_MACS = 7.2e13
+
+
+def for_sampling(model, example: torch.Tensor, evaluations: float = 0.0):
     """``model`` as sampling should call it: a :class:`FastPrecond` for an EDM2 ``Precond`` in
     eval mode when ``example`` (the sampler's state [N, ...]) is a float32 CPU tensor and
-    ``AUTOGUIDE_EDM2`` allows it (compiled under ``compile``). Anything else is returned as it is."""
+    ``AUTOGUIDE_EDM2`` allows it; compiled under ``compile``, and under ``auto`` when
+    ``evaluations`` (samples x calls per sample the run will make) times the network's
+    multiply-adds per sample reach :data:`COMPILE_WORTH_MACS`. Anything else is returned as it is."""
     m = mode()
     if (
         m == "plain"
@@ -253,16 +271,20 @@ def for_sampling(model, example: torch.Tensor):
         or any(p.device.type != "cpu" for p in model.parameters())
     ):
         return model
-    return FastPrecond(model, compile=m == "compile")
+    fast = FastPrecond(model, compile=m == "compile")
+    if m == "auto" and evaluations * fast.macs >= COMPILE_WORTH_MACS:
+        fast.compile_()
+    return fast
 
 
-def accelerate(net, guidance, example: torch.Tensor):
+def accelerate(net, guidance, example: torch.Tensor, evaluations: float = 0.0):
     """``(net, guidance)`` with every EDM2 network in them passed through :func:`for_sampling`
-    (the guidance copied, the caller's left as it was)."""
-    net = for_sampling(net, example)
+    (the guidance copied, the caller's left as it was); ``evaluations`` as there (an upper bound
+    for the guides, which are evaluated only where the guidance interval says)."""
+    net = for_sampling(net, example, evaluations)
     if guidance is not None:
         guidance = copy.copy(guidance)
-        guidance.guide = for_sampling(guidance.guide, example)
+        guidance.guide = for_sampling(guidance.guide, example, evaluations)
         if getattr(guidance, "uncond", None) is not None:
-            guidance.uncond = for_sampling(guidance.uncond, example)
+            guidance.uncond = for_sampling(guidance.uncond, example, evaluations)
     return net, guidance
