@@ -3,7 +3,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from autoguide_fast.generation import compact_seeds, generate
 from autoguide_fast.metrics import feature_stats, frechet_distance
 from autoguide_fast.networks import PRESETS, Precond
 from autoguide_fast.studies import digits
-from conftest import free_port
+from conftest import torchrun_cli
 
 
 def tiny(tmp_path, name="net", seed=0, **kw):
@@ -182,19 +181,7 @@ def test_torchrun_generation_matches_one_process(tmp_path):
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "autoguide_fast.cli",
+        *torchrun_cli(),
         *common,
         "--out",
         str(tmp_path / "ddp"),

@@ -29,7 +29,7 @@ from autoguide_fast.metrics import (
 )
 from autoguide_fast.metrics.inception import InceptionV3
 from autoguide_fast.networks.edm2 import Precond
-from conftest import free_port, rel_err
+from conftest import rel_err, torchrun_cli
 
 # One float32 network evaluation: the detectors here and their references differ in the order of
 # float32 sums (folded batch norm, fused attention), ~1e-7..1e-6 relative; 1e-5 is the bound.
@@ -460,18 +460,7 @@ def test_cli_ref_calc_and_torchrun(tmp_path, image_folder, dinov2_file):
     )
     assert one.returncode == 0, one.stderr
     assert "13 images" in one.stdout
-    port = free_port()
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(port),
-        "-m",
-        "autoguide_fast.cli",
-    ]
+    launcher = torchrun_cli()
     two = _cli(
         "metrics",
         "ref",

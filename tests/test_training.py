@@ -21,7 +21,7 @@ import autoguide_fast as ag
 from autoguide_fast import AutoguideError, checkpoint, training
 from autoguide_fast.data import load_dataset
 from autoguide_fast.training import TrainOptions, learning_rate, train
-from conftest import free_port
+from conftest import torchrun_cli
 
 SMALL = dict(
     preset="digits-xs",
@@ -268,19 +268,7 @@ def test_sigkill_at_random_moments_never_corrupts_and_resume_is_exact(tmp_path):
 def test_torchrun_two_processes_match_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "autoguide_fast.cli",
+        *torchrun_cli(),
         *_cli(tmp_path / "ddp", 0.128)[3:],
     ]
     ran = subprocess.run([*cmd, "--precision", "fp64"], capture_output=True, text=True, timeout=600, env=env)
