@@ -139,7 +139,7 @@ def test_toy_main_models_speed(benchmark):
     iters, seeds = 8, (0, 10, 20)
 
     def ours():
-        toy._train_together([("A", s) for s in seeds], 4, 64, [iters], 4096)
+        toy.train_together([("A", s) for s in seeds], 4, 64, [iters], 4096)
 
     def previous():
         for s in seeds:

@@ -228,7 +228,7 @@ def test_training_together_equals_alone():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        together = toy._train_together(runs, 2, 16, [3, 5], 256, (0.01, 0.05))
+        together = toy.train_together(runs, 2, 16, [3, 5], 256, (0.01, 0.05))
         for (classes, seed), snaps in zip(runs, together):
             alone = toy.train_snapshots(classes, 2, 16, (3, 5), 256, seed, ema_stds=(0.01, 0.05))
             assert sorted(snaps) == sorted(alone)

@@ -30,7 +30,7 @@ from ..metrics import knn_precision_recall, knn_radii
 from ..networks.toy import ToyModel
 from ..sampling import sample
 from .toy_mixture import CLASSES, COMPONENTS_PER_BRANCH, GaussianMixture, ground_truth
-from .toy_training import EMA_STD, _train_together, train, train_snapshots
+from .toy_training import EMA_STD, train, train_snapshots, train_together
 
 __all__ = [
     "CLASSES",
@@ -172,7 +172,7 @@ def _models(out: Path, recipe: ToyRecipe, sets: Sequence[int], retrain: bool, pr
             t0 = time.perf_counter()
             runs = [(want["classes"], want["seed"]) for *_, want in group]
             layers, batch = recipe.num_layers, recipe.batch_size
-            trained = _train_together(runs, layers, hidden, [iters], batch, (EMA_STD,), progress)
+            trained = train_together(runs, layers, hidden, [iters], batch, (EMA_STD,), progress)
             took = time.perf_counter() - t0
             names = ", ".join(f"{path} ({want['classes']}, seed {want['seed']})" for *_, path, want in group)
             log(f"trained {names} ({layers}x{hidden}, {iters} it) together in {took:.1f} s")

@@ -13,7 +13,7 @@ from ..ema import PowerFunctionEMA
 from ..networks.toy import ToyModel, ToyStack
 from .toy_mixture import ground_truth
 
-__all__ = ["EMA_STD", "train", "train_snapshots"]
+__all__ = ["EMA_STD", "train", "train_snapshots", "train_together"]
 
 
 EMA_STD = 0.010  # the recipe's power-function EMA width
@@ -87,7 +87,7 @@ def train_snapshots(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
     ground_truth(classes)  # ValueError naming bad classes before anything is trained
-    (out,) = _train_together(
+    (out,) = train_together(
         [(classes, seed)],
         num_layers,
         hidden_dim,
@@ -107,7 +107,7 @@ def train_snapshots(
 DATA_CHUNK = 64
 
 
-def _train_together(
+def train_together(
     runs: Sequence[tuple[str, int]],
     num_layers: int,
     hidden_dim: int,

@@ -87,17 +87,18 @@ fn exp_nonpositive(x: f64) -> f64 {
 
 const LANES: usize = 8;
 
-/// Maximum of `v` in independent lanes (vectorises; no NaN is ever stored here).
+/// Maximum of `v` (`lowest` when empty) in `N` independent lanes, so that it vectorises in
+/// float64 and float32 alike; no NaN is ever stored here.
 #[inline(always)]
-fn lane_max(v: &[f64]) -> f64 {
-    let mut acc = [f64::NEG_INFINITY; LANES];
-    let chunks = v.chunks_exact(LANES);
+fn lane_max<T: Copy + PartialOrd, const N: usize>(v: &[T], lowest: T) -> T {
+    let mut acc = [lowest; N];
+    let chunks = v.chunks_exact(N);
     let tail = chunks
         .remainder()
         .iter()
-        .fold(f64::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+        .fold(lowest, |a, &x| if x > a { x } else { a });
     for c in chunks {
-        for l in 0..LANES {
+        for l in 0..N {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
         }
     }
@@ -302,7 +303,7 @@ impl Mixture2D {
         }
         // Scaling every weight by exp(-max exponent) keeps the sums in range: the normalisers
         // vary little across components compared with the exponents.
-        let m = lane_max(ex);
+        let m = lane_max::<f64, LANES>(ex, f64::NEG_INFINITY);
         // Pass 2: weights w_j = scale_j exp(e_j - m), stored in place of the exponents.
         for (e, &scale) in ex.iter_mut().zip(sc.iter()) {
             *e = scale * exp_nonpositive(*e - m);

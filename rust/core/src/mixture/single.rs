@@ -98,23 +98,6 @@ fn lane_sums_f32(w: &[f32], a: &[f32], b: &[f32]) -> (f32, f32, f32) {
     )
 }
 
-/// Maximum of `v` in independent lanes (float32; no NaN is ever stored here).
-#[inline(always)]
-fn lane_max_f32(v: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES_F32];
-    let chunks = v.chunks_exact(LANES_F32);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
-    for c in chunks {
-        for l in 0..LANES_F32 {
-            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-        }
-    }
-    acc.iter().fold(tail, |a, &x| if x > a { x } else { a })
-}
-
 impl Mixture2DF32 {
     /// The float32 form of `m`.
     pub fn new(m: &Mixture2D) -> Self {
@@ -230,7 +213,7 @@ impl Mixture2DF32 {
             g0s[j] = g0;
             g1s[j] = g1;
         }
-        let m = lane_max_f32(ex);
+        let m = lane_max::<f32, LANES_F32>(ex, f32::NEG_INFINITY);
         for (e, &scale) in ex.iter_mut().zip(sc.iter()) {
             *e = scale * exp_nonpositive_f32(*e - m);
         }
