@@ -62,8 +62,8 @@ _API = {
     },
 }
 _SUBMODULES = set(
-    "adapters checkpoint checks cli data ema files generation guidance interop kernels metrics networks "
-    "parallel sampling studies training".split()
+    "adapters allocator checkpoint checks cli data ema files generation guidance interop kernels metrics "
+    "networks parallel sampling studies training".split()
 )
 # Where the studies lived before they moved to autoguide_fast.studies (deprecated names).
 _MOVED = {

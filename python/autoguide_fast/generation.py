@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 from tqdm.auto import tqdm
 
 from . import checks, kernels
+from .allocator import keep_freed_memory
 from .files import atomic_path, atomic_write_bytes, remove_stale_temporaries, strict_json
 from .guidance import Guidance
 from .images import save_grid
@@ -156,6 +157,7 @@ def generate(
     # EDM2 networks on CPU: the fast inference path (networks.fast, AUTOGUIDE_EDM2), built once
     # for every batch, and compiled under `auto` when this process's work pays for it.
     calls = sum(len(c) for c in chunks) * sum(1 + step.second_order for step in plan)
+    keep_freed_memory()  # see sample()
     net, guidance = fast.accelerate(net, guidance, torch.empty(0, device=device), calls)
     sampler = dict(plan=plan, guidance=guidance, churn_noise=churn_noise)
     return _batches(net, chunks, shape, label_dim, class_idx, sampler, decode, device, progress and rank == 0)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import _core, checks, kernels
 from ._core import AutoguideError
+from .allocator import keep_freed_memory
 from .guidance import Denoiser, Guidance
 from .networks import fast
 
@@ -300,6 +301,7 @@ def sample(
         churn_noise=churn_noise,
         generator=generator,
     )
+    keep_freed_memory()  # CPU tensors of every step reuse the last step's memory (allocator)
     # EDM2 networks on CPU float32 run their inference path (networks.fast, AUTOGUIDE_EDM2).
     net, guidance = fast.accelerate(net, guidance, noise)
     return heun(net, noise, labels, plan, guidance, churn_noise, generator, callback, progress)

@@ -10,6 +10,7 @@ import os
 import sys
 
 from .._core import AutoguideError
+from ..allocator import keep_freed_memory
 
 __all__ = ["build_parser", "main"]
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("out", "out_dir", "dest"):  # an empty path would write into the current folder
             if getattr(args, flag, None) == "":
                 raise ValueError(f"--{flag.replace('_', '-')} must not be empty")
+        keep_freed_memory()  # every command's CPU work reuses freed memory (allocator)
         return args.func(args)
     except KeyboardInterrupt:
         if debug:

@@ -149,12 +149,38 @@ class ToyStack(torch.nn.Module):
         for w in self.weights:
             w.copy_(normalize(w, dim=-1))
 
+    # Points per block of :meth:`loss_backward`: the ~24 activations of a block of S = 3 models
+    # stay in the caches (measured on 2 cores, 3 models of 64 features: 45 ms per step of 4,096
+    # points in blocks of 1,024 against 78 ms in one block; 256 is slower again).
+    BLOCK = 1024
+
     @torch.no_grad()
     def loss_backward(self, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-model loss ``mean_n sigma^2 mean_d (target - score)^2`` [S] of points ``x``
         [S, N, 2] at noise levels ``sigma`` [S, N] against ``target`` scores [S, N, 2], the same
         as ``ToyModel.score`` in training mode with autograd; the loss's gradient is stored in
-        every parameter's ``.grad``.
+        every parameter's ``.grad``. The points are taken ``BLOCK`` at a time (the sums over
+        points, and so the float32 rounding, are grouped by block)."""
+        N = sigma.shape[1]
+        W = [normalize(w, dim=-1) / math.sqrt(w.shape[-1]) for w in self.weights]
+        V = [W[0]] + [w / _SILU_STD for w in W[1:]]
+        G = [torch.zeros_like(v) for v in V]
+        loss = torch.zeros_like(self.gain)
+        gain_grad = torch.zeros_like(self.gain)
+        for i in range(0, N, self.BLOCK):
+            j = min(i + self.BLOCK, N)
+            block_loss, block_gain = self._block(x[:, i:j], sigma[:, i:j], target[:, i:j], V, G, N)
+            loss += block_loss
+            gain_grad += block_gain
+        for l, (w, g) in enumerate(zip(self.weights, G)):
+            w.grad = mp_weight_grad(w, g if l == 0 else g / _SILU_STD)
+        self.gain.grad = gain_grad
+        return loss
+
+    def _block(self, x, sigma, target, V, G, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block of :meth:`loss_backward`: adds the block's gradients in the applied weights
+        ``V`` to ``G`` and returns its share of the loss and of the gain's gradient (``N``: the
+        points of the whole batch).
 
         Notation (per model): u = (x c_in, log(sigma) / 4, 1), h_0 = W_0 u, h_l = V_l silu(h_{l-1})
         with V_l = W_l / 0.596, logp = gain / sigma * mean(h_L^2) - |x c_in|^2 / 2. The score is the
@@ -162,14 +188,11 @@ class ToyStack(torch.nn.Module):
         score = c_in (W_0^T d_0)[:2] - x c_in^2; its adjoint runs forwards, then the forward
         pass's adjoint backwards.
         """
-        S, N = sigma.shape
-        H = self.weights[0].shape[1]
+        H = V[0].shape[1]
         sigma = sigma.unsqueeze(-1)
         c_in = (self.sigma_data**2 + sigma**2).rsqrt()
         xc = x * c_in
         u = torch.cat([xc, sigma.log() / 4, torch.ones_like(sigma)], dim=-1)
-        W = [normalize(w, dim=-1) / math.sqrt(w.shape[-1]) for w in self.weights]
-        V = [W[0]] + [w / _SILU_STD for w in W[1:]]
         L = len(V) - 1
         # Forward: h_l, a_l = silu(h_{l-1}) (a_0 = u), and silu', silu'' at h_{l-1}.
         h, a, d1, d2 = [torch.bmm(u, V[0].mT)], [u], [], []
@@ -188,18 +211,17 @@ class ToyStack(torch.nn.Module):
             d[l - 1] = b[l] * d1[l - 1]
         score = c_in * torch.bmm(d[0], V[0][..., :2]) - xc * c_in
         diff = score - target
-        loss = (sigma.squeeze(-1) ** 2 * diff.square().mean(-1)).mean(-1)
+        loss = (sigma.squeeze(-1) ** 2 * diff.square().mean(-1)).sum(-1) / N
         # Adjoint of the score pass, l = 0 .. L: bars, and the weight gradients G_l.
         s_bar = c_in * sigma**2 * diff / N
-        G = [torch.zeros_like(v) for v in V]
-        G[0][..., :2] = torch.bmm(d[0].mT, s_bar)
+        G[0][..., :2].baddbmm_(d[0].mT, s_bar)
         d_bar = torch.bmm(s_bar, V[0][..., :2].mT)
         h_bar = [None] * (L + 1)
         for l in range(1, L + 1):
             b_bar = d_bar * d1[l - 1]
             h_bar[l - 1] = (d_bar * b[l]).mul_(d2[l - 1])
             d_bar = torch.bmm(b_bar, V[l].mT)
-            torch.bmm(d[l].mT, b_bar, out=G[l])
+            G[l].baddbmm_(d[l].mT, b_bar)
         gain_grad = ((2 / H) / sigma * (h[L] * d_bar).sum(-1, keepdim=True)).sum((1, 2))
         # Adjoint of the forward pass, l = L .. 0.
         h_bar[L] = k * d_bar
@@ -207,7 +229,4 @@ class ToyStack(torch.nn.Module):
             G[l].baddbmm_(h_bar[l].mT, a[l])
             h_bar[l - 1].addcmul_(torch.bmm(h_bar[l], V[l]), d1[l - 1])
         G[0].baddbmm_(h_bar[0].mT, u)
-        for l, (w, g) in enumerate(zip(self.weights, G)):
-            w.grad = mp_weight_grad(w, g if l == 0 else g / _SILU_STD)
-        self.gain.grad = gain_grad
-        return loss
+        return loss, gain_grad

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..allocator import keep_freed_memory
 from ..ema import PowerFunctionEMA
 from ..networks.toy import ToyModel, ToyStack
 from .toy_mixture import ground_truth
@@ -124,6 +125,7 @@ def train_together(
     """:func:`train_snapshots` of several ``(classes, seed)`` runs of one model shape at once: the
     models are stacked and trained as one batched computation (:class:`ToyStack`); every run
     draws its data from its own seeded generator exactly as it would alone."""
+    keep_freed_memory()  # the step's tensors reuse the last step's memory: 2x faster (allocator)
     stds = list(dict.fromkeys(float(s) for s in ema_stds))
     gts = [ground_truth(classes) for classes, _ in runs]
     gens = [torch.Generator().manual_seed(seed) for _, seed in runs]

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import checks
 from .._core import AutoguideError
+from ..allocator import keep_freed_memory
 from ..checkpoint import read_metadata, save_network
 from ..data import ImageFiles, to_float
 from ..ema import PowerFunctionEMA
@@ -77,6 +78,7 @@ def train(
     dataset = _open_data(data, stream)
     streamed = isinstance(dataset, ImageFiles)
 
+    keep_freed_memory()  # every step's CPU tensors reuse the last step's memory (allocator)
     world, rank, device, per_rank, batch_gpu = _processes(opts, device)
     rounds = per_rank // batch_gpu
     latent = streamed and dataset.latent
