@@ -81,3 +81,28 @@ def host_time(fn, *, reps: int = 50, rounds: int = 5) -> float:
         times.append((time.perf_counter() - t0) / reps)
         torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def process_seconds(code: str, env: dict[str, str], rounds: int = 3) -> list[float]:
+    """Runs ``code`` (Python that prints the seconds of the work it times, as its last line) in a
+    fresh interpreter ``rounds`` times with ``env`` added to the environment: for settings that
+    hold for a whole process (the allocator), compared process against process."""
+    import os
+    import subprocess
+    import sys
+
+    out = []
+    for _ in range(rounds):
+        cmd = [sys.executable, "-c", code]
+        run = subprocess.run(cmd, env=dict(os.environ, **env), capture_output=True, text=True, check=True)
+        out.append(float(run.stdout.split()[-1]))
+    return out
+
+
+def paired_process_seconds(code: str, fast_env: dict, slow_env: dict, rounds: int = 3) -> tuple[float, float]:
+    """Median seconds of ``code`` under ``fast_env`` and ``slow_env``, processes interleaved."""
+    tf, ts = [], []
+    for _ in range(rounds):
+        tf += process_seconds(code, fast_env, 1)
+        ts += process_seconds(code, slow_env, 1)
+    return statistics.median(tf), statistics.median(ts)

@@ -12,7 +12,7 @@ from autoguide_fast import Autoguidance, sample, step_plan
 from autoguide_fast.ema import PowerFunctionEMA
 from autoguide_fast.networks.toy import ToyModel, ToyStack
 from autoguide_fast.studies import toy
-from conftest import paired_times
+from conftest import paired_process_seconds, paired_times
 
 
 def test_sampler_overhead(benchmark):
@@ -201,3 +201,30 @@ def test_toy_step_speed(benchmark):
     print(f"\nper model: stacked {t_stack / 3 * 1e3:.1f} ms, autograd {t_auto * 1e3:.1f} ms, {speedup:.2f}x")
     benchmark.pedantic(stacked_step, rounds=3, iterations=1)
     assert speedup >= 1.0
+
+
+MAIN_STACK = """
+import time
+from autoguide_fast.studies.toy_training import train_together
+train_together([("A", 0), ("A", 10), ("A", 20)], 4, 64, [4], 4096)  # warm-up
+t0 = time.perf_counter()
+train_together([("A", 0), ("A", 10), ("A", 20)], 4, 64, [{iters}], 4096)
+print(time.perf_counter() - t0)
+"""
+
+
+def test_toy_main_models_allocator(benchmark):
+    """The three main models of ``autoguide toy`` trained together for 128 iterations in a process
+    whose allocator keeps freed memory (AUTOGUIDE_MALLOC=reuse, the default) vs glibc's defaults
+    (system): before and after, process against process (goal: faster; 1.6x measured)."""
+    code = MAIN_STACK.format(iters=128)
+    reuse, system = {"AUTOGUIDE_MALLOC": "reuse"}, {"AUTOGUIDE_MALLOC": "system"}
+    t_reuse, t_system = paired_process_seconds(code, reuse, system)
+    speedup = t_system / t_reuse
+    benchmark.extra_info.update(reuse_s=t_reuse, system_s=t_system, speedup=speedup)
+    print(
+        f"\n3 main models x 128 it: reuse {t_reuse:.2f} s ({128 / t_reuse:.1f} it/s), "
+        f"system {t_system:.2f} s ({128 / t_system:.1f} it/s), {speedup:.2f}x"
+    )
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert speedup > 1.0
