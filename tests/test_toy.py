@@ -440,3 +440,17 @@ def test_guide_search_quick(tmp_path):
     assert again["final"] == final and again["best"] == best
     assert not any("trained" in line for line in lines[n:])
     assert json.loads((root / "cells.json").read_text())["cells"] == cells
+
+
+def test_score_without_graph_equals_autograd():
+    # Sampling's score (explicit backward pass, no graph) against autograd's, float64, at the
+    # noise levels of a sampler run and at points anywhere.
+    torch.manual_seed(3)
+    net = ToyModel(num_layers=3, hidden_dim=24).double().eval()
+    net.gain.data.fill_(1.7)
+    x = torch.randn(500, 2, dtype=torch.float64) * 2
+    for sigma in (5.0, 0.3, 0.002, torch.rand(500, dtype=torch.float64) + 0.01):
+        want = net.score(x, sigma, create_graph=True)
+        got = net.score(x, sigma)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(net(x, 0.5), x + 0.25 * net.score(x, 0.5, create_graph=True).detach())

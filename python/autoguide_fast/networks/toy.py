@@ -80,11 +80,31 @@ class ToyModel(torch.nn.Module):
         training mode) keeps the graph so that a loss on the score can be back-propagated."""
         if create_graph is None:
             create_graph = self.training
+        if not create_graph:
+            return self._score_explicit(x, sigma)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             logp = self.logp(x, sigma)
             (score,) = torch.autograd.grad(logp.sum(), x, create_graph=create_graph)
         return score
+
+    @torch.no_grad()
+    def _score_explicit(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        # The score without autograd's graph (sampling: 2x faster): the forward pass h_l, then
+        # the backward pass d_l = d logp / d h_l, as in ToyStack._block (its notation).
+        u, sigma, c_in = self._inputs(x, sigma)
+        V = [m.effective_weight(x.dtype) for m in self.layers[::2]]
+        V = [V[0]] + [v / _SILU_STD for v in V[1:]]
+        h, d1 = u @ V[0].mT, []
+        for v in V[1:]:
+            sig = torch.sigmoid(h)
+            a = h * sig
+            d1.append((h - a).add_(1).mul_(sig))
+            h = a @ v.mT
+        d = h.mul_((2 / self.hidden_dim) * self.gain / sigma)
+        for v, s1 in zip(reversed(V[1:]), reversed(d1)):
+            d = (d @ v).mul_(s1)
+        return c_in * (d @ V[0][:, : self.in_dim]) - x * c_in**2
 
     def forward(self, x: torch.Tensor, sigma, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Denoiser ``x + sigma^2 * score`` (EDM convention). The toy models are trained per class,
