@@ -210,3 +210,38 @@ def test_compiled_matches_plain_network():
     with torch.no_grad():
         plain = net(x, sigma, y)
     check_close(got, plain, net, x, sigma, y)
+
+
+@pytest.mark.parametrize("preset, batch, labels", [("digits-xs", 1, "onehot"), ("img32-xs", 2, "onehot")])
+def test_bfloat16_opt_in_error(preset, batch, labels):
+    # bfloat16 keeps 8 significant bits (eps 2^-8): every convolution's inputs and outputs round
+    # to it, so the U-Net's relative error is of the order of 2^-8 per block at most when the
+    # roundings add up (they mostly cancel: 1-1.5% measured over 10-15 blocks). It is an opt-in
+    # because it is far above float32's (~1e-6), which the default path keeps.
+    net = random_net(preset)
+    x, sigma, y = inputs(net, batch, labels)
+    net64 = Precond(**net.config).double().eval()
+    net64.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        want = net64(x.double(), sigma.double(), None if y is None else y.double())
+        plain = net(x, sigma, y)
+    fast = optimize(net, dtype=torch.bfloat16)
+    got = fast(x, sigma, y)
+    assert got.dtype == torch.float32 and got.shape == plain.shape and fast.dtype == torch.bfloat16
+    blocks = sum(1 for m in net.modules() if isinstance(m, ag.networks.Block))
+    assert rel_err(got, want) <= blocks * 2.0**-8
+    assert rel_err(got, want) > 100 * rel_err(plain, want)  # the arithmetic is bfloat16's
+
+
+def test_bfloat16_is_chosen_and_checked(monkeypatch):
+    net = random_net("digits-xxs")
+    x = torch.zeros(2, 1, 8, 8)
+    monkeypatch.setenv("AUTOGUIDE_EDM2", "bf16")
+    fast = for_sampling(net, x, evaluations=10 * COMPILE_WORTH_MACS)
+    assert isinstance(fast, FastPrecond) and fast.dtype == torch.bfloat16 and not fast.compiled
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16, got torch.float16"):
+        optimize(net, dtype=torch.float16)
+    with pytest.raises(ValueError, match="compile applies to the float32 path only"):
+        optimize(net, compile=True, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="compile applies to the float32 path only"):
+        fast.compile_()
