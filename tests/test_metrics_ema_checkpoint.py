@@ -33,6 +33,27 @@ def test_knn_precision_recall_by_hand():
         knn_precision_recall(same, same[:, :2])
 
 
+@pytest.mark.parametrize("dim", [2, 3])
+def test_knn_tree_equals_brute_force(monkeypatch, dim):
+    # Low-dimensional features take a k-d tree (float64 distances), wide ones chunked cdist
+    # (float32, whose |x|^2 + |y|^2 - 2 x.y form loses digits on short distances far from the
+    # origin): the tree's radii are the float64 ones rounded to float32, and precision and recall
+    # are the brute force's up to a point on a ball's boundary, which float32 may put on either
+    # side (none here).
+    from autoguide_fast.metrics import knn
+
+    g = torch.Generator().manual_seed(dim)
+    real = torch.randn(1500, dim, generator=g)
+    fake = torch.cat([torch.randn(1200, dim, generator=g) * 1.3, torch.randn(30, dim, generator=g) + 8])
+    tree = knn_radii(fake, k=3), knn_precision_recall(real, fake, k=3, chunk=100)
+    monkeypatch.setattr(knn, "TREE_MAX_DIM", 0)
+    brute = knn_radii(fake, k=3), knn_precision_recall(real, fake, k=3, chunk=100)
+    exact = torch.cdist(fake.double(), fake.double()).topk(4, largest=False).values[:, 3]
+    torch.testing.assert_close(tree[0], exact.float(), rtol=2**-23, atol=0)  # 1 ulp
+    torch.testing.assert_close(brute[0], exact.float(), rtol=1e-3, atol=0)
+    assert tree[1] == brute[1] and 0.3 < tree[1][0] < 1 and 0.3 < tree[1][1] < 1
+
+
 def test_power_function_ema_tracks_the_profile():
     net = torch.nn.Linear(3, 2)
     ema = PowerFunctionEMA(net, stds=[0.05, 0.1])

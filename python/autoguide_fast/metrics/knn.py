@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-__all__ = ["knn_precision_recall", "knn_radii"]
+__all__ = ["TREE_MAX_DIM", "knn_precision_recall", "knn_radii"]
+
+# Features of at most this many dimensions are searched with a k-d tree (scipy's, exact float64
+# distances): the 2-D toy's 8192 x 8192 comparisons take ~15 ms instead of ~0.7 s. Wider features
+# (Inception's, DINOv2's) take the chunked brute force, where trees stop paying.
+TREE_MAX_DIM = 8
+
+
+def _tree(points: torch.Tensor):
+    # Imported here: only low-dimensional features need scipy (~0.2 s to import).
+    from scipy.spatial import cKDTree
+
+    return cKDTree(points.detach().cpu().double().numpy())
 
 
 def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
@@ -13,6 +26,10 @@ def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Te
         raise ValueError(
             f"k must be in [1, {features.shape[0] - 1}] for {features.shape[0]} features, got {k}"
         )
+    if features.shape[1] <= TREE_MAX_DIM:
+        # The (k+1)-th nearest point, the 1st being the point itself (or a duplicate: distance 0).
+        dist, _ = _tree(features).query(features.detach().cpu().double().numpy(), k=k + 1)
+        return torch.from_numpy(dist[:, k]).to(features.dtype)
     out = []
     for rows in features.split(chunk):
         d = torch.cdist(rows, features)
@@ -24,6 +41,17 @@ def knn_radii(features: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Te
 
 def _coverage(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, chunk: int) -> torch.Tensor:
     # Fraction of points inside at least one ball (center, radius).
+    if points.shape[1] <= TREE_MAX_DIM:
+        # Every ball asks the points' tree for the points within its radius (chunks of balls
+        # bound the memory when balls are wide).
+        tree, covered = _tree(points), np.zeros(points.shape[0], dtype=bool)
+        c, r = centers.detach().cpu().double().numpy(), radii.detach().cpu().double().numpy()
+        for i in range(0, len(c), chunk):
+            found = tree.query_ball_point(c[i : i + chunk], r[i : i + chunk], return_sorted=False)
+            hits = [np.asarray(f, dtype=np.int64) for f in found if len(f)]
+            if hits:
+                covered[np.concatenate(hits)] = True
+        return torch.tensor(covered.mean(), dtype=torch.float32)
     inside = [(torch.cdist(rows, centers) <= radii).any(dim=1) for rows in points.split(chunk)]
     return torch.cat(inside).float().mean()
 
