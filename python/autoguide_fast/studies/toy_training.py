@@ -108,9 +108,11 @@ def train_snapshots(
 DATA_CHUNK = 64
 
 # A run of train_together compiles its step (ToyStack.compile_) when models x points x hidden^2
-# x layers x iterations is at least this: compiling costs ~11 s per model shape and saves ~1/3
-# of an eager step (measured on 2 cores: 40 -> 27 ms for 3 x 4096 x 64^2 x 4), which pays from
-# ~1.6e11; the recipe's main models (8.2e11) compile, its guides (2.6e10) and --quick do not.
+# x layers x iterations is at least this. Measured on 2 cores: compiling costs ~25 s per model
+# shape with a cold inductor cache (~4 s warm) and saves ~1/3 of an eager step (45 -> 30 ms for
+# 3 x 4096 x 64^2 x 4, i.e. 7.5e-11 s per unit), so it pays from ~3.3e11 cold; the recipe's main
+# models (8.2e11) compile, its guides (2.6e10: 23 -> 13 ms per step would save 11 s) and --quick
+# do not.
 COMPILE_WORTH = 5e11
 
 
