@@ -64,5 +64,7 @@ def _apply() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; the mmap threshold first, as the trim threshold follows it.
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    # mallopt returns 1 on success. Some glibc versions refuse mmap thresholds above 32 MiB (half
+    # their largest heap): then 32 MiB, which still covers the toy's and most EDM2 tensors.
+    mmap = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    return bool(mmap and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
