@@ -49,10 +49,12 @@ def test_freed_memory_is_reused_not_faulted_in_again():
 
 
 def test_bad_setting_is_named(monkeypatch):
-    monkeypatch.setattr(allocator, "_state", [])
+    allocator.keep_freed_memory.cache_clear()
     monkeypatch.setenv("AUTOGUIDE_MALLOC", "jemalloc")
     with pytest.raises(ValueError, match="AUTOGUIDE_MALLOC must be one of reuse, system, got 'jemalloc'"):
         allocator.keep_freed_memory()
     monkeypatch.setenv("AUTOGUIDE_MALLOC", "system")
     assert allocator.keep_freed_memory() is False
+    monkeypatch.setenv("AUTOGUIDE_MALLOC", "reuse")
     assert allocator.keep_freed_memory() is False  # decided once per process
+    allocator.keep_freed_memory.cache_clear()

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
-import threading
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_freed_memory"]
 
@@ -33,18 +33,12 @@ MMAP_THRESHOLD = 256 << 20
 # Free memory at the top of the heap kept for reuse rather than returned to the system.
 TRIM_THRESHOLD = 1 << 30
 
-_lock = threading.Lock()
-_state: list[bool] = []  # [applied] once decided
 
-
+@functools.cache  # once per process (a second concurrent first call would only repeat mallopt)
 def keep_freed_memory() -> bool:
     """Tunes glibc's malloc once per process (see the module's text); True where it is tuned.
     Cheap to call again: the library calls it at the start of its long CPU jobs."""
-    if not _state:
-        with _lock:
-            if not _state:
-                _state.append(_apply())
-    return _state[0]
+    return _apply()
 
 
 _MODES = ("reuse", "system")

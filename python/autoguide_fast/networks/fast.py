@@ -32,12 +32,12 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 
 from ..kernels import reference
+from .compiling import warn_compile_failure
 from .edm2 import Block, Precond, check_input
 from .mp import _SILU_STD, MPConv, normalize, resample
 
@@ -125,8 +125,6 @@ class FastPrecond(torch.nn.Module):
             raise TypeError(f"net must be an EDM2 Precond, got {type(net).__name__}")
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype!r}")
-        if compile and dtype != torch.float32:
-            raise ValueError("compile applies to the float32 path only (dtype=torch.float32)")
         self.dtype = dtype
         unet = net.unet
         self.net = net
@@ -236,12 +234,7 @@ class FastPrecond(torch.nn.Module):
                     self._compiled_for.add(key)
                     return out
                 except Exception as e:  # no C++ compiler, or a compiler bug: eager is exact too
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    warnings.warn(
-                        f"autoguide_fast: compiling the EDM2 network failed ({type(e).__name__}: {first}); "
-                        "it runs uncompiled",
-                        stacklevel=2,
-                    )
+                    warn_compile_failure("the EDM2 network", e, stacklevel=2)
                     self._compiled = None
             if self.dtype == torch.bfloat16:
                 with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -7,11 +7,11 @@ An MLP outputs an unnormalised log-density ``log p(x; sigma)``; its score is the
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 
+from .compiling import warn_compile_failure
 from .mp import _SILU_STD, MPConv, MPSiLU, normalize
 
 __all__ = ["ToyModel", "ToyStack"]
@@ -196,12 +196,7 @@ class ToyStack(torch.nn.Module):
             try:
                 return self._compiled(*args)
             except Exception as e:  # no C++ compiler, or a compiler bug: the eager block is exact too
-                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                warnings.warn(
-                    f"autoguide_fast: compiling the toy training step failed ({type(e).__name__}: {first}); "
-                    "it runs uncompiled",
-                    stacklevel=3,
-                )
+                warn_compile_failure("the toy training step", e, stacklevel=3)
                 self._compiled = None
         return self._block(*args)
 

@@ -89,8 +89,8 @@ const TILE: usize = 32;
 /// of the points, from `MIN_BAND` to `MAX_BAND`. Larger bands make tiles smaller in space,
 /// smaller bands make them narrower in noise level.
 const MIN_BAND: usize = 1024;
-/// Calls with fewer points score every point against every component (measured: 4,096 points of
-/// the recipe gain nothing from tiles, 64 x 4,096 gain 1.7x).
+/// Calls with fewer points score every point against every component, in tiles of consecutive
+/// points (measured: 4,096 points of the recipe gain nothing from pruning, 64 x 4,096 gain 1.7x).
 const MIN_TILED: usize = 16_384;
 const MAX_BAND: usize = 16_384;
 /// Noise variance levels of the log-determinant table: 0, then geometric from 1e-8 to 1e4.
@@ -250,32 +250,19 @@ impl Mixture2DF32 {
         if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
             return Err(invalid("x", bad, "finite"));
         }
-        if n < MIN_TILED {
-            // Too few points for compact tiles: every point against every component.
-            let mut score = vec![0.0f32; 2 * n];
-            score.par_chunks_mut(2 * TILE).enumerate().for_each_init(
-                Terms::default,
-                |terms, (t, out)| {
-                    for (i, o) in out.chunks_exact_mut(2).enumerate() {
-                        let p = t * TILE + i;
-                        o.copy_from_slice(&score_point(
-                            &self.all,
-                            [x[2 * p], x[2 * p + 1]],
-                            sigma[p],
-                            terms,
-                        ));
-                    }
-                },
-            );
-            return Ok(score);
-        }
-        let order = tile_order(x, sigma);
+        // Enough points make compact tiles; with fewer, every point takes every component.
+        let prune = n >= MIN_TILED;
+        let order: Vec<usize> = if prune {
+            tile_order(x, sigma)
+        } else {
+            (0..n).collect()
+        };
         let mut tiled = vec![[0.0f32; 2]; n];
         tiled
             .par_chunks_mut(TILE)
             .zip(order.par_chunks(TILE))
             .for_each_init(ScratchF32::default, |scratch, (out, idx)| {
-                self.score_tile(x, sigma, idx, out, scratch)
+                self.score_tile(x, sigma, idx, prune, out, scratch)
             });
         let mut score = vec![0.0f32; 2 * n];
         for (&p, s) in order.iter().zip(&tiled) {
@@ -284,13 +271,14 @@ impl Mixture2DF32 {
         Ok(score)
     }
 
-    /// Scores the tile of points `idx` into `out`, with 16- or 8-lane vectors where the CPU has
-    /// them.
+    /// Scores the tile of points `idx` into `out` (with `prune`, from the components that matter
+    /// in the tile; else from all), with 16- or 8-lane vectors where the CPU has them.
     fn score_tile(
         &self,
         x: &[f32],
         sigma: &[f32],
         idx: &[usize],
+        prune: bool,
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
     ) {
@@ -298,14 +286,14 @@ impl Mixture2DF32 {
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
                 // SAFETY: the CPU supports AVX-512F, checked just above.
-                return unsafe { self.score_tile_avx512(x, sigma, idx, out, s) };
+                return unsafe { self.score_tile_avx512(x, sigma, idx, prune, out, s) };
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { self.score_tile_avx2(x, sigma, idx, out, s) };
+                return unsafe { self.score_tile_avx2(x, sigma, idx, prune, out, s) };
             }
         }
-        self.score_tile_impl(x, sigma, idx, out, s)
+        self.score_tile_impl(x, sigma, idx, prune, out, s)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -315,10 +303,11 @@ impl Mixture2DF32 {
         x: &[f32],
         sigma: &[f32],
         idx: &[usize],
+        prune: bool,
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
     ) {
-        self.score_tile_impl(x, sigma, idx, out, s)
+        self.score_tile_impl(x, sigma, idx, prune, out, s)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -328,10 +317,11 @@ impl Mixture2DF32 {
         x: &[f32],
         sigma: &[f32],
         idx: &[usize],
+        prune: bool,
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
     ) {
-        self.score_tile_impl(x, sigma, idx, out, s)
+        self.score_tile_impl(x, sigma, idx, prune, out, s)
     }
 
     #[inline(always)]
@@ -340,12 +330,17 @@ impl Mixture2DF32 {
         x: &[f32],
         sigma: &[f32],
         idx: &[usize],
+        prune: bool,
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
     ) {
-        self.keep_for_tile(x, sigma, idx, s);
+        let comps = if prune && self.keep_for_tile(x, sigma, idx, s) {
+            &s.kept
+        } else {
+            &self.all
+        };
         for (o, &p) in out.iter_mut().zip(idx) {
-            *o = score_point_impl(&s.kept, [x[2 * p], x[2 * p + 1]], sigma[p], &mut s.terms);
+            *o = score_point_impl(comps, [x[2 * p], x[2 * p + 1]], sigma[p], &mut s.terms);
         }
     }
 
@@ -354,9 +349,10 @@ impl Mixture2DF32 {
     /// with `C = Sigma + sigma^2 I` and `q = d^T C^-1 d`, `|d|^2 / lam_max(C) <= q <= |d|^2 /
     /// lam_min(C)`: its largest value over the tile is bounded above from the nearest point of
     /// the tile's box and its smallest noise level, and the best component's value below from
-    /// the farthest point and the largest noise level.
+    /// the farthest point and the largest noise level. False when every component is kept
+    /// (noise beyond the table): `s.kept` is then not filled.
     #[inline(always)]
-    fn keep_for_tile(&self, x: &[f32], sigma: &[f32], idx: &[usize], s: &mut ScratchF32) {
+    fn keep_for_tile(&self, x: &[f32], sigma: &[f32], idx: &[usize], s: &mut ScratchF32) -> bool {
         let bd = &self.bounds;
         let (mut lo, mut hi) = ([f64::INFINITY; 2], [f64::NEG_INFINITY; 2]);
         let (mut s2lo, mut s2hi) = (f64::INFINITY, 0.0f64);
@@ -369,16 +365,12 @@ impl Mixture2DF32 {
             s2lo = s2lo.min(s2);
             s2hi = s2hi.max(s2);
         }
-        let kept = &mut s.kept;
-        kept.clear();
         // Table rows bounding -log det / 2 from above (level <= s2lo) and below (level >= s2hi).
         let row_lo = bd.levels.partition_point(|&l| l <= s2lo) - 1;
         let row_hi = bd.levels.partition_point(|&l| l < s2hi);
         let k = bd.log_norm.len();
         if row_hi == LEVELS {
-            // Noise beyond the table: every component is kept.
-            (0..k).for_each(|j| kept.push_from(&self.all, j));
-            return;
+            return false;
         }
         // Rows at or below s2lo bound a component's log-weight from above (smaller determinant,
         // larger 1 / lam_min); rows at or above s2hi from below.
@@ -405,12 +397,15 @@ impl Mixture2DF32 {
             let n1 = (lo[1] - mu1[j]).max(mu1[j] - hi[1]).max(0.0);
             bound[j] = log_norm[j] + upper_det[j] - 0.5 * (n0 * n0 + n1 * n1) * inv_max[j];
         }
+        let kept = &mut s.kept;
+        kept.clear();
         for (j, &upper) in bound.iter().enumerate() {
             // A NaN bound (never expected) keeps the component.
             if upper >= floor || upper.is_nan() || floor.is_nan() {
                 kept.push_from(&self.all, j);
             }
         }
+        true
     }
 }
 
@@ -466,34 +461,6 @@ fn morton(a: u32, b: u32) -> u32 {
         (v | (v << 1)) & 0x5555_5555
     };
     spread(a) | (spread(b) << 1)
-}
-
-/// [`score_point_impl`] with 16- or 8-lane vectors where the CPU has them.
-fn score_point(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) -> [f32; 2] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            return unsafe { score_point_avx512(comps, x, sigma, s) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { score_point_avx2(comps, x, sigma, s) };
-        }
-    }
-    score_point_impl(comps, x, sigma, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn score_point_avx512(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) -> [f32; 2] {
-    score_point_impl(comps, x, sigma, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn score_point_avx2(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) -> [f32; 2] {
-    score_point_impl(comps, x, sigma, s)
 }
 
 /// The float32 twin of [`Mixture2D::eval_point_impl`] (score only).
