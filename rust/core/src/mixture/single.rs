@@ -5,10 +5,11 @@ use rayon::prelude::*;
 
 use super::*;
 
-/// A [`Mixture2D`] in float32 for bulk score evaluation (training targets): 16-lane vectors where
-/// the CPU has them. Means are kept as a float32 pair (hi + lo) so that `mu - x` is as accurate
-/// as in float64; everything else rounds to float32. Relative score error about 1e-6 (tested
-/// against float64), far below the error of a trained model.
+/// A [`Mixture2D`] in float32 for bulk score evaluation (training targets): AVX-512 intrinsics
+/// where the CPU has them, else the compiler's 8-lane vectors or scalars. Means are kept as a
+/// float32 pair (hi + lo) so that `mu - x` is as accurate as in float64; everything else rounds
+/// to float32. Relative score error about 1e-6, up to the covariances' condition number times
+/// 6e-8 near thin components (tested against float64), far below the error of a trained model.
 ///
 /// Points are scored in tiles of nearby points at similar noise levels: a tile leaves out the
 /// components whose weight is below `exp(-PRUNE_NATS)` of the largest one at every point of the
@@ -32,6 +33,10 @@ struct Components {
     a: Vec<f32>,
     b: Vec<f32>,
     c: Vec<f32>,
+    /// `det(Sigma) = a c - b^2` and `tr(Sigma) = a + c` (rounded from float64): `det(Sigma + s2 I)
+    /// = det + s2 (tr + s2)`, a sum of non-negative terms (no cancellation for thin components).
+    det: Vec<f32>,
+    tr: Vec<f32>,
 }
 
 impl Components {
@@ -41,18 +46,29 @@ impl Components {
         }
     }
 
-    fn push_from(&mut self, from: &Components, j: usize) {
-        self.norm.push(from.norm[j]);
-        self.mu0.push(from.mu0[j]);
-        self.mu0_lo.push(from.mu0_lo[j]);
-        self.mu1.push(from.mu1[j]);
-        self.mu1_lo.push(from.mu1_lo[j]);
-        self.a.push(from.a[j]);
-        self.b.push(from.b[j]);
-        self.c.push(from.c[j]);
+    /// Components `idx` of `from`, array by array.
+    fn gather_from(&mut self, from: &Components, idx: &[usize]) {
+        for (to, from) in self.arrays_mut().into_iter().zip(from.arrays()) {
+            to.extend(idx.iter().map(|&j| from[j]));
+        }
     }
 
-    fn arrays_mut(&mut self) -> [&mut Vec<f32>; 8] {
+    fn arrays(&self) -> [&Vec<f32>; 10] {
+        [
+            &self.norm,
+            &self.mu0,
+            &self.mu0_lo,
+            &self.mu1,
+            &self.mu1_lo,
+            &self.a,
+            &self.b,
+            &self.c,
+            &self.det,
+            &self.tr,
+        ]
+    }
+
+    fn arrays_mut(&mut self) -> [&mut Vec<f32>; 10] {
         [
             &mut self.norm,
             &mut self.mu0,
@@ -62,6 +78,8 @@ impl Components {
             &mut self.a,
             &mut self.b,
             &mut self.c,
+            &mut self.det,
+            &mut self.tr,
         ]
     }
 }
@@ -100,6 +118,7 @@ const LEVELS: usize = 64;
 #[derive(Default)]
 struct ScratchF32 {
     kept: Components,
+    kept_idx: Vec<usize>,
     terms: Terms,
     bound: Vec<f64>,
 }
@@ -198,6 +217,10 @@ impl Mixture2DF32 {
             a: hi(&m.a),
             b: hi(&m.b),
             c: hi(&m.c),
+            det: (0..m.len())
+                .map(|j| (m.a[j] * m.c[j] - m.b[j] * m.b[j]) as f32)
+                .collect(),
+            tr: (0..m.len()).map(|j| (m.a[j] + m.c[j]) as f32).collect(),
         };
         let k = m.len();
         let (mut lam_min, mut lam_max) = (Vec::with_capacity(k), Vec::with_capacity(k));
@@ -293,7 +316,7 @@ impl Mixture2DF32 {
                 return unsafe { self.score_tile_avx2(x, sigma, idx, prune, out, s) };
             }
         }
-        self.score_tile_impl(x, sigma, idx, prune, out, s)
+        self.score_tile_impl(x, sigma, idx, prune, out, s, score_point_impl)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -307,7 +330,10 @@ impl Mixture2DF32 {
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
     ) {
-        self.score_tile_impl(x, sigma, idx, prune, out, s)
+        self.score_tile_impl(x, sigma, idx, prune, out, s, |comps, p, sigma, terms| {
+            // SAFETY: the CPU supports AVX-512F (this function's own requirement).
+            unsafe { avx512::score_point(comps, p, sigma, terms) }
+        })
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -321,9 +347,11 @@ impl Mixture2DF32 {
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
     ) {
-        self.score_tile_impl(x, sigma, idx, prune, out, s)
+        self.score_tile_impl(x, sigma, idx, prune, out, s, score_point_impl)
     }
 
+    /// Scores the tile `idx` with `point`, the kernel of one point (see [`score_point_impl`]).
+    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn score_tile_impl(
         &self,
@@ -333,6 +361,7 @@ impl Mixture2DF32 {
         prune: bool,
         out: &mut [[f32; 2]],
         s: &mut ScratchF32,
+        mut point: impl FnMut(&Components, [f32; 2], f32, &mut Terms) -> [f32; 2],
     ) {
         let comps = if prune && self.keep_for_tile(x, sigma, idx, s) {
             &s.kept
@@ -340,7 +369,7 @@ impl Mixture2DF32 {
             &self.all
         };
         for (o, &p) in out.iter_mut().zip(idx) {
-            *o = score_point_impl(comps, [x[2 * p], x[2 * p + 1]], sigma[p], &mut s.terms);
+            *o = point(comps, [x[2 * p], x[2 * p + 1]], sigma[p], &mut s.terms);
         }
     }
 
@@ -397,14 +426,15 @@ impl Mixture2DF32 {
             let n1 = (lo[1] - mu1[j]).max(mu1[j] - hi[1]).max(0.0);
             bound[j] = log_norm[j] + upper_det[j] - 0.5 * (n0 * n0 + n1 * n1) * inv_max[j];
         }
-        let kept = &mut s.kept;
-        kept.clear();
+        s.kept_idx.clear();
         for (j, &upper) in bound.iter().enumerate() {
             // A NaN bound (never expected) keeps the component.
             if upper >= floor || upper.is_nan() || floor.is_nan() {
-                kept.push_from(&self.all, j);
+                s.kept_idx.push(j);
             }
         }
+        s.kept.clear();
+        s.kept.gather_from(&self.all, &s.kept_idx);
         true
     }
 }
@@ -477,11 +507,13 @@ fn score_point_impl(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) 
         &comps.mu1[..k],
         &comps.mu1_lo[..k],
     );
-    let (ca, cb, cc, norm) = (
+    let (ca, cb, cc, norm, det, tr) = (
         &comps.a[..k],
         &comps.b[..k],
         &comps.c[..k],
         &comps.norm[..k],
+        &comps.det[..k],
+        &comps.tr[..k],
     );
     let (ex, sc, g0s, g1s) = (
         &mut s.exponent[..k],
@@ -491,7 +523,7 @@ fn score_point_impl(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) 
     );
     for j in 0..k {
         let (a, b, c) = (ca[j] + s2, cb[j], cc[j] + s2);
-        let inv_det = 1.0 / (a * c - b * b);
+        let inv_det = 1.0 / (det[j] + s2 * (tr[j] + s2));
         // mu - x, exact up to the final rounding: the hi part cancels x exactly when close.
         let d0 = (mu0[j] - x[0]) + mu0_lo[j];
         let d1 = (mu1[j] - x[1]) + mu1_lo[j];
@@ -510,6 +542,140 @@ fn score_point_impl(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) 
     [z0 / sum, z1 / sum]
 }
 
+/// [`score_point_impl`] in AVX-512 intrinsics (1.4x the compiler's vectors of it, measured): one
+/// pass writes the per-component terms (with `1 / sqrt(det)` from the 14-bit reciprocal square
+/// root and a Newton step instead of a division and a square root), a second pass takes the
+/// exponentials and their weighted sums in registers; the last partial vector is masked.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Components, Terms};
+
+    const W: usize = 16;
+
+    /// [`super::exp_nonpositive_f32`] on 16 lanes (the same reduction and polynomial; `2^n` by
+    /// `scalef`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp_nonpositive(x: __m512) -> __m512 {
+        let floor = _mm512_set1_ps(-87.0);
+        let x = _mm512_max_ps(x, floor); // NaN -> -87 -> 0, as the scalar version
+        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5_040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_scalef_ps(p, n);
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, floor), y)
+    }
+
+    /// The score of one point from `comps` (as [`super::score_point_impl`]).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn score_point(
+        comps: &Components,
+        x: [f32; 2],
+        sigma: f32,
+        s: &mut Terms,
+    ) -> [f32; 2] {
+        let k = comps.norm.len();
+        let padded = k.div_ceil(W) * W;
+        for buf in [&mut s.exponent, &mut s.scale, &mut s.g0, &mut s.g1] {
+            buf.resize(padded, 0.0);
+        }
+        let s2 = _mm512_set1_ps(sigma * sigma);
+        let (x0, x1) = (_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1]));
+        let (half, three_halves) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.5));
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut max = neg_inf;
+        for j in (0..padded).step_by(W) {
+            let mask: __mmask16 = if j + W <= k {
+                0xFFFF
+            } else {
+                (1u16 << (k - j)) - 1
+            };
+            // SAFETY: lanes j .. min(j + 16, k) are in bounds of every array (length k); the
+            // masked-off lanes are not read.
+            let ld = |v: &[f32]| unsafe { _mm512_maskz_loadu_ps(mask, v.as_ptr().add(j)) };
+            let a = _mm512_add_ps(ld(&comps.a), s2);
+            let c = _mm512_add_ps(ld(&comps.c), s2);
+            let b = ld(&comps.b);
+            let det = _mm512_fmadd_ps(s2, _mm512_add_ps(ld(&comps.tr), s2), ld(&comps.det));
+            // 1 / sqrt(det): 14 bits, then one Newton step (error ~ 3 (2^-14)^2 / 2 + rounding).
+            let r0 = _mm512_rsqrt14_ps(det);
+            let r = _mm512_mul_ps(
+                r0,
+                _mm512_fnmadd_ps(
+                    _mm512_mul_ps(half, det),
+                    _mm512_mul_ps(r0, r0),
+                    three_halves,
+                ),
+            );
+            let inv_det = _mm512_mul_ps(r, r);
+            // mu - x, exact up to the final rounding (hi + lo parts of the mean).
+            let d0 = _mm512_add_ps(_mm512_sub_ps(ld(&comps.mu0), x0), ld(&comps.mu0_lo));
+            let d1 = _mm512_add_ps(_mm512_sub_ps(ld(&comps.mu1), x1), ld(&comps.mu1_lo));
+            let g0 = _mm512_mul_ps(_mm512_fmsub_ps(c, d0, _mm512_mul_ps(b, d1)), inv_det);
+            let g1 = _mm512_mul_ps(_mm512_fmsub_ps(a, d1, _mm512_mul_ps(b, d0)), inv_det);
+            let e = _mm512_mul_ps(
+                _mm512_set1_ps(-0.5),
+                _mm512_fmadd_ps(d0, g0, _mm512_mul_ps(d1, g1)),
+            );
+            // Masked-off lanes: exponent -inf, scale and gradient 0 (no NaN reaches the sums).
+            let e = _mm512_mask_mov_ps(neg_inf, mask, e);
+            max = _mm512_max_ps(max, e);
+            // SAFETY: the buffers hold `padded` values.
+            unsafe {
+                _mm512_storeu_ps(s.exponent.as_mut_ptr().add(j), e);
+                _mm512_storeu_ps(
+                    s.scale.as_mut_ptr().add(j),
+                    _mm512_maskz_mul_ps(mask, ld(&comps.norm), r),
+                );
+                _mm512_storeu_ps(s.g0.as_mut_ptr().add(j), _mm512_maskz_mov_ps(mask, g0));
+                _mm512_storeu_ps(s.g1.as_mut_ptr().add(j), _mm512_maskz_mov_ps(mask, g1));
+            }
+        }
+        let m = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+        let (mut sum, mut z0, mut z1) = (
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+            _mm512_setzero_ps(),
+        );
+        for j in (0..padded).step_by(W) {
+            // SAFETY: the buffers hold `padded` values.
+            let ld = |v: &[f32]| unsafe { _mm512_loadu_ps(v.as_ptr().add(j)) };
+            let w = _mm512_mul_ps(
+                ld(&s.scale),
+                exp_nonpositive(_mm512_sub_ps(ld(&s.exponent), m)),
+            );
+            sum = _mm512_add_ps(sum, w);
+            z0 = _mm512_fmadd_ps(w, ld(&s.g0), z0);
+            z1 = _mm512_fmadd_ps(w, ld(&s.g1), z1);
+        }
+        let sum = _mm512_reduce_add_ps(sum);
+        [
+            _mm512_reduce_add_ps(z0) / sum,
+            _mm512_reduce_add_ps(z1) / sum,
+        ]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,11 +689,19 @@ mod tests {
         ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    #[test]
-    fn float32_tiles_leave_out_only_negligible_components() {
-        // 400 small elongated components along a curve (like the toy's branches), points near the
-        // curve and anywhere, at noise levels from 0 to 30 (beyond the table), in one call of many
-        // tiles and bands: the pruned float32 score stays within float32 error of float64.
+    /// The kernel of one point that `Mixture2DF32::score` uses on this CPU.
+    fn kernel(comps: &Components, x: [f32; 2], sigma: f32, terms: &mut Terms) -> [f32; 2] {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { avx512::score_point(comps, x, sigma, terms) };
+        }
+        score_point_impl(comps, x, sigma, terms)
+    }
+
+    /// 400 small elongated components along a curve (like the toy's branches, condition numbers
+    /// up to 1,000) and 20,000 points near the curve and anywhere, at noise levels 0 to 30.
+    fn curved_mixture() -> (Mixture2D, Vec<f32>, Vec<f32>) {
         let mut st = 7u64;
         let k = 400;
         let (mut phi, mut mu, mut cov) = (vec![], vec![], vec![]);
@@ -549,7 +723,6 @@ mod tests {
             cov.extend([a, b, b, d]);
         }
         let m = Mixture2D::new(&phi, &mu, &cov).unwrap();
-        let m32 = Mixture2DF32::new(&m);
         let n = 20_000;
         let (mut x, mut sigma) = (vec![], vec![]);
         for i in 0..n {
@@ -566,14 +739,23 @@ mod tests {
         }
         let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
         let s32: Vec<f32> = sigma.iter().map(|&v| v as f32).collect();
+        (m, x32, s32)
+    }
+
+    #[test]
+    fn float32_tiles_leave_out_only_negligible_components() {
+        // One call of many tiles and bands (noise beyond the table included).
+        let (m, x32, s32) = curved_mixture();
+        let m32 = Mixture2DF32::new(&m);
+        let n = s32.len();
         let got = m32.score(&x32, &s32).unwrap();
-        // Against every component on the same float32 inputs: the tiles change the score only by
+        // Against every component on the same float32 inputs and kernel: the tiles change the score only by
         // the left-out weights (< 1e-10 of the total) and the order of the float32 sums over
         // the kept ones (a few ulps of the largest terms: the score's scale, or 1).
         let mut terms = Terms::default();
         let mut worst = 0.0f64;
         for p in 0..n {
-            let w = score_point_impl(&m32.all, [x32[2 * p], x32[2 * p + 1]], s32[p], &mut terms);
+            let w = kernel(&m32.all, [x32[2 * p], x32[2 * p + 1]], s32[p], &mut terms);
             let err = (f64::from(got[2 * p] - w[0])).hypot(f64::from(got[2 * p + 1] - w[1]));
             worst = worst.max(err / f64::from(w[0].hypot(w[1])).max(1.0));
         }
@@ -581,5 +763,40 @@ mod tests {
         // Points far off the mixture stay finite.
         let far = m32.score(&[1e3, -1e3, 1e6, 0.0], &[0.0, 1e-3]).unwrap();
         assert!(far.iter().all(|v| v.is_finite()), "{far:?}");
+    }
+
+    #[test]
+    fn vector_kernel_is_as_accurate_as_the_portable_one() {
+        // Both float32 kernels against float64 on the same float32 inputs. Their error comes from
+        // the float32 rounding of C^-1 (mu - x) for thin components (relative error up to the
+        // condition number times 6e-8) and differs point by point with the order of operations;
+        // over 20,000 points the vector kernel's largest and mean errors are the portable one's
+        // to within a quarter.
+        let (m, x32, s32) = curved_mixture();
+        let m32 = Mixture2DF32::new(&m);
+        let x64: Vec<f64> = x32.iter().map(|&v| f64::from(v)).collect();
+        let s64: Vec<f64> = s32.iter().map(|&v| f64::from(v)).collect();
+        let exact = m.eval(&x64, &s64).unwrap().score;
+        let mut terms = Terms::default();
+        let (mut worst, mut total) = ([0.0f64; 2], [0.0f64; 2]);
+        for p in 0..s32.len() {
+            let (xp, sp) = ([x32[2 * p], x32[2 * p + 1]], s32[p]);
+            let scale = exact[2 * p].hypot(exact[2 * p + 1]).max(1.0);
+            for (i, got) in [
+                kernel(&m32.all, xp, sp, &mut terms),
+                score_point_impl(&m32.all, xp, sp, &mut terms),
+            ]
+            .iter()
+            .enumerate()
+            {
+                let err = (f64::from(got[0]) - exact[2 * p])
+                    .hypot(f64::from(got[1]) - exact[2 * p + 1])
+                    / scale;
+                worst[i] = worst[i].max(err);
+                total[i] += err;
+            }
+        }
+        assert!(worst[0] <= 1.25 * worst[1] && worst[1] < 1e-3, "{worst:?}");
+        assert!(total[0] <= 1.25 * total[1], "{total:?}");
     }
 }
