@@ -39,6 +39,11 @@ def free_port() -> int:
 
 def torchrun_cli(nproc: int = 2) -> list[str]:
     """The command that runs ``autoguide`` in ``nproc`` processes under torchrun on this host."""
+    return [*torchrun(nproc), "-m", "autoguide_fast.cli"]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """torchrun's command for ``nproc`` processes on this host (a script or ``-m`` module follows)."""
     return [
         sys.executable,
         "-m",
@@ -51,6 +56,4 @@ def torchrun_cli(nproc: int = 2) -> list[str]:
         "127.0.0.1",
         "--master-port",
         str(free_port()),
-        "-m",
-        "autoguide_fast.cli",
     ]

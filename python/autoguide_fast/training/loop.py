@@ -25,6 +25,7 @@ from ..data import ImageFiles, to_float
 from ..ema import PowerFunctionEMA
 from ..files import atomic_write_bytes, remove_stale_temporaries
 from ..networks.edm2 import PRESETS, Precond
+from ..parallel import join_process_group
 from .batches import _draw, _latents, _open_data, _StepIndices, stability_encoder
 from .loss import edm2_loss, learning_rate
 from .options import TrainOptions
@@ -264,8 +265,7 @@ def _processes(opts: TrainOptions, device) -> tuple[int, int, torch.device, int,
     """Joins torchrun's process group when there is one: ``(world, rank, device, per_rank,
     batch_gpu)`` with the batch split over the processes and accumulation rounds (checked)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    join_process_group()
     rank = dist.get_rank() if dist.is_initialized() else 0
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
