@@ -6,6 +6,20 @@ def paired_times(fast, slow, rounds: int = 5, warmup: int = 1, setup=None) -> tu
     """Median seconds of ``fast()`` and ``slow()``, interleaved in one process so that both see the
     same machine state; ratios of the two are what the benchmarks report. ``setup()``, if given,
     runs untimed before every call (for example to remove the previous call's outputs)."""
+    tf, ts = _paired_samples(fast, slow, rounds, warmup, setup)
+    return statistics.median(tf), statistics.median(ts)
+
+
+def paired_ratio(fast, slow, rounds: int = 9, warmup: int = 1) -> tuple[float, float, float]:
+    """Median seconds of ``fast()`` and ``slow()`` and the median of their ratio round by round:
+    each round runs the two back to back, so that each ratio sees one machine state even where
+    the machine's speed drifts between rounds (seen here: the same work 0.5-1.0 s from round to
+    round)."""
+    tf, ts = _paired_samples(fast, slow, rounds, warmup, None)
+    return statistics.median(tf), statistics.median(ts), statistics.median(f / s for f, s in zip(tf, ts))
+
+
+def _paired_samples(fast, slow, rounds: int, warmup: int, setup) -> tuple[list[float], list[float]]:
     prepare = setup or (lambda: None)
     for _ in range(warmup):
         prepare()
@@ -22,7 +36,7 @@ def paired_times(fast, slow, rounds: int = 5, warmup: int = 1, setup=None) -> tu
         t0 = time.perf_counter()
         slow()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(tf), statistics.median(ts)
+    return tf, ts
 
 
 def cuda_time(fn, *, reps: int = 10, rounds: int = 5, graph: bool = False) -> float:

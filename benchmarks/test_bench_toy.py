@@ -12,7 +12,7 @@ from autoguide_fast import Autoguidance, sample, step_plan
 from autoguide_fast.ema import PowerFunctionEMA
 from autoguide_fast.networks.toy import ToyModel, ToyStack
 from autoguide_fast.studies import toy
-from conftest import paired_process_seconds, paired_times
+from conftest import paired_process_seconds, paired_ratio, paired_times
 
 
 def test_sampler_overhead(benchmark):
@@ -34,8 +34,7 @@ def test_sampler_overhead(benchmark):
     def sampler():
         sample(main, noise, guidance=guidance, steps=32, sigma_max=5.0)
 
-    t_sampler, t_bare = paired_times(sampler, bare, rounds=9)
-    ratio = t_sampler / t_bare
+    t_sampler, t_bare, ratio = paired_ratio(sampler, bare, rounds=15)
     benchmark.extra_info.update(sampler_s=t_sampler, bare_calls_s=t_bare, overhead_ratio=ratio)
     print(f"\nsampler {t_sampler * 1e3:.1f} ms, bare denoiser calls {t_bare * 1e3:.1f} ms, ratio {ratio:.3f}")
     benchmark.pedantic(sampler, rounds=3, iterations=1)
