@@ -6,6 +6,7 @@ import copy
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from autoguide_fast import Autoguidance, sample, step_plan
@@ -202,6 +203,47 @@ def test_toy_step_speed(benchmark):
     print(f"\nper model: stacked {t_stack / 3 * 1e3:.1f} ms, autograd {t_auto * 1e3:.1f} ms, {speedup:.2f}x")
     benchmark.pedantic(stacked_step, rounds=3, iterations=1)
     assert speedup >= 1.0
+
+
+def test_toy_step_core_kernel(benchmark, monkeypatch):
+    """The loss and gradients of the three stacked main models on 4,096 points each: the Rust
+    core's kernel (the default where it runs) vs torch's explicit formulas, eager and compiled
+    (the previous default for the main models; goal: faster than both)."""
+    nets = []
+    for seed in (0, 10, 20):
+        torch.manual_seed(seed)
+        nets.append(ToyModel(hidden_dim=64))
+        nets[-1].gain.data.fill_(0.5)
+    stack = ToyStack(nets)
+    if not stack.uses_core:
+        pytest.skip("the core's toy kernel needs AVX-512")
+    gt, gen = toy.ground_truth("A"), torch.Generator().manual_seed(0)
+    sigma = (torch.randn(3, 4096, generator=gen) * 1.5 - 2.3).exp()
+    x = gt.sample(3 * 4096, sigma.reshape(-1), generator=gen).reshape(3, 4096, 2)
+    target = gt.score_f32(x, sigma)
+    compiled = ToyStack(nets).compile_()
+
+    def core():
+        monkeypatch.setenv("AUTOGUIDE_TOY", "core")
+        stack.loss_backward(x, sigma, target)
+
+    def eager():
+        monkeypatch.setenv("AUTOGUIDE_TOY", "torch")
+        stack.loss_backward(x, sigma, target)
+
+    def compiled_step():
+        monkeypatch.setenv("AUTOGUIDE_TOY", "torch")
+        compiled.loss_backward(x, sigma, target)
+
+    t_core, t_eager = paired_times(core, eager, rounds=15)
+    _, t_compiled = paired_times(core, compiled_step, rounds=15)
+    benchmark.extra_info.update(core_ms=t_core * 1e3, eager_ms=t_eager * 1e3, compiled_ms=t_compiled * 1e3)
+    print(
+        f"\nthree main models, 4,096 points: core {t_core * 1e3:.1f} ms, torch eager {t_eager * 1e3:.1f} ms"
+        f" ({t_eager / t_core:.2f}x), compiled {t_compiled * 1e3:.1f} ms ({t_compiled / t_core:.2f}x)"
+    )
+    benchmark.pedantic(core, rounds=3, iterations=1)
+    assert t_core < t_eager and t_core < t_compiled
 
 
 MAIN_STACK = """

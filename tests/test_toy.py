@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoguide_fast import Autoguidance, sample
+from autoguide_fast import Autoguidance, _core, sample
 from autoguide_fast.networks.toy import ToyModel, ToyStack
 from autoguide_fast.studies import toy
 from conftest import rel_err
@@ -228,10 +228,11 @@ def test_stack_gradients_equal_autograd():
         assert rel_errs(grads64, ref_grads).max() < 1e-12
 
 
-def test_compiled_stack_gradients_equal_eager():
+def test_compiled_stack_gradients_equal_eager(monkeypatch):
     # torch.compile fuses the block's elementwise passes: float32 rounding differs from eager's,
     # within what autograd's own float32 gradients differ from float64 (or, without a C++
-    # compiler, the eager block serves after one warning).
+    # compiler, the eager block serves after one warning). The torch path, not the core's.
+    monkeypatch.setenv("AUTOGUIDE_TOY", "torch")
     g = torch.Generator().manual_seed(8)
     x, target = torch.randn(2, 200, 2, generator=g), torch.randn(2, 200, 2, generator=g)
     sigma = (torch.randn(2, 200, generator=g) * 1.5 - 2.3).exp()
@@ -257,6 +258,65 @@ def test_compiled_stack_gradients_equal_eager():
     for k, (_, ref_grads) in enumerate(refs):
         grads32 = [w.grad[k] for w in stack.weights] + [stack.gain.grad[k]]
         assert rel_errs(grads32, ref_grads).max() <= 2 * rel_errs(autograd32[k][1], ref_grads).max()
+
+
+core_only = pytest.mark.skipif(
+    not all(_core.toy_mlp_available(h) for h in (16, 32, 64)), reason="the core's toy kernel needs AVX-512"
+)
+
+
+@core_only
+@pytest.mark.parametrize("layers,hidden", [(2, 16), (3, 32), (4, 64)])
+def test_core_stack_gradients_within_float32_error(layers, hidden):
+    # The Rust core's training kernel (float32, tiles of points, its own order of sums) against
+    # double back-propagation in float64: no further than autograd in float32 is, per model;
+    # 1,000 points (padded blocks), gains of both signs, unnormalised weights.
+    g = torch.Generator().manual_seed(9)
+    x, target = torch.randn(2, 1000, 2, generator=g), torch.randn(2, 1000, 2, generator=g) * 3
+    sigma = (torch.randn(2, 1000, generator=g) * 1.5 - 2.3).exp()
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        nets = [ToyModel(num_layers=layers, hidden_dim=hidden).double().train() for _ in range(2)]
+    for net, gain in zip(nets, (0.8, -1.4)):
+        net.gain.data.fill_(gain)
+        net.layers[2].weight.data *= 1.2
+    refs = [
+        _autograd_loss(net, x[k].double(), sigma[k].double(), target[k].double())
+        for k, net in enumerate(nets)
+    ]
+    nets32 = [ToyModel(num_layers=layers, hidden_dim=hidden) for _ in nets]
+    for a, b in zip(nets32, nets):
+        a.load_state_dict({k: v.float() for k, v in b.state_dict().items()})
+    autograd32 = [_autograd_loss(net.train(), x[k], sigma[k], target[k]) for k, net in enumerate(nets32)]
+    stack = ToyStack(nets32)
+    assert stack.uses_core
+    loss = stack.loss_backward(x, sigma, target)
+    torch.testing.assert_close(loss.double(), torch.stack([r[0] for r in refs]), rtol=1e-5, atol=0)
+    for k, (_, ref_grads) in enumerate(refs):
+        grads32 = [w.grad[k] for w in stack.weights] + [stack.gain.grad[k]]
+        assert rel_errs(grads32, ref_grads).max() <= 2 * rel_errs(autograd32[k][1], ref_grads).max()
+
+
+@core_only
+@pytest.mark.parametrize("hidden", [16, 32, 64])
+def test_core_score_within_float32_error(hidden, monkeypatch):
+    # Sampling's score from the core's kernel against float64: no further than torch's float32
+    # arithmetic of the same formulas; hidden widths the kernel lacks take torch's path.
+    torch.manual_seed(4)
+    net = ToyModel(num_layers=4, hidden_dim=hidden).eval()
+    net.gain.data.fill_(-1.6)
+    x = torch.randn(3001, 2) * 2
+    sigma = (torch.randn(3001) * 2 - 1).exp()
+    want = net.double().score(x.double(), sigma.double())
+    net.float()
+    got = net.score(x, sigma)
+    monkeypatch.setenv("AUTOGUIDE_TOY", "torch")
+    torch32 = net.score(x, sigma)
+    err = ((got.double() - want).norm(dim=-1) / want.norm(dim=-1)).max()
+    assert 0 < err <= 2 * ((torch32.double() - want).norm(dim=-1) / want.norm(dim=-1)).max()
+    monkeypatch.setenv("AUTOGUIDE_TOY", "rust")
+    with pytest.raises(ValueError, match="AUTOGUIDE_TOY must be 'core' or 'torch', got 'rust'"):
+        net.score(x, sigma)
 
 
 def test_training_together_equals_alone():

@@ -40,6 +40,19 @@ class Mixture2D:
     def eval(self, x: bytes, sigma: bytes) -> tuple[bytes, bytes, bytes]: ...
     def score_f32(self, x: bytes, sigma: bytes) -> bytes: ...
 
+def toy_mlp_available(hidden: int) -> bool: ...
+def toy_mlp_score(
+    x: bytes, sigma: bytes, v0: bytes, layers: list[bytes], gain: float, sigma_data: float
+) -> bytes: ...
+def toy_mlp_train(
+    x: bytes,
+    sigma: bytes,
+    target: bytes,
+    v0: bytes,
+    layers: list[bytes],
+    gain: float,
+    sigma_data: float,
+) -> tuple[float, float, bytes, list[bytes]]: ...
 def edm_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]: ...
 def step_plan(
     steps: int,

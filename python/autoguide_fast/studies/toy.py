@@ -27,7 +27,7 @@ from ..checkpoint import load_network, read_metadata, save_network
 from ..files import atomic_write_bytes, figure, save_figure, strict_json
 from ..guidance import CFG, Autoguidance
 from ..metrics import knn_precision_recall, knn_radii
-from ..networks.toy import ToyModel
+from ..networks.toy import ToyModel, torch_single_threaded
 from ..sampling import sample
 from .toy_mixture import CLASSES, COMPONENTS_PER_BRANCH, GaussianMixture, ground_truth
 from .toy_training import EMA_STD, train, train_snapshots, train_together
@@ -277,11 +277,12 @@ def _sample_methods(models, recipe: ToyRecipe, k: int, progress: bool) -> dict[s
         runs += [(_method_name(kind, w), cls(models[guide], w)) for w in recipe.weights]
     # One labelled bar over the methods (set, method), not one unlabelled bar per sampler run.
     bar = tqdm(runs, desc=f"set {k}: sampling", unit="method", leave=False, disable=not progress)
-    for name, guidance in bar:
-        bar.set_postfix_str(name)
-        methods[name] = sample(
-            models["main"], noise, guidance=guidance, steps=recipe.steps, sigma_max=recipe.sigma_max
-        )
+    with torch_single_threaded(models["main"].uses_core):
+        for name, guidance in bar:
+            bar.set_postfix_str(name)
+            methods[name] = sample(
+                models["main"], noise, guidance=guidance, steps=recipe.steps, sigma_max=recipe.sigma_max
+            )
     return methods
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..allocator import keep_freed_memory
 from ..ema import PowerFunctionEMA
-from ..networks.toy import ToyModel, ToyStack
+from ..networks.toy import ToyModel, ToyStack, torch_single_threaded
 from .toy_mixture import ground_truth
 
 __all__ = ["EMA_STD", "train", "train_snapshots", "train_together"]
@@ -145,8 +145,9 @@ def train_together(
             torch.manual_seed(seed)
             nets.append(ToyModel(num_layers=num_layers, hidden_dim=hidden_dim))
     stack = ToyStack(nets)
-    if compile is None:
-        compile = len(runs) * batch_size * hidden_dim**2 * num_layers * max(lengths) >= COMPILE_WORTH
+    if compile is None:  # the core's kernel needs no compiling
+        work = len(runs) * batch_size * hidden_dim**2 * num_layers * max(lengths)
+        compile = not stack.uses_core and work >= COMPILE_WORTH
     if compile:
         stack.compile_()
     ema = PowerFunctionEMA(stack, stds)
@@ -160,6 +161,13 @@ def train_together(
         disable=not progress,
     )
     out: list[dict[tuple[int, float], ToyModel]] = [{} for _ in runs]
+    with torch_single_threaded(stack.uses_core):
+        _train_loop(stack, ema, opt, gts, gens, lengths, batch_size, out, bar, lr_ref, lr_iter, P_mean, P_std)
+    bar.close()
+    return out
+
+
+def _train_loop(stack, ema, opt, gts, gens, lengths, batch_size, out, bar, lr_ref, lr_iter, P_mean, P_std):
     for start in range(0, lengths[-1], DATA_CHUNK):
         chunk = min(DATA_CHUNK, lengths[-1] - start)
         sigma, x, target = _training_data(gts, gens, chunk, batch_size, P_mean, P_std)
@@ -175,8 +183,6 @@ def train_together(
                     for k, net in enumerate(averaged.models()):
                         out[k][(it + 1, std)] = net
             bar.update()
-    bar.close()
-    return out
 
 
 def _training_data(gts, gens, iters: int, batch_size: int, P_mean: float, P_std: float):

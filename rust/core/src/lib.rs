@@ -6,6 +6,7 @@
 //! - [`mixture`]: exact log-density and score of 2D Gaussian mixtures under heat diffusion
 //!   (the ground truth of the autoguidance toy experiment).
 //! - [`store`]: memory-mapped, validated safetensors snapshots and atomic writes.
+//! - [`toy_mlp`]: the score of the toy experiment's MLP in float32 (AVX-512).
 
 pub mod error;
 pub mod mixture;
@@ -13,5 +14,6 @@ pub mod phema;
 pub mod posthoc;
 pub mod schedule;
 pub mod store;
+pub mod toy_mlp;
 
 pub use error::{Error, Result};

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use autoguide_core::{mixture, phema, posthoc, schedule, store, Error};
+use autoguide_core::{mixture, phema, posthoc, schedule, store, toy_mlp, Error};
 use pyo3::exceptions::{
     PyException, PyFileNotFoundError, PyOSError, PyOverflowError, PyValueError,
 };
@@ -256,6 +256,79 @@ impl Mixture2D {
     }
 }
 
+/// Whether `toy_mlp_score` runs on this CPU for `hidden` features.
+#[pyfunction]
+fn toy_mlp_available(hidden: usize) -> bool {
+    toy_mlp::ToyMlp::available(hidden)
+}
+
+/// The score of a toy MLP (float32 bytes): `x` [N, 2], `sigma` [N], the applied weights `v0`
+/// [H, 4] and `layers` (each [H, H]), `gain` and `sigma_data`. Returns float32 bytes [N, 2].
+#[pyfunction]
+fn toy_mlp_score<'py>(
+    py: Python<'py>,
+    x: &[u8],
+    sigma: &[u8],
+    v0: &[u8],
+    layers: Vec<Vec<u8>>,
+    gain: f32,
+    sigma_data: f32,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let x = f32s("x", x)?;
+    let sigma = f32s("sigma", sigma)?;
+    let v0 = f32s("v0", v0)?;
+    let layers = layers
+        .iter()
+        .map(|w| f32s("layers", w))
+        .collect::<PyResult<Vec<_>>>()?;
+    let score = py
+        .detach(|| toy_mlp::ToyMlp::new(sigma_data, gain, &v0, &layers)?.score(&x, &sigma))
+        .map_err(to_py)?;
+    let bytes: Vec<u8> = score.iter().flat_map(|f| f.to_ne_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// The exact-score-matching loss of a toy MLP on one batch and its gradients in the applied
+/// weights (float32 bytes: `x`, `target` [N, 2], `sigma` [N], `v0` [H, 4], `layers` each [H, H]):
+/// `(loss, d loss / d gain, d loss / d v0 bytes, [d loss / d layer bytes])`.
+#[pyfunction]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn toy_mlp_train<'py>(
+    py: Python<'py>,
+    x: &[u8],
+    sigma: &[u8],
+    target: &[u8],
+    v0: &[u8],
+    layers: Vec<Vec<u8>>,
+    gain: f32,
+    sigma_data: f32,
+) -> PyResult<(f64, f64, Bound<'py, PyBytes>, Vec<Bound<'py, PyBytes>>)> {
+    let x = f32s("x", x)?;
+    let sigma = f32s("sigma", sigma)?;
+    let target = f32s("target", target)?;
+    let v0 = f32s("v0", v0)?;
+    let layers = layers
+        .iter()
+        .map(|w| f32s("layers", w))
+        .collect::<PyResult<Vec<_>>>()?;
+    let g = py
+        .detach(|| {
+            toy_mlp::ToyMlp::new(sigma_data, gain, &v0, &layers)?
+                .train_gradients(&x, &sigma, &target)
+        })
+        .map_err(to_py)?;
+    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>();
+    Ok((
+        g.loss,
+        g.gain,
+        PyBytes::new(py, &bytes(&g.v0)),
+        g.layers
+            .iter()
+            .map(|w| PyBytes::new(py, &bytes(w)))
+            .collect(),
+    ))
+}
+
 /// (name, dtype, shape, begin, end): one tensor of a snapshot header, byte range absolute.
 type TensorRow = (String, String, Vec<usize>, usize, usize);
 
@@ -393,5 +466,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(solve_coefficients, m)?)?;
     m.add_function(wrap_pyfunction!(reconstruct, m)?)?;
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(toy_mlp_available, m)?)?;
+    m.add_function(wrap_pyfunction!(toy_mlp_score, m)?)?;
+    m.add_function(wrap_pyfunction!(toy_mlp_train, m)?)?;
     Ok(())
 }

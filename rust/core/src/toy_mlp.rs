@@ -1,0 +1,975 @@
+//! The score of the toy experiment's log-density MLP (`networks/toy.py`, `ToyModel`) in float32
+//! on CPUs with AVX-512: the forward pass and its backward pass in `x`, tile by tile, with the
+//! tile's activations in registers and the L1 cache (what sampling evaluates 63 times per run).
+//!
+//! Notation as `ToyModel._score_explicit`: `u = (x c_in, ln(sigma) / 4, 1)` with `c_in = 1 /
+//! sqrt(sigma_data^2 + sigma^2)`, `h_0 = V_0 u`, `h_l = V_l silu(h_{l-1})`, `d_L = k h_L` with
+//! `k = 2 gain / (sigma H)`, `d_{l-1} = (V_l^T d_l) silu'(h_{l-1})`, and the score `c_in (V_0^T
+//! d_0)[:2] - x c_in^2`. The weights are the applied ones (normalised, and `V_l` for `l >= 1`
+//! already divided by silu's standard deviation).
+
+use rayon::prelude::*;
+
+use crate::error::{invalid, Error, Result};
+
+/// Inputs of the first layer: the 2-D point (scaled), `ln(sigma) / 4` and 1.
+const INPUTS: usize = 4;
+
+/// A toy MLP's applied weights in float32.
+#[derive(Debug, Clone)]
+pub struct ToyMlp {
+    hidden: usize,
+    sigma_data: f32,
+    gain: f32,
+    /// `V_0^T`, [4, H] row-major.
+    v0t: Vec<f32>,
+    /// `V_0[:, :2]`, [H, 2] row-major, and its columns [2, H].
+    v0: Vec<f32>,
+    v0c: Vec<f32>,
+    /// `V_l^T` ([H_in, H_out] row-major) and `V_l` ([H_out, H_in]) for l = 1 .. L.
+    vt: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl ToyMlp {
+    /// Whether [`ToyMlp::score`] runs on this CPU for `hidden` features (AVX-512F, and 16, 32
+    /// or 64 features).
+    pub fn available(hidden: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            matches!(hidden, 16 | 32 | 64) && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = hidden;
+            false
+        }
+    }
+
+    /// `v0`: the first layer's applied weight [H, 4] row-major; `layers`: the hidden layers'
+    /// applied weights, each [H, H] row-major (out, in).
+    pub fn new(sigma_data: f32, gain: f32, v0: &[f32], layers: &[Vec<f32>]) -> Result<Self> {
+        if !(sigma_data.is_finite() && sigma_data > 0.0) {
+            return Err(invalid("sigma_data", sigma_data, "finite and > 0"));
+        }
+        if !gain.is_finite() {
+            return Err(invalid("gain", gain, "finite"));
+        }
+        if !v0.len().is_multiple_of(INPUTS) || v0.is_empty() {
+            return Err(invalid("v0", v0.len(), "H x 4 values"));
+        }
+        let h = v0.len() / INPUTS;
+        if !Self::available(h) {
+            return Err(invalid(
+                "hidden",
+                h,
+                "16, 32 or 64 on a CPU with AVX-512 (ToyMlp::available)",
+            ));
+        }
+        for w in layers {
+            if w.len() != h * h {
+                return Err(Error::ShapeMismatch {
+                    what: "hidden layer weight (H x H values)",
+                    expected: h * h,
+                    got: w.len(),
+                });
+            }
+        }
+        if let Some(bad) = v0
+            .iter()
+            .chain(layers.iter().flatten())
+            .find(|w| !w.is_finite())
+        {
+            return Err(invalid("weights", bad, "finite"));
+        }
+        let transpose = |w: &[f32], rows: usize, cols: usize| {
+            let mut t = vec![0.0f32; rows * cols];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = w[r * cols + c];
+                }
+            }
+            t
+        };
+        Ok(Self {
+            hidden: h,
+            sigma_data,
+            gain,
+            v0t: transpose(v0, h, INPUTS),
+            v0: (0..h)
+                .flat_map(|o| [v0[o * INPUTS], v0[o * INPUTS + 1]])
+                .collect(),
+            v0c: (0..2)
+                .flat_map(|j| (0..h).map(move |o| v0[o * INPUTS + j]))
+                .collect(),
+            vt: layers.iter().map(|w| transpose(w, h, h)).collect(),
+            v: layers.to_vec(),
+        })
+    }
+
+    /// The score at points `x` ([N, 2] row-major) and noise levels `sigma` ([N], > 0): [N, 2].
+    pub fn score(&self, x: &[f32], sigma: &[f32]) -> Result<Vec<f32>> {
+        let n = sigma.len();
+        if x.len() != 2 * n {
+            return Err(Error::ShapeMismatch {
+                what: "x (2 values per point)",
+                expected: 2 * n,
+                got: x.len(),
+            });
+        }
+        if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(invalid("sigma", bad, "finite and > 0"));
+        }
+        if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
+            return Err(invalid("x", bad, "finite"));
+        }
+        let mut out = vec![0.0f32; 2 * n];
+        #[cfg(target_arch = "x86_64")]
+        out.par_chunks_mut(2 * CHUNK)
+            .zip(x.par_chunks(2 * CHUNK).zip(sigma.par_chunks(CHUNK)))
+            .for_each_init(
+                || avx512::Scratch::new(self.hidden, self.vt.len()),
+                |scratch, (out, (x, sigma))| {
+                    // SAFETY: `new` admitted these weights only where `available` holds (AVX-512F).
+                    unsafe {
+                        match self.hidden {
+                            16 => avx512::score_chunk::<1>(self, x, sigma, out, scratch),
+                            32 => avx512::score_chunk::<2>(self, x, sigma, out, scratch),
+                            _ => avx512::score_chunk::<4>(self, x, sigma, out, scratch),
+                        }
+                    }
+                },
+            );
+        Ok(out)
+    }
+}
+
+/// Points per parallel task (16 tiles).
+const CHUNK: usize = 96;
+
+/// The loss of one model on one batch and its gradients in the applied weights.
+#[derive(Debug, Clone)]
+pub struct TrainGradients {
+    /// `mean_n sigma^2 mean_j (score - target)^2`.
+    pub loss: f64,
+    /// d loss / d gain.
+    pub gain: f64,
+    /// d loss / d V_0, [H, 4] row-major.
+    pub v0: Vec<f32>,
+    /// d loss / d V_l for l = 1 .. L, each [H, H] row-major.
+    pub layers: Vec<Vec<f32>>,
+}
+
+/// Training blocks per parallel task: the partial sums of tasks are added in task order, so the
+/// result does not depend on how the threads took the tasks.
+const BLOCKS_PER_TASK: usize = 8;
+
+impl ToyMlp {
+    /// The exact-score-matching loss `mean_n sigma^2 mean_j (score - target)^2` of points `x`
+    /// ([N, 2]) at noise levels `sigma` ([N], > 0) against `target` scores ([N, 2]), and its
+    /// gradients in the applied weights (as `ToyStack.loss_backward` before the weights'
+    /// normalisation), in float32 (sums of the loss and the gain's gradient in float64).
+    pub fn train_gradients(
+        &self,
+        x: &[f32],
+        sigma: &[f32],
+        target: &[f32],
+    ) -> Result<TrainGradients> {
+        let n = sigma.len();
+        for (what, v) in [
+            ("x (2 values per point)", x),
+            ("target (2 values per point)", target),
+        ] {
+            if v.len() != 2 * n {
+                return Err(Error::ShapeMismatch {
+                    what,
+                    expected: 2 * n,
+                    got: v.len(),
+                });
+            }
+        }
+        if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(invalid("sigma", bad, "finite and > 0"));
+        }
+        if let Some(bad) = x.iter().chain(target).find(|v| !v.is_finite()) {
+            return Err(invalid("x and target", bad, "finite"));
+        }
+        let (h, layers) = (self.hidden, self.vt.len());
+        let task = BLOCKS_PER_TASK * avx512::P;
+        let tasks: Vec<avx512::TrainSums> = sigma
+            .par_chunks(task)
+            .zip(x.par_chunks(2 * task).zip(target.par_chunks(2 * task)))
+            .map_init(
+                || avx512::TrainScratch::new(h, layers),
+                |scratch, (sigma, (x, target))| {
+                    let mut sums = avx512::TrainSums {
+                        loss: 0.0,
+                        gain: 0.0,
+                        g0t: vec![0.0; INPUTS * h],
+                        g: vec![vec![0.0; h * h]; layers],
+                    };
+                    let p = avx512::P;
+                    for ((sigma, x), target) in sigma
+                        .chunks(p)
+                        .zip(x.chunks(2 * p))
+                        .zip(target.chunks(2 * p))
+                    {
+                        // SAFETY: `new` admitted these weights only where `available` holds (AVX-512F).
+                        unsafe {
+                            match h {
+                                16 => avx512::train_block::<1>(
+                                    self, x, sigma, target, n, &mut sums, scratch,
+                                ),
+                                32 => avx512::train_block::<2>(
+                                    self, x, sigma, target, n, &mut sums, scratch,
+                                ),
+                                _ => avx512::train_block::<4>(
+                                    self, x, sigma, target, n, &mut sums, scratch,
+                                ),
+                            }
+                        }
+                    }
+                    sums
+                },
+            )
+            .collect();
+        let mut out = TrainGradients {
+            loss: 0.0,
+            gain: 0.0,
+            v0: vec![0.0; h * INPUTS],
+            layers: vec![vec![0.0; h * h]; layers],
+        };
+        let mut g0t = vec![0.0f32; INPUTS * h];
+        for t in &tasks {
+            out.loss += t.loss;
+            out.gain += t.gain;
+            for (o, v) in g0t.iter_mut().zip(&t.g0t) {
+                *o += v;
+            }
+            for (o, g) in out.layers.iter_mut().zip(&t.g) {
+                for (o, v) in o.iter_mut().zip(g) {
+                    *o += v;
+                }
+            }
+        }
+        for o in 0..h {
+            for i in 0..INPUTS {
+                out.v0[o * INPUTS + i] = g0t[i * h + o];
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{ToyMlp, INPUTS};
+
+    /// Points per tile: 6 x H / 16 accumulators (24 of the 32 vector registers at H = 64).
+    pub(super) const T: usize = 6;
+
+    /// Per-thread buffers of one tile.
+    pub(super) struct Scratch {
+        u: Vec<f32>,
+        h: Vec<f32>,
+        a: Vec<f32>,
+        tmp: Vec<f32>,
+        d1: Vec<f32>,
+    }
+
+    impl Scratch {
+        pub(super) fn new(hidden: usize, layers: usize) -> Self {
+            Self {
+                u: vec![0.0; T * INPUTS],
+                h: vec![0.0; T * hidden],
+                a: vec![0.0; T * hidden],
+                tmp: vec![0.0; T * hidden],
+                d1: vec![0.0; layers * T * hidden],
+            }
+        }
+    }
+
+    /// `c[t, :] = sum_k a[t, k] b[k, :]` for the tile's `T` rows: `a` [T, K] row-major, `b` [K, 16
+    /// HV] row-major, `c` [T, 16 HV]; the T x HV sums stay in registers over k.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn mm<const HV: usize>(a: &[f32], k: usize, b: &[f32], c: &mut [f32]) {
+        let h = 16 * HV;
+        debug_assert!(a.len() >= T * k && b.len() >= k * h && c.len() >= T * h);
+        let mut acc = [[_mm512_setzero_ps(); HV]; T];
+        for kk in 0..k {
+            let bp = b.as_ptr().add(kk * h);
+            let mut bv = [_mm512_setzero_ps(); HV];
+            for (q, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(bp.add(16 * q));
+            }
+            for (t, row) in acc.iter_mut().enumerate() {
+                let s = _mm512_set1_ps(*a.get_unchecked(t * k + kk));
+                for (r, &v) in row.iter_mut().zip(&bv) {
+                    *r = _mm512_fmadd_ps(s, v, *r);
+                }
+            }
+        }
+        for (t, row) in acc.iter().enumerate() {
+            for (q, &r) in row.iter().enumerate() {
+                _mm512_storeu_ps(c.as_mut_ptr().add(t * h + 16 * q), r);
+            }
+        }
+    }
+
+    /// exp(x) for float32 `x` clamped to [-87, 88] (about 1 ulp): the reduction and polynomial
+    /// of the mixture score's exponential, `2^n` by `scalef`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
+            _mm512_set1_ps(88.0),
+        );
+        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(
+            x,
+            _mm512_set1_ps(std::f32::consts::LOG2_E),
+        ));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm512_set1_ps(1.0 / 5_040.0);
+        for c in [
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        _mm512_scalef_ps(p, n)
+    }
+
+    /// Scores the points of one chunk (`sigma.len()` of them) into `out`, tile by tile; a last
+    /// partial tile is padded with the point (0, 0) at sigma 1 and its padding discarded.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `net.hidden` must be `16 HV`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn score_chunk<const HV: usize>(
+        net: &ToyMlp,
+        x: &[f32],
+        sigma: &[f32],
+        out: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let h = 16 * HV;
+        debug_assert_eq!(net.hidden, h);
+        for start in (0..sigma.len()).step_by(T) {
+            let m = T.min(sigma.len() - start);
+            let mut xt = [[0.0f32; 2]; T];
+            let mut st = [1.0f32; T];
+            for t in 0..m {
+                xt[t] = [x[2 * (start + t)], x[2 * (start + t) + 1]];
+                st[t] = sigma[start + t];
+            }
+            let score = tile::<HV>(net, &xt, &st, s);
+            for t in 0..m {
+                out[2 * (start + t)..2 * (start + t) + 2].copy_from_slice(&score[t]);
+            }
+        }
+    }
+
+    /// The score of one tile of `T` points.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn tile<const HV: usize>(
+        net: &ToyMlp,
+        x: &[[f32; 2]; T],
+        sigma: &[f32; T],
+        s: &mut Scratch,
+    ) -> [[f32; 2]; T] {
+        let h = 16 * HV;
+        let layers = net.vt.len();
+        let mut c_in = [0.0f32; T];
+        for t in 0..T {
+            c_in[t] = 1.0 / (net.sigma_data * net.sigma_data + sigma[t] * sigma[t]).sqrt();
+            s.u[t * INPUTS..(t + 1) * INPUTS].copy_from_slice(&[
+                x[t][0] * c_in[t],
+                x[t][1] * c_in[t],
+                sigma[t].ln() / 4.0,
+                1.0,
+            ]);
+        }
+        mm::<HV>(&s.u, INPUTS, &net.v0t, &mut s.h);
+        let one = _mm512_set1_ps(1.0);
+        for l in 0..layers {
+            // silu and its derivative: sig = 1 / (1 + e^-h), a = h sig, silu' = (h - a + 1) sig.
+            let d1 = &mut s.d1[l * T * h..(l + 1) * T * h];
+            for i in (0..T * h).step_by(16) {
+                let hv = _mm512_loadu_ps(s.h.as_ptr().add(i));
+                let sig = _mm512_div_ps(
+                    one,
+                    _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
+                );
+                let a = _mm512_mul_ps(hv, sig);
+                _mm512_storeu_ps(s.a.as_mut_ptr().add(i), a);
+                _mm512_storeu_ps(
+                    d1.as_mut_ptr().add(i),
+                    _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(hv, a), one), sig),
+                );
+            }
+            mm::<HV>(&s.a, h, &net.vt[l], &mut s.h);
+        }
+        // d_L = k h_L, then d_{l-1} = (d_l V_l) silu'(h_{l-1}).
+        for (t, &sigma) in sigma.iter().enumerate() {
+            let k = _mm512_set1_ps((2.0 / h as f32) * net.gain / sigma);
+            for q in 0..HV {
+                let p = s.h.as_mut_ptr().add(t * h + 16 * q);
+                _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), k));
+            }
+        }
+        for l in (0..layers).rev() {
+            mm::<HV>(&s.h, h, &net.v[l], &mut s.tmp);
+            let d1 = &s.d1[l * T * h..(l + 1) * T * h];
+            for i in (0..T * h).step_by(16) {
+                let v = _mm512_mul_ps(
+                    _mm512_loadu_ps(s.tmp.as_ptr().add(i)),
+                    _mm512_loadu_ps(d1.as_ptr().add(i)),
+                );
+                _mm512_storeu_ps(s.h.as_mut_ptr().add(i), v);
+            }
+        }
+        // score = c_in (V_0^T d_0)[:2] - x c_in^2.
+        let mut out = [[0.0f32; 2]; T];
+        for t in 0..T {
+            let (mut s0, mut s1) = (0.0f32, 0.0f32);
+            for o in 0..h {
+                let d = s.h[t * h + o];
+                s0 += d * net.v0[2 * o];
+                s1 += d * net.v0[2 * o + 1];
+            }
+            out[t] = [
+                c_in[t] * s0 - x[t][0] * c_in[t] * c_in[t],
+                c_in[t] * s1 - x[t][1] * c_in[t] * c_in[t],
+            ];
+        }
+        out
+    }
+
+    /// `C[r, :] (+)= sum_kk A(r, kk) B[kk, :]` for `R` rows: `A(r, kk) = a[r lda + kk]`, or
+    /// `a[kk lda + r]` with `TA`; `B` [k, 16 HV] row-major; `C` rows of 16 HV; `ACC` adds to C.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn gemm<const HV: usize, const R: usize, const TA: bool, const ACC: bool>(
+        a: *const f32,
+        lda: usize,
+        k: usize,
+        b: *const f32,
+        c: *mut f32,
+    ) {
+        let h = 16 * HV;
+        let mut acc = [[_mm512_setzero_ps(); HV]; R];
+        if ACC {
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (q, v) in row.iter_mut().enumerate() {
+                    *v = _mm512_loadu_ps(c.add(r * h + 16 * q));
+                }
+            }
+        }
+        for kk in 0..k {
+            let bp = b.add(kk * h);
+            let mut bv = [_mm512_setzero_ps(); HV];
+            for (q, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(bp.add(16 * q));
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = if TA {
+                    *a.add(kk * lda + r)
+                } else {
+                    *a.add(r * lda + kk)
+                };
+                let x = _mm512_set1_ps(x);
+                for (v, &w) in row.iter_mut().zip(&bv) {
+                    *v = _mm512_fmadd_ps(x, w, *v);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (q, &v) in row.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * h + 16 * q), v);
+            }
+        }
+    }
+
+    /// [`gemm`] over `rows` rows, six at a time.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn matmul<const HV: usize, const TA: bool, const ACC: bool>(
+        a: &[f32],
+        lda: usize,
+        k: usize,
+        b: &[f32],
+        c: &mut [f32],
+        rows: usize,
+    ) {
+        let h = 16 * HV;
+        debug_assert!(b.len() >= k * h && c.len() >= rows * h);
+        debug_assert!(if TA {
+            a.len() >= (k - 1) * lda + rows
+        } else {
+            a.len() >= (rows - 1) * lda + k
+        });
+        let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+        let at = |r: usize| if TA { a.add(r) } else { a.add(r * lda) };
+        let mut r = 0;
+        while r + 6 <= rows {
+            gemm::<HV, 6, TA, ACC>(at(r), lda, k, b, c.add(r * h));
+            r += 6;
+        }
+        match rows - r {
+            0 => {}
+            1 => gemm::<HV, 1, TA, ACC>(at(r), lda, k, b, c.add(r * h)),
+            2 => gemm::<HV, 2, TA, ACC>(at(r), lda, k, b, c.add(r * h)),
+            3 => gemm::<HV, 3, TA, ACC>(at(r), lda, k, b, c.add(r * h)),
+            4 => gemm::<HV, 4, TA, ACC>(at(r), lda, k, b, c.add(r * h)),
+            _ => gemm::<HV, 5, TA, ACC>(at(r), lda, k, b, c.add(r * h)),
+        }
+    }
+
+    /// Per-thread buffers of one training block of `P` points.
+    pub(super) struct TrainScratch {
+        u: Vec<f32>,
+        c_in: Vec<f32>,
+        k: Vec<f32>,
+        s_bar: Vec<f32>,
+        h: Vec<f32>,
+        tmp: Vec<f32>,
+        d_bar: Vec<f32>,
+        b_bar: Vec<f32>,
+        a: Vec<Vec<f32>>,
+        d1: Vec<Vec<f32>>,
+        d2: Vec<Vec<f32>>,
+        d: Vec<Vec<f32>>,
+        b: Vec<Vec<f32>>,
+        h_bar: Vec<Vec<f32>>,
+    }
+
+    /// Points per training block: the block's ~30 activations of P x H stay in the L2 cache.
+    pub(super) const P: usize = 96;
+
+    impl TrainScratch {
+        pub(super) fn new(hidden: usize, layers: usize) -> Self {
+            let m = P * hidden;
+            let many = |n: usize| (0..n).map(|_| vec![0.0f32; m]).collect::<Vec<_>>();
+            Self {
+                u: vec![0.0; P * INPUTS],
+                c_in: vec![0.0; P],
+                k: vec![0.0; P],
+                s_bar: vec![0.0; P * 2],
+                h: vec![0.0; m],
+                tmp: vec![0.0; m],
+                d_bar: vec![0.0; m],
+                b_bar: vec![0.0; m],
+                a: many(layers),
+                d1: many(layers),
+                d2: many(layers),
+                d: many(layers + 1),
+                b: many(layers + 1),
+                h_bar: many(layers + 1),
+            }
+        }
+    }
+
+    /// Sums of one group of blocks: the loss, the gain's gradient, `G_0^T` [4, H] and `G_l`.
+    pub(super) struct TrainSums {
+        pub(super) loss: f64,
+        pub(super) gain: f64,
+        pub(super) g0t: Vec<f32>,
+        pub(super) g: Vec<Vec<f32>>,
+    }
+
+    /// Adds one block's share (points `x` [m, 2], `sigma` [m], `target` [m, 2], m <= P; the
+    /// batch has `n` points) of the loss and its gradients to `sums` (see `ToyStack._block`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `net.hidden` must be `16 HV`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn train_block<const HV: usize>(
+        net: &ToyMlp,
+        x: &[f32],
+        sigma: &[f32],
+        target: &[f32],
+        n: usize,
+        sums: &mut TrainSums,
+        s: &mut TrainScratch,
+    ) {
+        let h = 16 * HV;
+        let layers = net.vt.len();
+        let m = sigma.len();
+        let inv_n = 1.0 / n as f32;
+        // Inputs; padding points (x = 0, sigma = 1) get s_bar = 0, so they add nothing.
+        for t in 0..P {
+            let (x0, x1, sg) = if t < m {
+                (x[2 * t], x[2 * t + 1], sigma[t])
+            } else {
+                (0.0, 0.0, 1.0)
+            };
+            let c = 1.0 / (net.sigma_data * net.sigma_data + sg * sg).sqrt();
+            s.c_in[t] = c;
+            s.k[t] = (2.0 / h as f32) * net.gain / sg;
+            s.u[t * INPUTS..(t + 1) * INPUTS].copy_from_slice(&[
+                x0 * c,
+                x1 * c,
+                sg.ln() / 4.0,
+                1.0,
+            ]);
+        }
+        // Forward: h_l, a_l = silu(h_{l-1}), silu' and silu'' at h_{l-1}.
+        matmul::<HV, false, false>(&s.u, INPUTS, INPUTS, &net.v0t, &mut s.h, P);
+        let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
+        for l in 0..layers {
+            for i in (0..P * h).step_by(16) {
+                let hv = _mm512_loadu_ps(s.h.as_ptr().add(i));
+                let sig = _mm512_div_ps(
+                    one,
+                    _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
+                );
+                let a = _mm512_mul_ps(hv, sig);
+                let d1 = _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(hv, a), one), sig);
+                let t2 = _mm512_mul_ps(two, _mm512_sub_ps(sig, _mm512_mul_ps(sig, sig)));
+                let d2 =
+                    _mm512_fmadd_ps(_mm512_sub_ps(d1, sig), _mm512_fnmadd_ps(two, sig, one), t2);
+                _mm512_storeu_ps(s.a[l].as_mut_ptr().add(i), a);
+                _mm512_storeu_ps(s.d1[l].as_mut_ptr().add(i), d1);
+                _mm512_storeu_ps(s.d2[l].as_mut_ptr().add(i), d2);
+            }
+            matmul::<HV, false, false>(&s.a[l], h, h, &net.vt[l], &mut s.h, P);
+        }
+        // Score: d_L = k h_L, b_l = d_l V_l, d_{l-1} = b_l silu'(h_{l-1}).
+        for t in 0..P {
+            let k = _mm512_set1_ps(s.k[t]);
+            for q in 0..HV {
+                let i = t * h + 16 * q;
+                _mm512_storeu_ps(
+                    s.d[layers].as_mut_ptr().add(i),
+                    _mm512_mul_ps(_mm512_loadu_ps(s.h.as_ptr().add(i)), k),
+                );
+            }
+        }
+        for l in (1..=layers).rev() {
+            matmul::<HV, false, false>(&s.d[l], h, h, &net.v[l - 1], &mut s.b[l], P);
+            let (b, d1) = (&s.b[l], &s.d1[l - 1]);
+            let d = s.d[l - 1].as_mut_ptr();
+            for i in (0..P * h).step_by(16) {
+                _mm512_storeu_ps(
+                    d.add(i),
+                    _mm512_mul_ps(
+                        _mm512_loadu_ps(b.as_ptr().add(i)),
+                        _mm512_loadu_ps(d1.as_ptr().add(i)),
+                    ),
+                );
+            }
+        }
+        // score = c_in (V_0^T d_0)[:2] - x c_in^2; loss sigma^2 mean_j diff^2 / n, s_bar.
+        let mut loss = 0.0f64;
+        for t in 0..P {
+            let (mut z0, mut z1) = (0.0f32, 0.0f32);
+            for o in 0..h {
+                let dv = s.d[0][t * h + o];
+                z0 += dv * net.v0[2 * o];
+                z1 += dv * net.v0[2 * o + 1];
+            }
+            if t >= m {
+                s.s_bar[2 * t] = 0.0;
+                s.s_bar[2 * t + 1] = 0.0;
+                continue;
+            }
+            let c = s.c_in[t];
+            let s2 = sigma[t] * sigma[t];
+            let diff = [
+                c * z0 - x[2 * t] * c * c - target[2 * t],
+                c * z1 - x[2 * t + 1] * c * c - target[2 * t + 1],
+            ];
+            loss += f64::from(s2 * (diff[0] * diff[0] + diff[1] * diff[1]) * 0.5 * inv_n);
+            s.s_bar[2 * t] = c * s2 * diff[0] * inv_n;
+            s.s_bar[2 * t + 1] = c * s2 * diff[1] * inv_n;
+        }
+        sums.loss += loss;
+        // Adjoint of the score pass: G_0[:, :2] += d_0^T s_bar, d_bar = s_bar V_0[:, :2]^T.
+        matmul::<HV, true, true>(&s.s_bar, 2, P, &s.d[0], &mut sums.g0t, 2);
+        let (c0, c1) = (&net.v0c[..h], &net.v0c[h..]);
+        for t in 0..P {
+            let (s0, s1) = (
+                _mm512_set1_ps(s.s_bar[2 * t]),
+                _mm512_set1_ps(s.s_bar[2 * t + 1]),
+            );
+            for q in 0..HV {
+                let v = _mm512_fmadd_ps(
+                    s1,
+                    _mm512_loadu_ps(c1.as_ptr().add(16 * q)),
+                    _mm512_mul_ps(s0, _mm512_loadu_ps(c0.as_ptr().add(16 * q))),
+                );
+                _mm512_storeu_ps(s.d_bar.as_mut_ptr().add(t * h + 16 * q), v);
+            }
+        }
+        for l in 1..=layers {
+            // b_bar = d_bar silu', h_bar_{l-1} = d_bar b_l silu''; d_bar = b_bar V_l^T; G_l += d_l^T b_bar.
+            for i in (0..P * h).step_by(16) {
+                let db = _mm512_loadu_ps(s.d_bar.as_ptr().add(i));
+                let bb = _mm512_mul_ps(db, _mm512_loadu_ps(s.d1[l - 1].as_ptr().add(i)));
+                _mm512_storeu_ps(s.b_bar.as_mut_ptr().add(i), bb);
+                let hb = _mm512_mul_ps(
+                    _mm512_mul_ps(db, _mm512_loadu_ps(s.b[l].as_ptr().add(i))),
+                    _mm512_loadu_ps(s.d2[l - 1].as_ptr().add(i)),
+                );
+                _mm512_storeu_ps(s.h_bar[l - 1].as_mut_ptr().add(i), hb);
+            }
+            matmul::<HV, false, false>(&s.b_bar, h, h, &net.vt[l - 1], &mut s.d_bar, P);
+            matmul::<HV, true, true>(&s.d[l], h, P, &s.b_bar, &mut sums.g[l - 1], h);
+        }
+        // The gain's gradient: sum (2 / H) / sigma h_L . d_bar.
+        let mut gain = 0.0f64;
+        for (t, &sg) in sigma.iter().enumerate() {
+            let dot: f32 = (0..h).map(|o| s.h[t * h + o] * s.d_bar[t * h + o]).sum();
+            gain += f64::from((2.0 / h as f32) / sg * dot);
+        }
+        sums.gain += gain;
+        // Adjoint of the forward pass: h_bar_L = k d_bar; G_l += h_bar_l^T a_l; h_bar_{l-1} +=
+        // (h_bar_l V_l) silu'(h_{l-1}); G_0 += h_bar_0^T u.
+        for t in 0..P {
+            let k = _mm512_set1_ps(s.k[t]);
+            for q in 0..HV {
+                let i = t * h + 16 * q;
+                _mm512_storeu_ps(
+                    s.h_bar[layers].as_mut_ptr().add(i),
+                    _mm512_mul_ps(_mm512_loadu_ps(s.d_bar.as_ptr().add(i)), k),
+                );
+            }
+        }
+        for l in (1..=layers).rev() {
+            matmul::<HV, true, true>(&s.h_bar[l], h, P, &s.a[l - 1], &mut sums.g[l - 1], h);
+            matmul::<HV, false, false>(&s.h_bar[l], h, h, &net.v[l - 1], &mut s.tmp, P);
+            let d1 = &s.d1[l - 1];
+            let hb = s.h_bar[l - 1].as_mut_ptr();
+            for i in (0..P * h).step_by(16) {
+                let v = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(s.tmp.as_ptr().add(i)),
+                    _mm512_loadu_ps(d1.as_ptr().add(i)),
+                    _mm512_loadu_ps(hb.add(i)),
+                );
+                _mm512_storeu_ps(hb.add(i), v);
+            }
+        }
+        matmul::<HV, true, true>(&s.u, INPUTS, P, &s.h_bar[0], &mut sums.g0t, INPUTS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic pseudo-random stream in [-0.5, 0.5) (splitmix64).
+    fn uniform(state: &mut u64) -> f64 {
+        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    }
+
+    /// The score in float64 by the formulas of the module docs, and the scale of its two terms
+    /// (`|c_in V_0^T d_0|` + `|x c_in^2|`) against which float32 rounding is measured.
+    fn reference(
+        v0: &[f32],
+        layers: &[Vec<f32>],
+        gain: f64,
+        sd: f64,
+        x: [f64; 2],
+        sigma: f64,
+    ) -> ([f64; 2], f64) {
+        let h = v0.len() / INPUTS;
+        let c_in = 1.0 / (sd * sd + sigma * sigma).sqrt();
+        let u = [x[0] * c_in, x[1] * c_in, sigma.ln() / 4.0, 1.0];
+        let mut hv: Vec<f64> = (0..h)
+            .map(|o| {
+                (0..INPUTS)
+                    .map(|i| f64::from(v0[o * INPUTS + i]) * u[i])
+                    .sum()
+            })
+            .collect();
+        let mut d1s = vec![];
+        for w in layers {
+            let sig: Vec<f64> = hv.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
+            let a: Vec<f64> = hv.iter().zip(&sig).map(|(z, s)| z * s).collect();
+            d1s.push(
+                hv.iter()
+                    .zip(&sig)
+                    .map(|(z, s)| s * (1.0 + z * (1.0 - s)))
+                    .collect::<Vec<f64>>(),
+            );
+            hv = (0..h)
+                .map(|o| (0..h).map(|i| f64::from(w[o * h + i]) * a[i]).sum())
+                .collect();
+        }
+        let k = 2.0 * gain / (sigma * h as f64);
+        let mut d: Vec<f64> = hv.iter().map(|z| k * z).collect();
+        for (w, d1) in layers.iter().zip(&d1s).rev() {
+            d = (0..h)
+                .map(|i| (0..h).map(|o| d[o] * f64::from(w[o * h + i])).sum::<f64>() * d1[i])
+                .collect();
+        }
+        let mut out = [0.0; 2];
+        let mut scale = 0.0f64;
+        for j in 0..2 {
+            let first = c_in
+                * (0..h)
+                    .map(|o| d[o] * f64::from(v0[o * INPUTS + j]))
+                    .sum::<f64>();
+            out[j] = first - x[j] * c_in * c_in;
+            scale = scale.max(first.abs() + (x[j] * c_in * c_in).abs());
+        }
+        (out, scale)
+    }
+
+    #[test]
+    fn score_matches_float64() {
+        for hidden in [16, 32, 64] {
+            if !ToyMlp::available(hidden) {
+                continue; // no AVX-512 here: the torch path serves (tested in Python)
+            }
+            let mut st = hidden as u64;
+            let layers: Vec<Vec<f32>> = (0..4)
+                .map(|_| {
+                    (0..hidden * hidden)
+                        .map(|_| (uniform(&mut st) * 0.5) as f32)
+                        .collect()
+                })
+                .collect();
+            let v0: Vec<f32> = (0..hidden * INPUTS)
+                .map(|_| uniform(&mut st) as f32)
+                .collect();
+            let (gain, sd) = (0.8f32, 0.5f32);
+            let net = ToyMlp::new(sd, gain, &v0, &layers).unwrap();
+            // 1,001 points (not a multiple of the tile or the chunk), noise from 1e-3 to 20.
+            let n = 1001;
+            let x: Vec<f32> = (0..2 * n)
+                .map(|_| (uniform(&mut st) * 6.0) as f32)
+                .collect();
+            let sigma: Vec<f32> = (0..n)
+                .map(|_| (-7.0 + 20.0 * (uniform(&mut st) + 0.5)).exp().min(20.0) as f32)
+                .collect();
+            let got = net.score(&x, &sigma).unwrap();
+            for p in 0..n {
+                let xp = [f64::from(x[2 * p]), f64::from(x[2 * p + 1])];
+                let (want, scale) = reference(
+                    &v0,
+                    &layers,
+                    f64::from(gain),
+                    f64::from(sd),
+                    xp,
+                    f64::from(sigma[p]),
+                );
+                for j in 0..2 {
+                    // float32 rounding through five layers of 16-64-term sums: well under 1e-5
+                    // of the terms' scale.
+                    let err = (f64::from(got[2 * p + j]) - want[j]).abs();
+                    assert!(
+                        err <= 1e-5 * scale,
+                        "H {hidden} point {p}: {} vs {} (scale {scale})",
+                        got[2 * p + j],
+                        want[j]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn train_gradients_add_over_points_and_repeat_exactly() {
+        // A batch of 1,001 points (blocks and tasks with padding) against its two parts of 500
+        // and 501 points: the loss and every gradient are means over points, so the whole equals
+        // the parts weighted by their sizes (to float32 rounding of the sums); a second call
+        // gives the same bits (the tasks' sums are added in a fixed order).
+        let hidden = 32;
+        if !ToyMlp::available(hidden) {
+            return;
+        }
+        let mut st = 3u64;
+        let layers: Vec<Vec<f32>> = (0..3)
+            .map(|_| {
+                (0..hidden * hidden)
+                    .map(|_| (uniform(&mut st) * 0.5) as f32)
+                    .collect()
+            })
+            .collect();
+        let v0: Vec<f32> = (0..hidden * INPUTS)
+            .map(|_| uniform(&mut st) as f32)
+            .collect();
+        let net = ToyMlp::new(0.5, 1.3, &v0, &layers).unwrap();
+        let n = 1001;
+        let x: Vec<f32> = (0..2 * n)
+            .map(|_| (uniform(&mut st) * 3.0) as f32)
+            .collect();
+        let target: Vec<f32> = (0..2 * n)
+            .map(|_| (uniform(&mut st) * 10.0) as f32)
+            .collect();
+        let sigma: Vec<f32> = (0..n)
+            .map(|_| (-4.0 + 6.0 * (uniform(&mut st) + 0.5)).exp() as f32)
+            .collect();
+        let whole = net.train_gradients(&x, &sigma, &target).unwrap();
+        let again = net.train_gradients(&x, &sigma, &target).unwrap();
+        assert_eq!(whole.loss.to_bits(), again.loss.to_bits());
+        assert_eq!(whole.layers, again.layers);
+        let cut = 500;
+        let a = net
+            .train_gradients(&x[..2 * cut], &sigma[..cut], &target[..2 * cut])
+            .unwrap();
+        let b = net
+            .train_gradients(&x[2 * cut..], &sigma[cut..], &target[2 * cut..])
+            .unwrap();
+        let (wa, wb) = (cut as f64 / n as f64, (n - cut) as f64 / n as f64);
+        let close = |w: f64, pa: f64, pb: f64, what: &str| {
+            let want = wa * pa + wb * pb;
+            assert!(
+                (w - want).abs() <= 1e-5 * (wa * pa.abs() + wb * pb.abs()),
+                "{what}: {w} vs {want}"
+            );
+        };
+        close(whole.loss, a.loss, b.loss, "loss");
+        close(whole.gain, a.gain, b.gain, "gain");
+        for (l, ((w, pa), pb)) in whole
+            .layers
+            .iter()
+            .zip(&a.layers)
+            .zip(&b.layers)
+            .enumerate()
+        {
+            let scale: f64 = w.iter().map(|v| f64::from(*v).abs()).sum::<f64>() / w.len() as f64;
+            for ((w, pa), pb) in w.iter().zip(pa).zip(pb) {
+                let want = wa * f64::from(*pa) + wb * f64::from(*pb);
+                assert!(
+                    (f64::from(*w) - want).abs() <= 1e-4 * scale,
+                    "layer {l}: {w} vs {want}"
+                );
+            }
+        }
+        assert!(net.train_gradients(&x, &sigma, &target[..4]).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let v0 = vec![0.1f32; 32 * INPUTS];
+        let layers = vec![vec![0.01f32; 32 * 32]; 2];
+        assert!(ToyMlp::new(0.0, 1.0, &v0, &layers).is_err());
+        assert!(ToyMlp::new(0.5, 1.0, &v0[..24 * INPUTS], &layers).is_err()); // 24 features
+        assert!(ToyMlp::new(0.5, 1.0, &v0, &[vec![0.0; 10]]).is_err());
+        if ToyMlp::available(32) {
+            let net = ToyMlp::new(0.5, 1.0, &v0, &layers).unwrap();
+            assert!(net.score(&[0.0, 0.0], &[0.0]).is_err());
+            assert!(net.score(&[0.0], &[1.0]).is_err());
+            assert!(net.score(&[f32::NAN, 0.0], &[1.0]).is_err());
+            assert_eq!(net.score(&[], &[]).unwrap().len(), 0);
+        }
+    }
+}
