@@ -76,3 +76,15 @@ pub(crate) fn invalid<T: std::fmt::Display>(
         requirement,
     }
 }
+
+/// Checks that `values` holds two values for each of `n` points (`what` names them).
+pub(crate) fn two_per_point<T>(what: &'static str, values: &[T], n: usize) -> Result<()> {
+    if values.len() == 2 * n {
+        return Ok(());
+    }
+    Err(Error::ShapeMismatch {
+        what,
+        expected: 2 * n,
+        got: values.len(),
+    })
+}

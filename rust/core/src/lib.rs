@@ -13,6 +13,7 @@ pub mod mixture;
 pub mod phema;
 pub mod posthoc;
 pub mod schedule;
+mod simd;
 pub mod store;
 pub mod toy_mlp;
 

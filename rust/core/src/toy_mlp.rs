@@ -10,7 +10,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{invalid, Error, Result};
+use crate::error::{invalid, two_per_point, Error, Result};
 
 /// Inputs of the first layer: the 2-D point (scaled), `ln(sigma) / 4` and 1.
 const INPUTS: usize = 4;
@@ -110,13 +110,7 @@ impl ToyMlp {
     /// The score at points `x` ([N, 2] row-major) and noise levels `sigma` ([N], > 0): [N, 2].
     pub fn score(&self, x: &[f32], sigma: &[f32]) -> Result<Vec<f32>> {
         let n = sigma.len();
-        if x.len() != 2 * n {
-            return Err(Error::ShapeMismatch {
-                what: "x (2 values per point)",
-                expected: 2 * n,
-                got: x.len(),
-            });
-        }
+        two_per_point("x (2 values per point)", x, n)?;
         if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(invalid("sigma", bad, "finite and > 0"));
         }
@@ -176,18 +170,8 @@ impl ToyMlp {
         target: &[f32],
     ) -> Result<TrainGradients> {
         let n = sigma.len();
-        for (what, v) in [
-            ("x (2 values per point)", x),
-            ("target (2 values per point)", target),
-        ] {
-            if v.len() != 2 * n {
-                return Err(Error::ShapeMismatch {
-                    what,
-                    expected: 2 * n,
-                    got: v.len(),
-                });
-            }
-        }
+        two_per_point("x (2 values per point)", x, n)?;
+        two_per_point("target (2 values per point)", target, n)?;
         if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
             return Err(invalid("sigma", bad, "finite and > 0"));
         }
@@ -266,6 +250,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{ToyMlp, INPUTS};
+    use crate::simd::exp_f32x16;
 
     /// Points per tile: 6 x H / 16 accumulators (24 of the 32 vector registers at H = 64).
     pub(super) const T: usize = 6;
@@ -317,36 +302,6 @@ mod avx512 {
                 _mm512_storeu_ps(c.as_mut_ptr().add(t * h + 16 * q), r);
             }
         }
-    }
-
-    /// exp(x) for float32 `x` clamped to [-87, 88] (about 1 ulp): the reduction and polynomial
-    /// of the mixture score's exponential, `2^n` by `scalef`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn exp(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.0)),
-            _mm512_set1_ps(88.0),
-        );
-        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 5_040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        _mm512_scalef_ps(p, n)
     }
 
     /// Scores the points of one chunk (`sigma.len()` of them) into `out`, tile by tile; a last
@@ -409,7 +364,7 @@ mod avx512 {
                 let hv = _mm512_loadu_ps(s.h.as_ptr().add(i));
                 let sig = _mm512_div_ps(
                     one,
-                    _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
+                    _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
                 );
                 let a = _mm512_mul_ps(hv, sig);
                 _mm512_storeu_ps(s.a.as_mut_ptr().add(i), a);
@@ -536,6 +491,25 @@ mod avx512 {
         }
     }
 
+    /// `out[t, :] = k[t] src[t, :]` for rows of 16 HV.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn scale_rows<const HV: usize>(src: &[f32], k: &[f32], out: &mut [f32]) {
+        let h = 16 * HV;
+        for ((src, out), &k) in src.chunks_exact(h).zip(out.chunks_exact_mut(h)).zip(k) {
+            let k = _mm512_set1_ps(k);
+            for (src, out) in src.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
+                // SAFETY: chunks of 16 values.
+                unsafe {
+                    _mm512_storeu_ps(
+                        out.as_mut_ptr(),
+                        _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr()), k),
+                    )
+                };
+            }
+        }
+    }
+
     /// Per-thread buffers of one training block of `P` points.
     pub(super) struct TrainScratch {
         u: Vec<f32>,
@@ -633,7 +607,7 @@ mod avx512 {
                 let hv = _mm512_loadu_ps(s.h.as_ptr().add(i));
                 let sig = _mm512_div_ps(
                     one,
-                    _mm512_add_ps(one, exp(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
+                    _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
                 );
                 let a = _mm512_mul_ps(hv, sig);
                 let d1 = _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(hv, a), one), sig);
@@ -647,16 +621,7 @@ mod avx512 {
             matmul::<HV, false, false>(&s.a[l], h, h, &net.vt[l], &mut s.h, P);
         }
         // Score: d_L = k h_L, b_l = d_l V_l, d_{l-1} = b_l silu'(h_{l-1}).
-        for t in 0..P {
-            let k = _mm512_set1_ps(s.k[t]);
-            for q in 0..HV {
-                let i = t * h + 16 * q;
-                _mm512_storeu_ps(
-                    s.d[layers].as_mut_ptr().add(i),
-                    _mm512_mul_ps(_mm512_loadu_ps(s.h.as_ptr().add(i)), k),
-                );
-            }
-        }
+        scale_rows::<HV>(&s.h, &s.k, &mut s.d[layers]);
         for l in (1..=layers).rev() {
             matmul::<HV, false, false>(&s.d[l], h, h, &net.v[l - 1], &mut s.b[l], P);
             let (b, d1) = (&s.b[l], &s.d1[l - 1]);
@@ -737,16 +702,7 @@ mod avx512 {
         sums.gain += gain;
         // Adjoint of the forward pass: h_bar_L = k d_bar; G_l += h_bar_l^T a_l; h_bar_{l-1} +=
         // (h_bar_l V_l) silu'(h_{l-1}); G_0 += h_bar_0^T u.
-        for t in 0..P {
-            let k = _mm512_set1_ps(s.k[t]);
-            for q in 0..HV {
-                let i = t * h + 16 * q;
-                _mm512_storeu_ps(
-                    s.h_bar[layers].as_mut_ptr().add(i),
-                    _mm512_mul_ps(_mm512_loadu_ps(s.d_bar.as_ptr().add(i)), k),
-                );
-            }
-        }
+        scale_rows::<HV>(&s.d_bar, &s.k, &mut s.h_bar[layers]);
         for l in (1..=layers).rev() {
             matmul::<HV, true, true>(&s.h_bar[l], h, P, &s.a[l - 1], &mut sums.g[l - 1], h);
             matmul::<HV, false, false>(&s.h_bar[l], h, h, &net.v[l - 1], &mut s.tmp, P);
@@ -769,13 +725,23 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// A deterministic pseudo-random stream in [-0.5, 0.5) (splitmix64).
+    /// A deterministic pseudo-random stream in [-0.5, 0.5).
     fn uniform(state: &mut u64) -> f64 {
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        crate::simd::uniform(state) - 0.5
+    }
+
+    /// Applied weights `(v0, layers)` of `layers` hidden layers, uniform in [-0.5, 0.5) (first
+    /// layer) and [-0.25, 0.25).
+    fn random_weights(hidden: usize, layers: usize, st: &mut u64) -> (Vec<f32>, Vec<Vec<f32>>) {
+        let layers = (0..layers)
+            .map(|_| {
+                (0..hidden * hidden)
+                    .map(|_| (uniform(st) * 0.5) as f32)
+                    .collect()
+            })
+            .collect();
+        let v0 = (0..hidden * INPUTS).map(|_| uniform(st) as f32).collect();
+        (v0, layers)
     }
 
     /// The score in float64 by the formulas of the module docs, and the scale of its two terms
@@ -839,16 +805,7 @@ mod tests {
                 continue; // no AVX-512 here: the torch path serves (tested in Python)
             }
             let mut st = hidden as u64;
-            let layers: Vec<Vec<f32>> = (0..4)
-                .map(|_| {
-                    (0..hidden * hidden)
-                        .map(|_| (uniform(&mut st) * 0.5) as f32)
-                        .collect()
-                })
-                .collect();
-            let v0: Vec<f32> = (0..hidden * INPUTS)
-                .map(|_| uniform(&mut st) as f32)
-                .collect();
+            let (v0, layers) = random_weights(hidden, 4, &mut st);
             let (gain, sd) = (0.8f32, 0.5f32);
             let net = ToyMlp::new(sd, gain, &v0, &layers).unwrap();
             // 1,001 points (not a multiple of the tile or the chunk), noise from 1e-3 to 20.
@@ -896,16 +853,7 @@ mod tests {
             return;
         }
         let mut st = 3u64;
-        let layers: Vec<Vec<f32>> = (0..3)
-            .map(|_| {
-                (0..hidden * hidden)
-                    .map(|_| (uniform(&mut st) * 0.5) as f32)
-                    .collect()
-            })
-            .collect();
-        let v0: Vec<f32> = (0..hidden * INPUTS)
-            .map(|_| uniform(&mut st) as f32)
-            .collect();
+        let (v0, layers) = random_weights(hidden, 3, &mut st);
         let net = ToyMlp::new(0.5, 1.3, &v0, &layers).unwrap();
         let n = 1001;
         let x: Vec<f32> = (0..2 * n)

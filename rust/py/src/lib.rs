@@ -256,6 +256,20 @@ impl Mixture2D {
     }
 }
 
+/// A toy MLP from its applied weights as float32 bytes (`v0` [H, 4], `layers` each [H, H]).
+fn toy_net(
+    v0: &[u8],
+    layers: Vec<Vec<u8>>,
+    gain: f32,
+    sigma_data: f32,
+) -> PyResult<toy_mlp::ToyMlp> {
+    let layers = layers
+        .iter()
+        .map(|w| f32s("layers", w))
+        .collect::<PyResult<Vec<_>>>()?;
+    toy_mlp::ToyMlp::new(sigma_data, gain, &f32s("v0", v0)?, &layers).map_err(to_py)
+}
+
 /// Whether `toy_mlp_score` runs on this CPU for `hidden` features.
 #[pyfunction]
 fn toy_mlp_available(hidden: usize) -> bool {
@@ -274,16 +288,9 @@ fn toy_mlp_score<'py>(
     gain: f32,
     sigma_data: f32,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let x = f32s("x", x)?;
-    let sigma = f32s("sigma", sigma)?;
-    let v0 = f32s("v0", v0)?;
-    let layers = layers
-        .iter()
-        .map(|w| f32s("layers", w))
-        .collect::<PyResult<Vec<_>>>()?;
-    let score = py
-        .detach(|| toy_mlp::ToyMlp::new(sigma_data, gain, &v0, &layers)?.score(&x, &sigma))
-        .map_err(to_py)?;
+    let (x, sigma) = (f32s("x", x)?, f32s("sigma", sigma)?);
+    let net = toy_net(v0, layers, gain, sigma_data)?;
+    let score = py.detach(|| net.score(&x, &sigma)).map_err(to_py)?;
     let bytes: Vec<u8> = score.iter().flat_map(|f| f.to_ne_bytes()).collect();
     Ok(PyBytes::new(py, &bytes))
 }
@@ -303,19 +310,14 @@ fn toy_mlp_train<'py>(
     gain: f32,
     sigma_data: f32,
 ) -> PyResult<(f64, f64, Bound<'py, PyBytes>, Vec<Bound<'py, PyBytes>>)> {
-    let x = f32s("x", x)?;
-    let sigma = f32s("sigma", sigma)?;
-    let target = f32s("target", target)?;
-    let v0 = f32s("v0", v0)?;
-    let layers = layers
-        .iter()
-        .map(|w| f32s("layers", w))
-        .collect::<PyResult<Vec<_>>>()?;
+    let (x, sigma, target) = (
+        f32s("x", x)?,
+        f32s("sigma", sigma)?,
+        f32s("target", target)?,
+    );
+    let net = toy_net(v0, layers, gain, sigma_data)?;
     let g = py
-        .detach(|| {
-            toy_mlp::ToyMlp::new(sigma_data, gain, &v0, &layers)?
-                .train_gradients(&x, &sigma, &target)
-        })
+        .detach(|| net.train_gradients(&x, &sigma, &target))
         .map_err(to_py)?;
     let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>();
     Ok((

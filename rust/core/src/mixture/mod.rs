@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{invalid, Error, Result};
+use crate::error::{invalid, two_per_point, Error, Result};
 
 mod single;
 pub use single::Mixture2DF32;
@@ -207,13 +207,7 @@ impl Mixture2D {
     /// with per-point noise levels `sigma` ([N], >= 0).
     pub fn eval(&self, x: &[f64], sigma: &[f64]) -> Result<Evaluation> {
         let n = sigma.len();
-        if x.len() != 2 * n {
-            return Err(Error::ShapeMismatch {
-                what: "x (2 values per point)",
-                expected: 2 * n,
-                got: x.len(),
-            });
-        }
+        two_per_point("x (2 values per point)", x, n)?;
         if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
             return Err(invalid("sigma", bad, "finite and >= 0"));
         }

@@ -260,13 +260,7 @@ impl Mixture2DF32 {
     /// `sigma` ([N], >= 0): [N, 2] row-major.
     pub fn score(&self, x: &[f32], sigma: &[f32]) -> Result<Vec<f32>> {
         let n = sigma.len();
-        if x.len() != 2 * n {
-            return Err(Error::ShapeMismatch {
-                what: "x (2 values per point)",
-                expected: 2 * n,
-                got: x.len(),
-            });
-        }
+        two_per_point("x (2 values per point)", x, n)?;
         if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
             return Err(invalid("sigma", bad, "finite and >= 0"));
         }
@@ -551,37 +545,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Components, Terms};
+    use crate::simd::exp_f32x16;
 
     const W: usize = 16;
-
-    /// [`super::exp_nonpositive_f32`] on 16 lanes (the same reduction and polynomial; `2^n` by
-    /// `scalef`).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn exp_nonpositive(x: __m512) -> __m512 {
-        let floor = _mm512_set1_ps(-87.0);
-        let x = _mm512_max_ps(x, floor); // NaN -> -87 -> 0, as the scalar version
-        let n = _mm512_roundscale_ps::<0x08>(_mm512_mul_ps(
-            x,
-            _mm512_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm512_set1_ps(1.0 / 5_040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-        }
-        let y = _mm512_scalef_ps(p, n);
-        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, floor), y)
-    }
 
     /// The score of one point from `comps` (as [`super::score_point_impl`]).
     ///
@@ -660,10 +626,7 @@ mod avx512 {
         for j in (0..padded).step_by(W) {
             // SAFETY: the buffers hold `padded` values.
             let ld = |v: &[f32]| unsafe { _mm512_loadu_ps(v.as_ptr().add(j)) };
-            let w = _mm512_mul_ps(
-                ld(&s.scale),
-                exp_nonpositive(_mm512_sub_ps(ld(&s.exponent), m)),
-            );
+            let w = _mm512_mul_ps(ld(&s.scale), exp_f32x16(_mm512_sub_ps(ld(&s.exponent), m)));
             sum = _mm512_add_ps(sum, w);
             z0 = _mm512_fmadd_ps(w, ld(&s.g0), z0);
             z1 = _mm512_fmadd_ps(w, ld(&s.g1), z1);
@@ -679,15 +642,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A deterministic pseudo-random stream in [0, 1) (splitmix64).
-    fn uniform(state: &mut u64) -> f64 {
-        *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = *state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
+    use crate::simd::uniform;
 
     /// The kernel of one point that `Mixture2DF32::score` uses on this CPU.
     fn kernel(comps: &Components, x: [f32; 2], sigma: f32, terms: &mut Terms) -> [f32; 2] {
