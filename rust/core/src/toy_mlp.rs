@@ -603,8 +603,11 @@ mod avx512 {
         matmul::<HV, false, false>(&s.u, INPUTS, INPUTS, &net.v0t, &mut s.h, P);
         let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
         for l in 0..layers {
+            // Pointers taken once: through `s`'s nested vectors the compiler would reload them.
+            let (hp, ap) = (s.h.as_ptr(), s.a[l].as_mut_ptr());
+            let (d1p, d2p) = (s.d1[l].as_mut_ptr(), s.d2[l].as_mut_ptr());
             for i in (0..P * h).step_by(16) {
-                let hv = _mm512_loadu_ps(s.h.as_ptr().add(i));
+                let hv = _mm512_loadu_ps(hp.add(i));
                 let sig = _mm512_div_ps(
                     one,
                     _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
@@ -614,9 +617,9 @@ mod avx512 {
                 let t2 = _mm512_mul_ps(two, _mm512_sub_ps(sig, _mm512_mul_ps(sig, sig)));
                 let d2 =
                     _mm512_fmadd_ps(_mm512_sub_ps(d1, sig), _mm512_fnmadd_ps(two, sig, one), t2);
-                _mm512_storeu_ps(s.a[l].as_mut_ptr().add(i), a);
-                _mm512_storeu_ps(s.d1[l].as_mut_ptr().add(i), d1);
-                _mm512_storeu_ps(s.d2[l].as_mut_ptr().add(i), d2);
+                _mm512_storeu_ps(ap.add(i), a);
+                _mm512_storeu_ps(d1p.add(i), d1);
+                _mm512_storeu_ps(d2p.add(i), d2);
             }
             matmul::<HV, false, false>(&s.a[l], h, h, &net.vt[l], &mut s.h, P);
         }
@@ -624,27 +627,25 @@ mod avx512 {
         scale_rows::<HV>(&s.h, &s.k, &mut s.d[layers]);
         for l in (1..=layers).rev() {
             matmul::<HV, false, false>(&s.d[l], h, h, &net.v[l - 1], &mut s.b[l], P);
-            let (b, d1) = (&s.b[l], &s.d1[l - 1]);
+            let (b, d1) = (s.b[l].as_ptr(), s.d1[l - 1].as_ptr());
             let d = s.d[l - 1].as_mut_ptr();
             for i in (0..P * h).step_by(16) {
-                _mm512_storeu_ps(
-                    d.add(i),
-                    _mm512_mul_ps(
-                        _mm512_loadu_ps(b.as_ptr().add(i)),
-                        _mm512_loadu_ps(d1.as_ptr().add(i)),
-                    ),
-                );
+                let v = _mm512_mul_ps(_mm512_loadu_ps(b.add(i)), _mm512_loadu_ps(d1.add(i)));
+                _mm512_storeu_ps(d.add(i), v);
             }
         }
         // score = c_in (V_0^T d_0)[:2] - x c_in^2; loss sigma^2 mean_j diff^2 / n, s_bar.
         let mut loss = 0.0f64;
+        let (c0, c1) = (net.v0c[..h].as_ptr(), net.v0c[h..].as_ptr());
         for t in 0..P {
-            let (mut z0, mut z1) = (0.0f32, 0.0f32);
-            for o in 0..h {
-                let dv = s.d[0][t * h + o];
-                z0 += dv * net.v0[2 * o];
-                z1 += dv * net.v0[2 * o + 1];
+            let dp = s.d[0].as_ptr().add(t * h);
+            let (mut v0, mut v1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+            for q in 0..HV {
+                let dv = _mm512_loadu_ps(dp.add(16 * q));
+                v0 = _mm512_fmadd_ps(dv, _mm512_loadu_ps(c0.add(16 * q)), v0);
+                v1 = _mm512_fmadd_ps(dv, _mm512_loadu_ps(c1.add(16 * q)), v1);
             }
+            let (z0, z1) = (_mm512_reduce_add_ps(v0), _mm512_reduce_add_ps(v1));
             if t >= m {
                 s.s_bar[2 * t] = 0.0;
                 s.s_bar[2 * t + 1] = 0.0;
@@ -680,15 +681,21 @@ mod avx512 {
         }
         for l in 1..=layers {
             // b_bar = d_bar silu', h_bar_{l-1} = d_bar b_l silu''; d_bar = b_bar V_l^T; G_l += d_l^T b_bar.
+            let (dbp, d1p, bp, d2p) = (
+                s.d_bar.as_ptr(),
+                s.d1[l - 1].as_ptr(),
+                s.b[l].as_ptr(),
+                s.d2[l - 1].as_ptr(),
+            );
+            let (bbp, hbp) = (s.b_bar.as_mut_ptr(), s.h_bar[l - 1].as_mut_ptr());
             for i in (0..P * h).step_by(16) {
-                let db = _mm512_loadu_ps(s.d_bar.as_ptr().add(i));
-                let bb = _mm512_mul_ps(db, _mm512_loadu_ps(s.d1[l - 1].as_ptr().add(i)));
-                _mm512_storeu_ps(s.b_bar.as_mut_ptr().add(i), bb);
+                let db = _mm512_loadu_ps(dbp.add(i));
+                _mm512_storeu_ps(bbp.add(i), _mm512_mul_ps(db, _mm512_loadu_ps(d1p.add(i))));
                 let hb = _mm512_mul_ps(
-                    _mm512_mul_ps(db, _mm512_loadu_ps(s.b[l].as_ptr().add(i))),
-                    _mm512_loadu_ps(s.d2[l - 1].as_ptr().add(i)),
+                    _mm512_mul_ps(db, _mm512_loadu_ps(bp.add(i))),
+                    _mm512_loadu_ps(d2p.add(i)),
                 );
-                _mm512_storeu_ps(s.h_bar[l - 1].as_mut_ptr().add(i), hb);
+                _mm512_storeu_ps(hbp.add(i), hb);
             }
             matmul::<HV, false, false>(&s.b_bar, h, h, &net.vt[l - 1], &mut s.d_bar, P);
             matmul::<HV, true, true>(&s.d[l], h, P, &s.b_bar, &mut sums.g[l - 1], h);
@@ -696,7 +703,16 @@ mod avx512 {
         // The gain's gradient: sum (2 / H) / sigma h_L . d_bar.
         let mut gain = 0.0f64;
         for (t, &sg) in sigma.iter().enumerate() {
-            let dot: f32 = (0..h).map(|o| s.h[t * h + o] * s.d_bar[t * h + o]).sum();
+            let (hp, dp) = (s.h.as_ptr().add(t * h), s.d_bar.as_ptr().add(t * h));
+            let mut acc = _mm512_setzero_ps();
+            for q in 0..HV {
+                acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(hp.add(16 * q)),
+                    _mm512_loadu_ps(dp.add(16 * q)),
+                    acc,
+                );
+            }
+            let dot = _mm512_reduce_add_ps(acc);
             gain += f64::from((2.0 / h as f32) / sg * dot);
         }
         sums.gain += gain;
@@ -706,12 +722,12 @@ mod avx512 {
         for l in (1..=layers).rev() {
             matmul::<HV, true, true>(&s.h_bar[l], h, P, &s.a[l - 1], &mut sums.g[l - 1], h);
             matmul::<HV, false, false>(&s.h_bar[l], h, h, &net.v[l - 1], &mut s.tmp, P);
-            let d1 = &s.d1[l - 1];
+            let (tp, d1) = (s.tmp.as_ptr(), s.d1[l - 1].as_ptr());
             let hb = s.h_bar[l - 1].as_mut_ptr();
             for i in (0..P * h).step_by(16) {
                 let v = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(s.tmp.as_ptr().add(i)),
-                    _mm512_loadu_ps(d1.as_ptr().add(i)),
+                    _mm512_loadu_ps(tp.add(i)),
+                    _mm512_loadu_ps(d1.add(i)),
                     _mm512_loadu_ps(hb.add(i)),
                 );
                 _mm512_storeu_ps(hb.add(i), v);
