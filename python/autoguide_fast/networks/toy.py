@@ -46,6 +46,25 @@ def _score_path() -> str:
     return value
 
 
+def _core_accepts(sigma: torch.Tensor, *finite: torch.Tensor) -> bool:
+    # Float32 CPU inputs the core's kernel accepts: the tensors `finite` finite, every noise level
+    # positive (elsewhere torch computes the same formulas, NaN and all).
+    return (
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (sigma, *finite))
+        and all(bool(torch.isfinite(t).all()) for t in finite)
+        and bool(((sigma > 0) & torch.isfinite(sigma)).all())
+    )
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    # A float32 tensor as the core's native-endian bytes.
+    return t.detach().contiguous().numpy().tobytes()
+
+
+def _from_raw(b: bytes, shape) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(b, dtype=np.float32).copy()).reshape(shape)
+
+
 class ToyModel(torch.nn.Module):
     """Log-density MLP for 2D data; ``model(x, sigma)`` is a denoiser.
 
@@ -122,12 +141,13 @@ class ToyModel(torch.nn.Module):
         # The score without autograd's graph (sampling: 2x faster): the forward pass h_l, then
         # the backward pass d_l = d logp / d h_l, as in ToyStack._block (its notation). Float32
         # on a CPU with AVX-512 takes the Rust core's tiled kernel (2-3x faster again).
-        u, sigma, c_in = self._inputs(x, sigma)
         V = [m.effective_weight(x.dtype) for m in self.layers[::2]]
         V = [V[0]] + [v / _SILU_STD for v in V[1:]]
-        if self._core_serves(x, sigma):
-            return self._score_core(x, sigma, V)
-        return self._score_torch(x, u, sigma, c_in, V)
+        if self.uses_core and x.shape[-1:] == (2,):
+            s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).broadcast_to(x.shape[:-1])
+            if _core_accepts(s, x):
+                return self._score_core(x, s, V)
+        return self._score_torch(x, sigma, V)
 
     @property
     def uses_core(self) -> bool:
@@ -135,32 +155,19 @@ class ToyModel(torch.nn.Module):
         core's kernel (``AUTOGUIDE_TOY`` = ``core``, 2-D points, 16, 32 or 64 features, AVX-512)."""
         return _score_path() == "core" and self.in_dim == 2 and _core.toy_mlp_available(self.hidden_dim)
 
-    def _core_serves(self, x: torch.Tensor, sigma: torch.Tensor) -> bool:
-        # The core's kernel: float32 CPU tensors, 2-D points, 16/32/64 features, AVX-512, and
-        # inputs it accepts (elsewhere torch computes the same formulas, NaN and all).
-        return (
-            self.uses_core
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and bool(torch.isfinite(x).all())
-            and bool(((sigma > 0) & torch.isfinite(sigma)).all())
-        )
-
     def _score_core(self, x: torch.Tensor, sigma: torch.Tensor, V: list[torch.Tensor]) -> torch.Tensor:
-        def raw(t: torch.Tensor) -> bytes:
-            return t.detach().contiguous().numpy().tobytes()
-
         score = _core.toy_mlp_score(
-            raw(x.reshape(-1, 2)),
-            raw(sigma.reshape(-1)),
-            raw(V[0]),
-            [raw(v) for v in V[1:]],
+            _raw(x.reshape(-1, 2)),
+            _raw(sigma.reshape(-1)),
+            _raw(V[0]),
+            [_raw(v) for v in V[1:]],
             float(self.gain),
             self.sigma_data,
         )
-        return torch.from_numpy(np.frombuffer(score, dtype=np.float32).copy()).reshape(x.shape)
+        return _from_raw(score, x.shape)
 
-    def _score_torch(self, x, u, sigma, c_in, V) -> torch.Tensor:
+    def _score_torch(self, x, sigma, V) -> torch.Tensor:
+        u, sigma, c_in = self._inputs(x, sigma)
         h, d1 = u @ V[0].mT, []
         for v in V[1:]:
             sig = torch.sigmoid(h)
@@ -276,7 +283,7 @@ class ToyStack(torch.nn.Module):
         over points, and so the float32 rounding, are grouped by block)."""
         W = [normalize(w, dim=-1) / math.sqrt(w.shape[-1]) for w in self.weights]
         V = [W[0]] + [w / _SILU_STD for w in W[1:]]
-        if self._core_serves(x, sigma, target):
+        if self.uses_core and _core_accepts(sigma, x, target):
             loss, gain_grad, G = self._core_gradients(x, sigma, target, V)
         else:
             loss, gain_grad, G = self._torch_gradients(x, sigma, target, V)
@@ -298,38 +305,22 @@ class ToyStack(torch.nn.Module):
             and _core.toy_mlp_available(self.config["hidden_dim"])
         )
 
-    def _core_serves(self, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor) -> bool:
-        # As ToyModel._core_serves: float32 CPU tensors the Rust core's kernel accepts.
-        return (
-            self.uses_core
-            and x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and bool(torch.isfinite(x).all() and torch.isfinite(target).all())
-            and bool(((sigma > 0) & torch.isfinite(sigma)).all())
-        )
-
     def _core_gradients(self, x, sigma, target, V):
-        def raw(t: torch.Tensor) -> bytes:
-            return t.detach().contiguous().numpy().tobytes()
-
-        def tensor(b: bytes, shape) -> torch.Tensor:
-            return torch.from_numpy(np.frombuffer(b, dtype=np.float32).copy()).reshape(shape)
-
         losses, gains, G = [], [], [[] for _ in V]
         for i in range(len(self)):
             loss, gain, g0, gs = _core.toy_mlp_train(
-                raw(x[i]),
-                raw(sigma[i]),
-                raw(target[i]),
-                raw(V[0][i]),
-                [raw(v[i]) for v in V[1:]],
+                _raw(x[i]),
+                _raw(sigma[i]),
+                _raw(target[i]),
+                _raw(V[0][i]),
+                [_raw(v[i]) for v in V[1:]],
                 float(self.gain[i]),
                 self.sigma_data,
             )
             losses.append(loss)
             gains.append(gain)
             for l, g in enumerate([g0, *gs]):
-                G[l].append(tensor(g, V[l].shape[1:]))
+                G[l].append(_from_raw(g, V[l].shape[1:]))
         dtype = self.gain.dtype
         losses, gains = torch.tensor(losses, dtype=dtype), torch.tensor(gains, dtype=dtype)
         return losses, gains, [torch.stack(g) for g in G]
