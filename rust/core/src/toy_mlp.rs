@@ -491,22 +491,66 @@ mod avx512 {
         }
     }
 
-    /// `out[t, :] = k[t] src[t, :]` for rows of 16 HV.
+    /// `epi(r, i, sum)` for the sums of `R` rows `r0 ..` of `A B` (`A(r, kk) = a[r lda + kk]`, `B`
+    /// [k, 16 HV] row-major), 16 columns at a time from offset `i = r h + 16 q` of row-major rows
+    /// of `h = 16 HV`: the GEMM's epilogue works on its sums in registers. `epi` may write rows
+    /// `r0 .. r0 + R` of `A` itself: they are read in full before.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn scale_rows<const HV: usize>(src: &[f32], k: &[f32], out: &mut [f32]) {
+    unsafe fn gemm_epi<const HV: usize, const R: usize, F: FnMut(usize, usize, __m512)>(
+        a: *const f32,
+        lda: usize,
+        k: usize,
+        b: *const f32,
+        r0: usize,
+        epi: &mut F,
+    ) {
         let h = 16 * HV;
-        for ((src, out), &k) in src.chunks_exact(h).zip(out.chunks_exact_mut(h)).zip(k) {
-            let k = _mm512_set1_ps(k);
-            for (src, out) in src.chunks_exact(16).zip(out.chunks_exact_mut(16)) {
-                // SAFETY: chunks of 16 values.
-                unsafe {
-                    _mm512_storeu_ps(
-                        out.as_mut_ptr(),
-                        _mm512_mul_ps(_mm512_loadu_ps(src.as_ptr()), k),
-                    )
-                };
+        let mut acc = [[_mm512_setzero_ps(); HV]; R];
+        for kk in 0..k {
+            let bp = b.add(kk * h);
+            let mut bv = [_mm512_setzero_ps(); HV];
+            for (q, v) in bv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(bp.add(16 * q));
             }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add((r0 + r) * lda + kk));
+                for (v, &w) in row.iter_mut().zip(&bv) {
+                    *v = _mm512_fmadd_ps(x, w, *v);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (q, &v) in row.iter().enumerate() {
+                epi(r0 + r, (r0 + r) * h + 16 * q, v);
+            }
+        }
+    }
+
+    /// [`gemm_epi`] over `rows` rows, six at a time.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn matmul_epi<const HV: usize, F: FnMut(usize, usize, __m512)>(
+        a: *const f32,
+        lda: usize,
+        k: usize,
+        b: &[f32],
+        rows: usize,
+        mut epi: F,
+    ) {
+        debug_assert!(b.len() >= k * 16 * HV);
+        let (b, mut r) = (b.as_ptr(), 0);
+        while r + 6 <= rows {
+            gemm_epi::<HV, 6, F>(a, lda, k, b, r, &mut epi);
+            r += 6;
+        }
+        match rows - r {
+            0 => {}
+            1 => gemm_epi::<HV, 1, F>(a, lda, k, b, r, &mut epi),
+            2 => gemm_epi::<HV, 2, F>(a, lda, k, b, r, &mut epi),
+            3 => gemm_epi::<HV, 3, F>(a, lda, k, b, r, &mut epi),
+            4 => gemm_epi::<HV, 4, F>(a, lda, k, b, r, &mut epi),
+            _ => gemm_epi::<HV, 5, F>(a, lda, k, b, r, &mut epi),
         }
     }
 
@@ -517,7 +561,6 @@ mod avx512 {
         k: Vec<f32>,
         s_bar: Vec<f32>,
         h: Vec<f32>,
-        tmp: Vec<f32>,
         d_bar: Vec<f32>,
         b_bar: Vec<f32>,
         a: Vec<Vec<f32>>,
@@ -541,7 +584,6 @@ mod avx512 {
                 k: vec![0.0; P],
                 s_bar: vec![0.0; P * 2],
                 h: vec![0.0; m],
-                tmp: vec![0.0; m],
                 d_bar: vec![0.0; m],
                 b_bar: vec![0.0; m],
                 a: many(layers),
@@ -599,15 +641,11 @@ mod avx512 {
                 1.0,
             ]);
         }
-        // Forward: h_l, a_l = silu(h_{l-1}), silu' and silu'' at h_{l-1}.
-        matmul::<HV, false, false>(&s.u, INPUTS, INPUTS, &net.v0t, &mut s.h, P);
+        // Forward: h_l = V_l a_{l-1} (h_0 = V_0 u), and in the GEMM's epilogue a_l = silu(h_l),
+        // silu'(h_l) and silu''(h_l); the last layer's epilogue keeps h_L and d_L = k h_L.
         let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
-        for l in 0..layers {
-            // Pointers taken once: through `s`'s nested vectors the compiler would reload them.
-            let (hp, ap) = (s.h.as_ptr(), s.a[l].as_mut_ptr());
-            let (d1p, d2p) = (s.d1[l].as_mut_ptr(), s.d2[l].as_mut_ptr());
-            for i in (0..P * h).step_by(16) {
-                let hv = _mm512_loadu_ps(hp.add(i));
+        let silu = |ap: *mut f32, d1p: *mut f32, d2p: *mut f32| {
+            move |_: usize, i: usize, hv: __m512| {
                 let sig = _mm512_div_ps(
                     one,
                     _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
@@ -621,18 +659,40 @@ mod avx512 {
                 _mm512_storeu_ps(d1p.add(i), d1);
                 _mm512_storeu_ps(d2p.add(i), d2);
             }
-            matmul::<HV, false, false>(&s.a[l], h, h, &net.vt[l], &mut s.h, P);
-        }
-        // Score: d_L = k h_L, b_l = d_l V_l, d_{l-1} = b_l silu'(h_{l-1}).
-        scale_rows::<HV>(&s.h, &s.k, &mut s.d[layers]);
-        for l in (1..=layers).rev() {
-            matmul::<HV, false, false>(&s.d[l], h, h, &net.v[l - 1], &mut s.b[l], P);
-            let (b, d1) = (s.b[l].as_ptr(), s.d1[l - 1].as_ptr());
-            let d = s.d[l - 1].as_mut_ptr();
-            for i in (0..P * h).step_by(16) {
-                let v = _mm512_mul_ps(_mm512_loadu_ps(b.add(i)), _mm512_loadu_ps(d1.add(i)));
-                _mm512_storeu_ps(d.add(i), v);
+        };
+        let kp = s.k.as_ptr();
+        for l in 0..=layers {
+            let (a, lda, w) = if l == 0 {
+                (s.u.as_ptr(), INPUTS, &net.v0t)
+            } else {
+                (s.a[l - 1].as_ptr(), h, &net.vt[l - 1])
+            };
+            if l < layers {
+                let epi = silu(
+                    s.a[l].as_mut_ptr(),
+                    s.d1[l].as_mut_ptr(),
+                    s.d2[l].as_mut_ptr(),
+                );
+                matmul_epi::<HV, _>(a, lda, lda, w, P, epi);
+            } else {
+                let (hp, dp) = (s.h.as_mut_ptr(), s.d[layers].as_mut_ptr());
+                matmul_epi::<HV, _>(a, lda, lda, w, P, |r, i, hv| {
+                    _mm512_storeu_ps(hp.add(i), hv);
+                    _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(hv, _mm512_set1_ps(*kp.add(r))));
+                });
             }
+        }
+        // Score: b_l = d_l V_l, d_{l-1} = b_l silu'(h_{l-1}) (in the epilogue).
+        for l in (1..=layers).rev() {
+            let (bp, d1p, dp) = (
+                s.b[l].as_mut_ptr(),
+                s.d1[l - 1].as_ptr(),
+                s.d[l - 1].as_mut_ptr(),
+            );
+            matmul_epi::<HV, _>(s.d[l].as_ptr(), h, h, &net.v[l - 1], P, |_, i, v| {
+                _mm512_storeu_ps(bp.add(i), v);
+                _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(v, _mm512_loadu_ps(d1p.add(i))));
+            });
         }
         // score = c_in (V_0^T d_0)[:2] - x c_in^2; loss sigma^2 mean_j diff^2 / n, s_bar.
         let mut loss = 0.0f64;
@@ -662,9 +722,24 @@ mod avx512 {
             s.s_bar[2 * t + 1] = c * s2 * diff[1] * inv_n;
         }
         sums.loss += loss;
-        // Adjoint of the score pass: G_0[:, :2] += d_0^T s_bar, d_bar = s_bar V_0[:, :2]^T.
+        // Adjoint of the score pass: G_0[:, :2] += d_0^T s_bar, d_bar = s_bar V_0[:, :2]^T; per
+        // layer, b_bar = d_bar silu', h_bar_{l-1} = d_bar b_l silu'' (where d_bar is made);
+        // G_l += d_l^T b_bar, d_bar = b_bar V_l^T.
         matmul::<HV, true, true>(&s.s_bar, 2, P, &s.d[0], &mut sums.g0t, 2);
-        let (c0, c1) = (&net.v0c[..h], &net.v0c[h..]);
+        let adjoint = |l: usize, s: &mut TrainScratch| {
+            let (bbp, hbp) = (s.b_bar.as_mut_ptr(), s.h_bar[l - 1].as_mut_ptr());
+            let (d1p, bp, d2p) = (s.d1[l - 1].as_ptr(), s.b[l].as_ptr(), s.d2[l - 1].as_ptr());
+            move |_: usize, i: usize, db: __m512| {
+                _mm512_storeu_ps(bbp.add(i), _mm512_mul_ps(db, _mm512_loadu_ps(d1p.add(i))));
+                let hb = _mm512_mul_ps(
+                    _mm512_mul_ps(db, _mm512_loadu_ps(bp.add(i))),
+                    _mm512_loadu_ps(d2p.add(i)),
+                );
+                _mm512_storeu_ps(hbp.add(i), hb);
+            }
+        };
+        let first = adjoint(1, s);
+        let (c0, c1) = (net.v0c[..h].as_ptr(), net.v0c[h..].as_ptr());
         for t in 0..P {
             let (s0, s1) = (
                 _mm512_set1_ps(s.s_bar[2 * t]),
@@ -673,32 +748,26 @@ mod avx512 {
             for q in 0..HV {
                 let v = _mm512_fmadd_ps(
                     s1,
-                    _mm512_loadu_ps(c1.as_ptr().add(16 * q)),
-                    _mm512_mul_ps(s0, _mm512_loadu_ps(c0.as_ptr().add(16 * q))),
+                    _mm512_loadu_ps(c1.add(16 * q)),
+                    _mm512_mul_ps(s0, _mm512_loadu_ps(c0.add(16 * q))),
                 );
-                _mm512_storeu_ps(s.d_bar.as_mut_ptr().add(t * h + 16 * q), v);
+                first(t, t * h + 16 * q, v);
             }
         }
         for l in 1..=layers {
-            // b_bar = d_bar silu', h_bar_{l-1} = d_bar b_l silu''; d_bar = b_bar V_l^T; G_l += d_l^T b_bar.
-            let (dbp, d1p, bp, d2p) = (
-                s.d_bar.as_ptr(),
-                s.d1[l - 1].as_ptr(),
-                s.b[l].as_ptr(),
-                s.d2[l - 1].as_ptr(),
-            );
-            let (bbp, hbp) = (s.b_bar.as_mut_ptr(), s.h_bar[l - 1].as_mut_ptr());
-            for i in (0..P * h).step_by(16) {
-                let db = _mm512_loadu_ps(dbp.add(i));
-                _mm512_storeu_ps(bbp.add(i), _mm512_mul_ps(db, _mm512_loadu_ps(d1p.add(i))));
-                let hb = _mm512_mul_ps(
-                    _mm512_mul_ps(db, _mm512_loadu_ps(bp.add(i))),
-                    _mm512_loadu_ps(d2p.add(i)),
-                );
-                _mm512_storeu_ps(hbp.add(i), hb);
-            }
-            matmul::<HV, false, false>(&s.b_bar, h, h, &net.vt[l - 1], &mut s.d_bar, P);
             matmul::<HV, true, true>(&s.d[l], h, P, &s.b_bar, &mut sums.g[l - 1], h);
+            // b_bar's rows are read before the epilogue overwrites them (gemm_epi).
+            let bb = s.b_bar.as_mut_ptr();
+            if l < layers {
+                matmul_epi::<HV, _>(bb, h, h, &net.vt[l - 1], P, adjoint(l + 1, s));
+            } else {
+                // The last d_bar, and h_bar_L = k d_bar for the forward pass's adjoint.
+                let (dbp, hbp) = (s.d_bar.as_mut_ptr(), s.h_bar[layers].as_mut_ptr());
+                matmul_epi::<HV, _>(bb, h, h, &net.vt[l - 1], P, |r, i, v| {
+                    _mm512_storeu_ps(dbp.add(i), v);
+                    _mm512_storeu_ps(hbp.add(i), _mm512_mul_ps(v, _mm512_set1_ps(*kp.add(r))));
+                });
+            }
         }
         // The gain's gradient: sum (2 / H) / sigma h_L . d_bar.
         let mut gain = 0.0f64;
@@ -716,22 +785,16 @@ mod avx512 {
             gain += f64::from((2.0 / h as f32) / sg * dot);
         }
         sums.gain += gain;
-        // Adjoint of the forward pass: h_bar_L = k d_bar; G_l += h_bar_l^T a_l; h_bar_{l-1} +=
-        // (h_bar_l V_l) silu'(h_{l-1}); G_0 += h_bar_0^T u.
-        scale_rows::<HV>(&s.d_bar, &s.k, &mut s.h_bar[layers]);
+        // Adjoint of the forward pass: G_l += h_bar_l^T a_l; h_bar_{l-1} += (h_bar_l V_l)
+        // silu'(h_{l-1}) (in the epilogue); G_0 += h_bar_0^T u.
         for l in (1..=layers).rev() {
             matmul::<HV, true, true>(&s.h_bar[l], h, P, &s.a[l - 1], &mut sums.g[l - 1], h);
-            matmul::<HV, false, false>(&s.h_bar[l], h, h, &net.v[l - 1], &mut s.tmp, P);
-            let (tp, d1) = (s.tmp.as_ptr(), s.d1[l - 1].as_ptr());
-            let hb = s.h_bar[l - 1].as_mut_ptr();
-            for i in (0..P * h).step_by(16) {
-                let v = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(tp.add(i)),
-                    _mm512_loadu_ps(d1.add(i)),
-                    _mm512_loadu_ps(hb.add(i)),
-                );
-                _mm512_storeu_ps(hb.add(i), v);
-            }
+            let (d1p, hbp) = (s.d1[l - 1].as_ptr(), s.h_bar[l - 1].as_mut_ptr());
+            matmul_epi::<HV, _>(s.h_bar[l].as_ptr(), h, h, &net.v[l - 1], P, |_, i, v| {
+                let hb =
+                    _mm512_fmadd_ps(v, _mm512_loadu_ps(d1p.add(i)), _mm512_loadu_ps(hbp.add(i)));
+                _mm512_storeu_ps(hbp.add(i), hb);
+            });
         }
         matmul::<HV, true, true>(&s.u, INPUTS, P, &s.h_bar[0], &mut sums.g0t, INPUTS);
     }
