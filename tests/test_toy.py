@@ -96,6 +96,25 @@ def test_float32_score_is_as_accurate_as_torch_float32(classes):
         gt.score_f32(torch.zeros(3, 2), -1.0)
 
 
+def test_background_score_equals_the_foreground_one():
+    # Large enough to take the tiled path (>= 16,384 points); the idle pool runs the same code.
+    gt = toy.ground_truth("A")
+    g = torch.Generator().manual_seed(8)
+    sigma = (torch.randn(4, 5000, generator=g) * 1.5 - 2.3).exp()
+    x = gt.sample(20000, sigma.reshape(-1), generator=g).reshape(4, 5000, 2)
+    pending = [gt.score_f32_start(x[i], sigma[i]) for i in range(2)] + [gt.score_f32_start(x, sigma)]
+    assert torch.equal(pending[2](), gt.score_f32(x, sigma))
+    for i in range(2):
+        assert torch.equal(pending[i](), gt.score_f32(x[i], sigma[i]))
+    with pytest.raises(RuntimeError, match="already taken"):
+        pending[0]()
+    # Bad input raises when the job is started, not when its result is taken.
+    with pytest.raises(ValueError, match="sigma must be finite and >= 0"):
+        gt.score_f32_start(torch.zeros(3, 2), torch.tensor([0.1, float("nan"), 0.2]))
+    with pytest.raises(ValueError, match="x must be finite"):
+        gt.score_f32_start(torch.tensor([[0.0, float("inf")]]), 0.5)
+
+
 def test_score_is_the_gradient_of_logp():
     gt = toy.ground_truth("A")
     x = torch.tensor([[0.4, 0.5], [0.9, 0.2], [0.1, 1.0]], dtype=torch.float64)

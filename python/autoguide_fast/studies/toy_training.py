@@ -168,9 +168,17 @@ def train_together(
 
 
 def _train_loop(stack, ema, opt, gts, gens, lengths, batch_size, out, bar, lr_ref, lr_iter, P_mean, P_std):
-    for start in range(0, lengths[-1], DATA_CHUNK):
-        chunk = min(DATA_CHUNK, lengths[-1] - start)
-        sigma, x, target = _training_data(gts, gens, chunk, batch_size, P_mean, P_std)
+    # Data in chunks of DATA_CHUNK iterations, one chunk ahead: while a chunk trains, the next one's
+    # targets are scored on the core's idle threads (they fill the cores the loop leaves idle).
+    total = lengths[-1]
+    sizes = [min(DATA_CHUNK, total - start) for start in range(0, total, DATA_CHUNK)]
+    upcoming = _start_data(gts, gens, sizes[0], batch_size, P_mean, P_std)
+    start = 0
+    for c, chunk in enumerate(sizes):
+        sigma, x, targets = upcoming
+        if c + 1 < len(sizes):  # drawn while this chunk's targets finish
+            upcoming = _start_data(gts, gens, sizes[c + 1], batch_size, P_mean, P_std)
+        target = torch.stack([t() for t in targets], dim=1)
         for i in range(chunk):
             it = start + i
             opt.param_groups[0]["lr"] = lr_ref / math.sqrt(max(it / lr_iter, 1))
@@ -183,17 +191,19 @@ def _train_loop(stack, ema, opt, gts, gens, lengths, batch_size, out, bar, lr_re
                     for k, net in enumerate(averaged.models()):
                         out[k][(it + 1, std)] = net
             bar.update()
+        start += chunk
 
 
-def _training_data(gts, gens, iters: int, batch_size: int, P_mean: float, P_std: float):
+def _start_data(gts, gens, iters: int, batch_size: int, P_mean: float, P_std: float):
     """``iters`` iterations of training data of every run: noise levels [iters, S, N], points
-    [iters, S, N, 2] and their ground-truth scores (float32 core, one call per run)."""
+    [iters, S, N, 2], and per run a function that waits for their ground-truth scores [iters,
+    N, 2] (float32 core, scored on its idle threads)."""
     sigma = torch.empty(iters, len(gts), batch_size)
     x = torch.empty(iters, len(gts), batch_size, 2)
-    target = torch.empty_like(x)
+    targets = []
     for k, (gt, gen) in enumerate(zip(gts, gens)):
         for i in range(iters):  # the draws of one iteration, in the order of the recipe
             sigma[i, k] = (torch.randn(batch_size, generator=gen) * P_std + P_mean).exp()
             x[i, k] = gt.sample(batch_size, sigma[i, k], generator=gen)
-        target[:, k] = gt.score_f32(x[:, k], sigma[:, k])
-    return sigma, x, target
+        targets.append(gt.score_f32_start(x[:, k], sigma[:, k]))
+    return sigma, x, targets

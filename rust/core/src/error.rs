@@ -47,6 +47,9 @@ pub enum Error {
         tensor: String,
         cause: String,
     },
+    /// A job of the idle pool (`idle::spawn`) panicked (maps to the library's error class).
+    #[error("a background job failed: {0}")]
+    Background(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

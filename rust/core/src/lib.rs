@@ -6,9 +6,11 @@
 //! - [`mixture`]: exact log-density and score of 2D Gaussian mixtures under heat diffusion
 //!   (the ground truth of the autoguidance toy experiment).
 //! - [`store`]: memory-mapped, validated safetensors snapshots and atomic writes.
+//! - [`idle`]: a pool of lowest-priority threads that prepares data in the foreground's gaps.
 //! - [`toy_mlp`]: the score of the toy experiment's MLP in float32 (AVX-512).
 
 pub mod error;
+pub mod idle;
 pub mod mixture;
 pub mod phema;
 pub mod posthoc;

@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use autoguide_core::{mixture, phema, posthoc, schedule, store, toy_mlp, Error};
+use autoguide_core::{idle, mixture, phema, posthoc, schedule, store, toy_mlp, Error};
 use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyOSError, PyOverflowError, PyValueError,
+    PyException, PyFileNotFoundError, PyOSError, PyOverflowError, PyRuntimeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -27,7 +27,8 @@ fn to_py(err: Error) -> PyErr {
         | Error::Format { .. }
         | Error::Inconsistent { .. }
         | Error::NonFinite { .. }
-        | Error::Cancelled => AutoguideError::new_err(err.to_string()),
+        | Error::Cancelled
+        | Error::Background(_) => AutoguideError::new_err(err.to_string()),
     }
 }
 
@@ -181,6 +182,11 @@ fn f64s(name: &str, bytes: &[u8]) -> PyResult<Vec<f64>> {
         .collect())
 }
 
+/// float32 values as native-endian bytes.
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|f| f.to_ne_bytes()).collect()
+}
+
 fn f32s(name: &str, bytes: &[u8]) -> PyResult<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
         return Err(PyValueError::new_err(format!(
@@ -198,7 +204,28 @@ fn f32s(name: &str, bytes: &[u8]) -> PyResult<Vec<f32>> {
 #[pyclass(frozen, module = "autoguide_fast._core")]
 struct Mixture2D {
     inner: mixture::Mixture2D,
-    inner_f32: mixture::Mixture2DF32,
+    inner_f32: std::sync::Arc<mixture::Mixture2DF32>,
+}
+
+/// A float32 score started by `Mixture2D.score_f32_start`, computing on the idle pool.
+#[pyclass(frozen, module = "autoguide_fast._core")]
+struct PendingScore {
+    job: std::sync::Mutex<Option<idle::Pending<autoguide_core::Result<Vec<f32>>>>>,
+}
+
+#[pymethods]
+impl PendingScore {
+    /// Waits for the score and returns it as `Mixture2D.score_f32` does (once).
+    fn result<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let job = self
+            .job
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("PendingScore: lock poisoned"))?
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("PendingScore.result() was already taken"))?;
+        let score = py.detach(|| job.wait()).map_err(to_py)?.map_err(to_py)?;
+        Ok(PyBytes::new(py, &f32_bytes(&score)))
+    }
 }
 
 #[pymethods]
@@ -206,7 +233,7 @@ impl Mixture2D {
     #[new]
     fn new(phi: Vec<f64>, mu: Vec<f64>, cov: Vec<f64>) -> PyResult<Self> {
         let inner = mixture::Mixture2D::new(&phi, &mu, &cov).map_err(to_py)?;
-        let inner_f32 = mixture::Mixture2DF32::new(&inner);
+        let inner_f32 = std::sync::Arc::new(mixture::Mixture2DF32::new(&inner));
         Ok(Self { inner, inner_f32 })
     }
 
@@ -223,8 +250,20 @@ impl Mixture2D {
         let score = py
             .detach(|| self.inner_f32.score(&x, &sigma))
             .map_err(to_py)?;
-        let bytes: Vec<u8> = score.iter().flat_map(|f| f.to_ne_bytes()).collect();
-        Ok(PyBytes::new(py, &bytes))
+        Ok(PyBytes::new(py, &f32_bytes(&score)))
+    }
+
+    /// `score_f32` started on the core's idle pool (lowest-priority threads that use the cores
+    /// the caller leaves idle): checks the inputs and returns at once; `.result()` waits for the
+    /// bytes.
+    fn score_f32_start(&self, x: &[u8], sigma: &[u8]) -> PyResult<PendingScore> {
+        let (x, sigma) = (f32s("x", x)?, f32s("sigma", sigma)?);
+        mixture::Mixture2DF32::check(&x, &sigma).map_err(to_py)?; // bad input raises here
+        let m = std::sync::Arc::clone(&self.inner_f32);
+        let job = idle::spawn(move || m.score(&x, &sigma));
+        Ok(PendingScore {
+            job: std::sync::Mutex::new(Some(job)),
+        })
     }
 
     fn __len__(&self) -> usize {
@@ -291,8 +330,7 @@ fn toy_mlp_score<'py>(
     let (x, sigma) = (f32s("x", x)?, f32s("sigma", sigma)?);
     let net = toy_net(v0, layers, gain, sigma_data)?;
     let score = py.detach(|| net.score(&x, &sigma)).map_err(to_py)?;
-    let bytes: Vec<u8> = score.iter().flat_map(|f| f.to_ne_bytes()).collect();
-    Ok(PyBytes::new(py, &bytes))
+    Ok(PyBytes::new(py, &f32_bytes(&score)))
 }
 
 /// The exact-score-matching loss of a toy MLP on one batch and its gradients in the applied
@@ -319,14 +357,13 @@ fn toy_mlp_train<'py>(
     let g = py
         .detach(|| net.train_gradients(&x, &sigma, &target))
         .map_err(to_py)?;
-    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>();
     Ok((
         g.loss,
         g.gain,
-        PyBytes::new(py, &bytes(&g.v0)),
+        PyBytes::new(py, &f32_bytes(&g.v0)),
         g.layers
             .iter()
-            .map(|w| PyBytes::new(py, &bytes(w)))
+            .map(|w| PyBytes::new(py, &f32_bytes(w)))
             .collect(),
     ))
 }
@@ -459,6 +496,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("STD_MAX", phema::std_max())?;
     m.add_class::<Step>()?;
     m.add_class::<Mixture2D>()?;
+    m.add_class::<PendingScore>()?;
     m.add_function(wrap_pyfunction!(edm_sigmas, m)?)?;
     m.add_function(wrap_pyfunction!(step_plan, m)?)?;
     m.add_function(wrap_pyfunction!(std_to_exp, m)?)?;

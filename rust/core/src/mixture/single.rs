@@ -256,17 +256,24 @@ impl Mixture2DF32 {
         Self { all, bounds }
     }
 
-    /// Score grad_x log p(x; sigma) at `x` ([N, 2] row-major) with per-point noise levels
-    /// `sigma` ([N], >= 0): [N, 2] row-major.
-    pub fn score(&self, x: &[f32], sigma: &[f32]) -> Result<Vec<f32>> {
-        let n = sigma.len();
-        two_per_point("x (2 values per point)", x, n)?;
+    /// What [`Mixture2DF32::score`] requires of its inputs: 2 finite values per point, noise
+    /// levels finite and >= 0.
+    pub fn check(x: &[f32], sigma: &[f32]) -> Result<()> {
+        two_per_point("x (2 values per point)", x, sigma.len())?;
         if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s >= 0.0)) {
             return Err(invalid("sigma", bad, "finite and >= 0"));
         }
         if let Some(bad) = x.iter().find(|v| !v.is_finite()) {
             return Err(invalid("x", bad, "finite"));
         }
+        Ok(())
+    }
+
+    /// Score grad_x log p(x; sigma) at `x` ([N, 2] row-major) with per-point noise levels
+    /// `sigma` ([N], >= 0): [N, 2] row-major.
+    pub fn score(&self, x: &[f32], sigma: &[f32]) -> Result<Vec<f32>> {
+        Self::check(x, sigma)?;
+        let n = sigma.len();
         // Enough points make compact tiles; with fewer, every point takes every component.
         let prune = n >= MIN_TILED;
         let order: Vec<usize> = if prune {
