@@ -50,15 +50,15 @@ def toy_mlp_available(hidden: int) -> bool: ...
 def toy_mlp_score(
     x: bytes, sigma: bytes, v0: bytes, layers: list[bytes], gain: float, sigma_data: float
 ) -> bytes: ...
-def toy_mlp_train(
+def toy_mlp_train_stack(
     x: bytes,
     sigma: bytes,
     target: bytes,
     v0: bytes,
     layers: list[bytes],
-    gain: float,
+    gains: list[float],
     sigma_data: float,
-) -> tuple[float, float, bytes, list[bytes]]: ...
+) -> tuple[list[float], list[float], bytes, list[bytes]]: ...
 def edm_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float) -> list[float]: ...
 def step_plan(
     steps: int,

@@ -306,24 +306,19 @@ class ToyStack(torch.nn.Module):
         )
 
     def _core_gradients(self, x, sigma, target, V):
-        losses, gains, G = [], [], [[] for _ in V]
-        for i in range(len(self)):
-            loss, gain, g0, gs = _core.toy_mlp_train(
-                _raw(x[i]),
-                _raw(sigma[i]),
-                _raw(target[i]),
-                _raw(V[0][i]),
-                [_raw(v[i]) for v in V[1:]],
-                float(self.gain[i]),
-                self.sigma_data,
-            )
-            losses.append(loss)
-            gains.append(gain)
-            for l, g in enumerate([g0, *gs]):
-                G[l].append(_from_raw(g, V[l].shape[1:]))
+        # One call for the whole stack: the blocks of all models share the core's threads.
+        losses, gains, g0, gs = _core.toy_mlp_train_stack(
+            _raw(x),
+            _raw(sigma),
+            _raw(target),
+            _raw(V[0]),
+            [_raw(v) for v in V[1:]],
+            self.gain.detach().tolist(),
+            self.sigma_data,
+        )
         dtype = self.gain.dtype
-        losses, gains = torch.tensor(losses, dtype=dtype), torch.tensor(gains, dtype=dtype)
-        return losses, gains, [torch.stack(g) for g in G]
+        G = [_from_raw(g, v.shape) for g, v in zip([g0, *gs], V)]
+        return torch.tensor(losses, dtype=dtype), torch.tensor(gains, dtype=dtype), G
 
     def _torch_gradients(self, x, sigma, target, V):
         N = sigma.shape[1]

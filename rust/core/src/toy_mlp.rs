@@ -158,6 +158,18 @@ pub struct TrainGradients {
 /// result does not depend on how the threads took the tasks.
 const BLOCKS_PER_TASK: usize = 8;
 
+/// One model's batch for [`ToyMlp::train_many`].
+#[derive(Debug, Clone, Copy)]
+pub struct TrainBatch<'a> {
+    pub net: &'a ToyMlp,
+    /// Points [N, 2] row-major.
+    pub x: &'a [f32],
+    /// Noise levels [N], > 0.
+    pub sigma: &'a [f32],
+    /// Target scores [N, 2] row-major.
+    pub target: &'a [f32],
+}
+
 impl ToyMlp {
     /// The exact-score-matching loss `mean_n sigma^2 mean_j (score - target)^2` of points `x`
     /// ([N, 2]) at noise levels `sigma` ([N], > 0) against `target` scores ([N, 2]), and its
@@ -169,23 +181,61 @@ impl ToyMlp {
         sigma: &[f32],
         target: &[f32],
     ) -> Result<TrainGradients> {
-        let n = sigma.len();
-        two_per_point("x (2 values per point)", x, n)?;
-        two_per_point("target (2 values per point)", target, n)?;
-        if let Some(bad) = sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(invalid("sigma", bad, "finite and > 0"));
+        let batch = TrainBatch {
+            net: self,
+            x,
+            sigma,
+            target,
+        };
+        Ok(Self::train_many(&[batch])?.remove(0))
+    }
+
+    /// [`ToyMlp::train_gradients`] of several models of one shape, each on its own batch, as
+    /// one parallel job (the blocks of all models share the threads); each model's result is
+    /// the same, bit for bit, as from its own call.
+    pub fn train_many(batches: &[TrainBatch<'_>]) -> Result<Vec<TrainGradients>> {
+        let Some(first) = batches.first() else {
+            return Ok(vec![]);
+        };
+        let (h, layers) = (first.net.hidden, first.net.vt.len());
+        for b in batches {
+            let n = b.sigma.len();
+            two_per_point("x (2 values per point)", b.x, n)?;
+            two_per_point("target (2 values per point)", b.target, n)?;
+            if let Some(bad) = b.sigma.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                return Err(invalid("sigma", bad, "finite and > 0"));
+            }
+            if let Some(bad) = b.x.iter().chain(b.target).find(|v| !v.is_finite()) {
+                return Err(invalid("x and target", bad, "finite"));
+            }
+            if (b.net.hidden, b.net.vt.len()) != (h, layers) {
+                return Err(invalid(
+                    "models",
+                    format!("{} x {}", b.net.vt.len(), b.net.hidden),
+                    "of one shape (hidden layers x features) in one call",
+                ));
+            }
         }
-        if let Some(bad) = x.iter().chain(target).find(|v| !v.is_finite()) {
-            return Err(invalid("x and target", bad, "finite"));
-        }
-        let (h, layers) = (self.hidden, self.vt.len());
+        // Tasks of BLOCKS_PER_TASK blocks of one model each, in model order.
         let task = BLOCKS_PER_TASK * avx512::P;
-        let tasks: Vec<avx512::TrainSums> = sigma
-            .par_chunks(task)
-            .zip(x.par_chunks(2 * task).zip(target.par_chunks(2 * task)))
+        let tasks: Vec<(usize, usize)> = batches
+            .iter()
+            .enumerate()
+            .flat_map(|(m, b)| (0..b.sigma.len()).step_by(task).map(move |s| (m, s)))
+            .collect();
+        let sums: Vec<avx512::TrainSums> = tasks
+            .par_iter()
             .map_init(
                 || avx512::TrainScratch::new(h, layers),
-                |scratch, (sigma, (x, target))| {
+                |scratch, &(m, start)| {
+                    let TrainBatch {
+                        net,
+                        x,
+                        sigma,
+                        target,
+                    } = batches[m];
+                    let n = sigma.len();
+                    let end = (start + task).min(n);
                     let mut sums = avx512::TrainSums {
                         loss: 0.0,
                         gain: 0.0,
@@ -193,22 +243,21 @@ impl ToyMlp {
                         g: vec![vec![0.0; h * h]; layers],
                     };
                     let p = avx512::P;
-                    for ((sigma, x), target) in sigma
-                        .chunks(p)
-                        .zip(x.chunks(2 * p))
-                        .zip(target.chunks(2 * p))
-                    {
+                    for b in (start..end).step_by(p) {
+                        let e = (b + p).min(end);
+                        let (x, sigma, target) =
+                            (&x[2 * b..2 * e], &sigma[b..e], &target[2 * b..2 * e]);
                         // SAFETY: `new` admitted these weights only where `available` holds (AVX-512F).
                         unsafe {
                             match h {
                                 16 => avx512::train_block::<1>(
-                                    self, x, sigma, target, n, &mut sums, scratch,
+                                    net, x, sigma, target, n, &mut sums, scratch,
                                 ),
                                 32 => avx512::train_block::<2>(
-                                    self, x, sigma, target, n, &mut sums, scratch,
+                                    net, x, sigma, target, n, &mut sums, scratch,
                                 ),
                                 _ => avx512::train_block::<4>(
-                                    self, x, sigma, target, n, &mut sums, scratch,
+                                    net, x, sigma, target, n, &mut sums, scratch,
                                 ),
                             }
                         }
@@ -217,28 +266,35 @@ impl ToyMlp {
                 },
             )
             .collect();
-        let mut out = TrainGradients {
-            loss: 0.0,
-            gain: 0.0,
-            v0: vec![0.0; h * INPUTS],
-            layers: vec![vec![0.0; h * h]; layers],
-        };
-        let mut g0t = vec![0.0f32; INPUTS * h];
-        for t in &tasks {
-            out.loss += t.loss;
-            out.gain += t.gain;
-            for (o, v) in g0t.iter_mut().zip(&t.g0t) {
+        // Each model's task sums, added in task order.
+        let mut out: Vec<TrainGradients> = batches
+            .iter()
+            .map(|_| TrainGradients {
+                loss: 0.0,
+                gain: 0.0,
+                v0: vec![0.0; h * INPUTS],
+                layers: vec![vec![0.0; h * h]; layers],
+            })
+            .collect();
+        let mut g0t = vec![vec![0.0f32; INPUTS * h]; batches.len()];
+        for (&(m, _), t) in tasks.iter().zip(&sums) {
+            let o = &mut out[m];
+            o.loss += t.loss;
+            o.gain += t.gain;
+            for (o, v) in g0t[m].iter_mut().zip(&t.g0t) {
                 *o += v;
             }
-            for (o, g) in out.layers.iter_mut().zip(&t.g) {
+            for (o, g) in o.layers.iter_mut().zip(&t.g) {
                 for (o, v) in o.iter_mut().zip(g) {
                     *o += v;
                 }
             }
         }
-        for o in 0..h {
-            for i in 0..INPUTS {
-                out.v0[o * INPUTS + i] = g0t[i * h + o];
+        for (o, g0t) in out.iter_mut().zip(&g0t) {
+            for r in 0..h {
+                for i in 0..INPUTS {
+                    o.v0[r * INPUTS + i] = g0t[i * h + r];
+                }
             }
         }
         Ok(out)
@@ -982,6 +1038,63 @@ mod tests {
             }
         }
         assert!(net.train_gradients(&x, &sigma, &target[..4]).is_err());
+    }
+
+    #[test]
+    fn train_many_equals_each_models_own_call() {
+        // Three models (two of 1,001 points, one of 97) in one job: each result equals, bit for
+        // bit, the model's own call; a model of another shape is refused.
+        let hidden = 16;
+        if !ToyMlp::available(hidden) {
+            return;
+        }
+        let mut st = 11u64;
+        let nets: Vec<ToyMlp> = (0..3)
+            .map(|i| {
+                let (v0, layers) = random_weights(hidden, 2, &mut st);
+                ToyMlp::new(0.5, 0.7 + i as f32, &v0, &layers).unwrap()
+            })
+            .collect();
+        let data: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = [1001, 97, 1001]
+            .iter()
+            .map(|&n| {
+                let x = (0..2 * n)
+                    .map(|_| (uniform(&mut st) * 3.0) as f32)
+                    .collect();
+                let t = (0..2 * n)
+                    .map(|_| (uniform(&mut st) * 10.0) as f32)
+                    .collect();
+                let s = (0..n)
+                    .map(|_| (-4.0 + 6.0 * (uniform(&mut st) + 0.5)).exp() as f32)
+                    .collect();
+                (x, s, t)
+            })
+            .collect();
+        let batches: Vec<TrainBatch> = nets
+            .iter()
+            .zip(&data)
+            .map(|(net, (x, sigma, target))| TrainBatch {
+                net,
+                x,
+                sigma,
+                target,
+            })
+            .collect();
+        let many = ToyMlp::train_many(&batches).unwrap();
+        for (got, b) in many.iter().zip(&batches) {
+            let own = b.net.train_gradients(b.x, b.sigma, b.target).unwrap();
+            assert_eq!(got.loss.to_bits(), own.loss.to_bits());
+            assert_eq!(got.gain.to_bits(), own.gain.to_bits());
+            assert_eq!((&got.v0, &got.layers), (&own.v0, &own.layers));
+        }
+        let (v0, layers) = random_weights(hidden, 3, &mut st);
+        let deeper = ToyMlp::new(0.5, 1.0, &v0, &layers).unwrap();
+        let odd = TrainBatch {
+            net: &deeper,
+            ..batches[0]
+        };
+        let err = ToyMlp::train_many(&[batches[0], odd]).unwrap_err();
+        assert!(err.to_string().contains("of one shape"), "{err}");
     }
 
     #[test]

@@ -333,38 +333,100 @@ fn toy_mlp_score<'py>(
     Ok(PyBytes::new(py, &f32_bytes(&score)))
 }
 
-/// The exact-score-matching loss of a toy MLP on one batch and its gradients in the applied
-/// weights (float32 bytes: `x`, `target` [N, 2], `sigma` [N], `v0` [H, 4], `layers` each [H, H]):
-/// `(loss, d loss / d gain, d loss / d v0 bytes, [d loss / d layer bytes])`.
+/// The exact-score-matching loss of `S` toy MLPs of one shape, each on its own batch, and its
+/// gradients in the applied weights, as one parallel job (float32 bytes of the stacked arrays:
+/// `x`, `target` [S, N, 2], `sigma` [S, N], `v0` [S, H, 4], `layers` each [S, H, H]; `gains`
+/// [S]): `([loss], [d loss / d gain], d loss / d v0 bytes [S, H, 4], [d loss / d layer bytes
+/// [S, H, H]])`.
 #[pyfunction]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn toy_mlp_train<'py>(
+fn toy_mlp_train_stack<'py>(
     py: Python<'py>,
     x: &[u8],
     sigma: &[u8],
     target: &[u8],
     v0: &[u8],
     layers: Vec<Vec<u8>>,
-    gain: f32,
+    gains: Vec<f32>,
     sigma_data: f32,
-) -> PyResult<(f64, f64, Bound<'py, PyBytes>, Vec<Bound<'py, PyBytes>>)> {
-    let (x, sigma, target) = (
+) -> PyResult<(
+    Vec<f64>,
+    Vec<f64>,
+    Bound<'py, PyBytes>,
+    Vec<Bound<'py, PyBytes>>,
+)> {
+    let (x, sigma, target, v0) = (
         f32s("x", x)?,
         f32s("sigma", sigma)?,
         f32s("target", target)?,
+        f32s("v0", v0)?,
     );
-    let net = toy_net(v0, layers, gain, sigma_data)?;
-    let g = py
-        .detach(|| net.train_gradients(&x, &sigma, &target))
+    let layers = layers
+        .iter()
+        .map(|w| f32s("layers", w))
+        .collect::<PyResult<Vec<_>>>()?;
+    let models = gains.len();
+    let stacked = |name: &str, v: &[f32]| {
+        if models == 0 || !v.len().is_multiple_of(models) {
+            return Err(PyValueError::new_err(format!(
+                "{name} must stack {models} models (a multiple of {models} values), got {} values",
+                v.len()
+            )));
+        }
+        Ok(v.len() / models)
+    };
+    let (n, per_v0) = (stacked("sigma", &sigma)?, stacked("v0", &v0)?);
+    let per_layer = layers
+        .iter()
+        .map(|w| stacked("layers", w))
+        .collect::<PyResult<Vec<_>>>()?;
+    let nets = (0..models)
+        .map(|m| {
+            let ws: Vec<Vec<f32>> = layers
+                .iter()
+                .zip(&per_layer)
+                .map(|(w, &k)| w[m * k..(m + 1) * k].to_vec())
+                .collect();
+            toy_mlp::ToyMlp::new(sigma_data, gains[m], &v0[m * per_v0..(m + 1) * per_v0], &ws)
+                .map_err(to_py)
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    for (name, v) in [("x", &x), ("target", &target)] {
+        if v.len() != 2 * models * n {
+            return Err(PyValueError::new_err(format!(
+                "{name} must hold {models} x {n} x 2 values (as sigma: {models} x {n}), got {}",
+                v.len()
+            )));
+        }
+    }
+    let batches: Vec<toy_mlp::TrainBatch> = nets
+        .iter()
+        .enumerate()
+        .map(|(m, net)| toy_mlp::TrainBatch {
+            net,
+            x: &x[2 * m * n..2 * (m + 1) * n],
+            sigma: &sigma[m * n..(m + 1) * n],
+            target: &target[2 * m * n..2 * (m + 1) * n],
+        })
+        .collect();
+    let grads = py
+        .detach(|| toy_mlp::ToyMlp::train_many(&batches))
         .map_err(to_py)?;
+    let v0_grads: Vec<f32> = grads.iter().flat_map(|g| g.v0.iter().copied()).collect();
+    let layer_grads = (0..layers.len())
+        .map(|l| {
+            let w: Vec<f32> = grads
+                .iter()
+                .flat_map(|g| g.layers[l].iter().copied())
+                .collect();
+            PyBytes::new(py, &f32_bytes(&w))
+        })
+        .collect();
     Ok((
-        g.loss,
-        g.gain,
-        PyBytes::new(py, &f32_bytes(&g.v0)),
-        g.layers
-            .iter()
-            .map(|w| PyBytes::new(py, &f32_bytes(w)))
-            .collect(),
+        grads.iter().map(|g| g.loss).collect(),
+        grads.iter().map(|g| g.gain).collect(),
+        PyBytes::new(py, &f32_bytes(&v0_grads)),
+        layer_grads,
     ))
 }
 
@@ -508,6 +570,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(write_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(toy_mlp_available, m)?)?;
     m.add_function(wrap_pyfunction!(toy_mlp_score, m)?)?;
-    m.add_function(wrap_pyfunction!(toy_mlp_train, m)?)?;
+    m.add_function(wrap_pyfunction!(toy_mlp_train_stack, m)?)?;
     Ok(())
 }
