@@ -114,6 +114,10 @@ const MAX_BAND: usize = 16_384;
 /// Noise variance levels of the log-determinant table: 0, then geometric from 1e-8 to 1e4.
 const LEVELS: usize = 64;
 
+/// How far (nats) a point's largest exponent may be from the previous point's for the one-pass
+/// weights: they stay within e^20 of 1 for the largest ones, far from float32's range.
+const REFERENCE_NATS: f32 = 20.0;
+
 /// Per-thread buffers of one tile: the components it keeps and one point's per-component terms.
 #[derive(Default)]
 struct ScratchF32 {
@@ -125,6 +129,9 @@ struct ScratchF32 {
 
 #[derive(Default)]
 struct Terms {
+    /// The previous point's largest exponent in its tile (NaN at a tile's first point): the
+    /// vector kernel weighs the next point's components relative to it in one pass.
+    reference: f32,
     exponent: Vec<f32>,
     scale: Vec<f32>,
     g0: Vec<f32>,
@@ -369,6 +376,7 @@ impl Mixture2DF32 {
         } else {
             &self.all
         };
+        s.terms.reference = f32::NAN; // each tile on its own: results do not depend on the threads
         for (o, &p) in out.iter_mut().zip(idx) {
             *o = point(comps, [x[2 * p], x[2 * p + 1]], sigma[p], &mut s.terms);
         }
@@ -379,8 +387,8 @@ impl Mixture2DF32 {
     /// with `C = Sigma + sigma^2 I` and `q = d^T C^-1 d`, `|d|^2 / lam_max(C) <= q <= |d|^2 /
     /// lam_min(C)`: its largest value over the tile is bounded above from the nearest point of
     /// the tile's box and its smallest noise level, and the best component's value below from
-    /// the farthest point and the largest noise level. False when every component is kept
-    /// (noise beyond the table): `s.kept` is then not filled.
+    /// the farthest point and the largest noise level. False when every component is kept (all
+    /// bounds within reach, or noise beyond the table): `s.kept` is then not filled.
     #[inline(always)]
     fn keep_for_tile(&self, x: &[f32], sigma: &[f32], idx: &[usize], s: &mut ScratchF32) -> bool {
         let bd = &self.bounds;
@@ -427,13 +435,14 @@ impl Mixture2DF32 {
             let n1 = (lo[1] - mu1[j]).max(mu1[j] - hi[1]).max(0.0);
             bound[j] = log_norm[j] + upper_det[j] - 0.5 * (n0 * n0 + n1 * n1) * inv_max[j];
         }
-        s.kept_idx.clear();
-        for (j, &upper) in bound.iter().enumerate() {
-            // A NaN bound (never expected) keeps the component.
-            if upper >= floor || upper.is_nan() || floor.is_nan() {
-                s.kept_idx.push(j);
-            }
+        // A component is left out where its bound is below the floor (a NaN bound, never
+        // expected, keeps it). Where none is, the tile takes every component, without a copy.
+        if !bound.iter().any(|&upper| upper < floor) {
+            return false;
         }
+        s.kept_idx.clear();
+        s.kept_idx
+            .extend((0..k).filter(|&j| bound[j] >= floor || bound[j].is_nan() || floor.is_nan()));
         s.kept.clear();
         s.kept.gather_from(&self.all, &s.kept_idx);
         true
@@ -449,8 +458,20 @@ fn table_row(t: &[f64], r: usize, k: usize) -> &[f64] {
 /// each band along a Z curve over its bounding box, so that consecutive `TILE` points are close
 /// in space and noise.
 fn tile_order(x: &[f32], sigma: &[f32]) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..sigma.len()).collect();
-    order.par_sort_unstable_by(|&i, &j| sigma[i].total_cmp(&sigma[j]).then(i.cmp(&j)));
+    let mut order: Vec<usize> = if u32::try_from(sigma.len()).is_ok() {
+        // Keys (sigma's bits, index): for sigma >= 0 (-0 as +0) the bits order as the values.
+        let mut keys: Vec<u64> = sigma
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (u64::from((s + 0.0).to_bits()) << 32) | i as u64)
+            .collect();
+        keys.par_sort_unstable();
+        keys.iter().map(|k| (k & 0xFFFF_FFFF) as usize).collect()
+    } else {
+        let mut order: Vec<usize> = (0..sigma.len()).collect();
+        order.par_sort_unstable_by(|&i, &j| sigma[i].total_cmp(&sigma[j]).then(i.cmp(&j)));
+        order
+    };
     let band_size = (sigma.len() / 16).clamp(MIN_BAND, MAX_BAND);
     order.par_chunks_mut(band_size).for_each(|band| {
         let (mut lo, mut hi) = ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]);
@@ -551,7 +572,7 @@ fn score_point_impl(comps: &Components, x: [f32; 2], sigma: f32, s: &mut Terms) 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Components, Terms};
+    use super::{Components, Terms, REFERENCE_NATS};
     use crate::simd::exp_f32x16;
 
     const W: usize = 16;
@@ -576,8 +597,9 @@ mod avx512 {
         let (x0, x1) = (_mm512_set1_ps(x[0]), _mm512_set1_ps(x[1]));
         let (half, three_halves) = (_mm512_set1_ps(0.5), _mm512_set1_ps(1.5));
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut max = neg_inf;
-        for j in (0..padded).step_by(W) {
+        // The terms of components j .. j + 16: exponent (-inf in masked-off lanes), scale and
+        // gradient (0 there, so that no NaN reaches the sums).
+        let terms = |j: usize| {
             let mask: __mmask16 = if j + W <= k {
                 0xFFFF
             } else {
@@ -610,26 +632,52 @@ mod avx512 {
                 _mm512_set1_ps(-0.5),
                 _mm512_fmadd_ps(d0, g0, _mm512_mul_ps(d1, g1)),
             );
-            // Masked-off lanes: exponent -inf, scale and gradient 0 (no NaN reaches the sums).
-            let e = _mm512_mask_mov_ps(neg_inf, mask, e);
+            (
+                _mm512_mask_mov_ps(neg_inf, mask, e),
+                _mm512_maskz_mul_ps(mask, ld(&comps.norm), r),
+                _mm512_maskz_mov_ps(mask, g0),
+                _mm512_maskz_mov_ps(mask, g1),
+            )
+        };
+        let zero = _mm512_setzero_ps();
+        // One pass, weights relative to the previous point's largest exponent (`s.reference`):
+        // kept where this point's own largest one is within REFERENCE_NATS of it.
+        if s.reference.is_finite() {
+            let reference = _mm512_set1_ps(s.reference);
+            let (mut max, mut sum, mut z0, mut z1) = (neg_inf, zero, zero, zero);
+            for j in (0..padded).step_by(W) {
+                let (e, scale, g0, g1) = terms(j);
+                max = _mm512_max_ps(max, e);
+                let w = _mm512_mul_ps(scale, exp_f32x16(_mm512_sub_ps(e, reference)));
+                sum = _mm512_add_ps(sum, w);
+                z0 = _mm512_fmadd_ps(w, g0, z0);
+                z1 = _mm512_fmadd_ps(w, g1, z1);
+            }
+            let (m, sum) = (_mm512_reduce_max_ps(max), _mm512_reduce_add_ps(sum));
+            if (m - s.reference).abs() <= REFERENCE_NATS && sum > 0.0 && sum.is_finite() {
+                s.reference = m;
+                return [
+                    _mm512_reduce_add_ps(z0) / sum,
+                    _mm512_reduce_add_ps(z1) / sum,
+                ];
+            }
+        }
+        // Two passes: the terms and the largest exponent, then the weights relative to it.
+        let mut max = neg_inf;
+        for j in (0..padded).step_by(W) {
+            let (e, scale, g0, g1) = terms(j);
             max = _mm512_max_ps(max, e);
             // SAFETY: the buffers hold `padded` values.
             unsafe {
                 _mm512_storeu_ps(s.exponent.as_mut_ptr().add(j), e);
-                _mm512_storeu_ps(
-                    s.scale.as_mut_ptr().add(j),
-                    _mm512_maskz_mul_ps(mask, ld(&comps.norm), r),
-                );
-                _mm512_storeu_ps(s.g0.as_mut_ptr().add(j), _mm512_maskz_mov_ps(mask, g0));
-                _mm512_storeu_ps(s.g1.as_mut_ptr().add(j), _mm512_maskz_mov_ps(mask, g1));
+                _mm512_storeu_ps(s.scale.as_mut_ptr().add(j), scale);
+                _mm512_storeu_ps(s.g0.as_mut_ptr().add(j), g0);
+                _mm512_storeu_ps(s.g1.as_mut_ptr().add(j), g1);
             }
         }
-        let m = _mm512_set1_ps(_mm512_reduce_max_ps(max));
-        let (mut sum, mut z0, mut z1) = (
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-            _mm512_setzero_ps(),
-        );
+        s.reference = _mm512_reduce_max_ps(max);
+        let m = _mm512_set1_ps(s.reference);
+        let (mut sum, mut z0, mut z1) = (zero, zero, zero);
         for j in (0..padded).step_by(W) {
             // SAFETY: the buffers hold `padded` values.
             let ld = |v: &[f32]| unsafe { _mm512_loadu_ps(v.as_ptr().add(j)) };
@@ -711,15 +759,23 @@ mod tests {
         let m32 = Mixture2DF32::new(&m);
         let n = s32.len();
         let got = m32.score(&x32, &s32).unwrap();
-        // Against every component on the same float32 inputs and kernel: the tiles change the score only by
-        // the left-out weights (< 1e-10 of the total) and the order of the float32 sums over
-        // the kept ones (a few ulps of the largest terms: the score's scale, or 1).
+        // Against every component on the same float32 inputs (the kernel in its two-pass form,
+        // per point): the tiles change the score only by the left-out weights (< 1e-10 of the
+        // total) and by float32 rounding (the order of the sums, the one-pass weights), which is
+        // at most twice the point's own float32 error against float64 (up to the covariances'
+        // condition number times 6e-8 near thin components) plus a few ulps of the score's scale.
+        let x64: Vec<f64> = x32.iter().map(|&v| f64::from(v)).collect();
+        let s64: Vec<f64> = s32.iter().map(|&v| f64::from(v)).collect();
+        let exact = m.eval(&x64, &s64).unwrap().score;
         let mut terms = Terms::default();
         let mut worst = 0.0f64;
         for p in 0..n {
+            terms.reference = f32::NAN;
             let w = kernel(&m32.all, [x32[2 * p], x32[2 * p + 1]], s32[p], &mut terms);
-            let err = (f64::from(got[2 * p] - w[0])).hypot(f64::from(got[2 * p + 1] - w[1]));
-            worst = worst.max(err / f64::from(w[0].hypot(w[1])).max(1.0));
+            let scale = f64::from(w[0].hypot(w[1])).max(1.0);
+            let diff = f64::from(got[2 * p] - w[0]).hypot(f64::from(got[2 * p + 1] - w[1]));
+            let own = (f64::from(w[0]) - exact[2 * p]).hypot(f64::from(w[1]) - exact[2 * p + 1]);
+            worst = worst.max((diff - 2.0 * own) / scale);
         }
         assert!(worst < 1e-5, "{worst}");
         // Points far off the mixture stay finite.
@@ -733,13 +789,17 @@ mod tests {
         // the float32 rounding of C^-1 (mu - x) for thin components (relative error up to the
         // condition number times 6e-8) and differs point by point with the order of operations;
         // over 20,000 points the vector kernel's largest and mean errors are the portable one's
-        // to within a quarter.
+        // to within a quarter. The vector kernel runs as within a tile: from the second point on
+        // in one pass, relative to the previous point's largest exponent.
         let (m, x32, s32) = curved_mixture();
         let m32 = Mixture2DF32::new(&m);
         let x64: Vec<f64> = x32.iter().map(|&v| f64::from(v)).collect();
         let s64: Vec<f64> = s32.iter().map(|&v| f64::from(v)).collect();
         let exact = m.eval(&x64, &s64).unwrap().score;
-        let mut terms = Terms::default();
+        let mut terms = Terms {
+            reference: f32::NAN,
+            ..Terms::default()
+        };
         let (mut worst, mut total) = ([0.0f64; 2], [0.0f64; 2]);
         for p in 0..s32.len() {
             let (xp, sp) = ([x32[2 * p], x32[2 * p + 1]], s32[p]);
