@@ -1,6 +1,9 @@
 //! The score of the toy experiment's log-density MLP (`networks/toy.py`, `ToyModel`) in float32
-//! on CPUs with AVX-512: the forward pass and its backward pass in `x`, tile by tile, with the
-//! tile's activations in registers and the L1 cache (what sampling evaluates 63 times per run).
+//! on CPUs with AVX-512: the forward pass and its backward pass in `x` (what sampling evaluates 63
+//! times per run), and for training the loss's gradients in the weights; in blocks of 96 points,
+//! layer by layer (each layer's weights stay in the L1 cache while the block passes, the block's
+//! activations in L2), with the GEMMs' sums in registers and the elementwise steps in their
+//! epilogues.
 //!
 //! Notation as `ToyModel._score_explicit`: `u = (x c_in, ln(sigma) / 4, 1)` with `c_in = 1 /
 //! sqrt(sigma_data^2 + sigma^2)`, `h_0 = V_0 u`, `h_l = V_l silu(h_{l-1})`, `d_L = k h_L` with
@@ -23,8 +26,7 @@ pub struct ToyMlp {
     gain: f32,
     /// `V_0^T`, [4, H] row-major.
     v0t: Vec<f32>,
-    /// `V_0[:, :2]`, [H, 2] row-major, and its columns [2, H].
-    v0: Vec<f32>,
+    /// The columns of `V_0[:, :2]`, [2, H].
     v0c: Vec<f32>,
     /// `V_l^T` ([H_in, H_out] row-major) and `V_l` ([H_out, H_in]) for l = 1 .. L.
     vt: Vec<Vec<f32>>,
@@ -96,9 +98,6 @@ impl ToyMlp {
             sigma_data,
             gain,
             v0t: transpose(v0, h, INPUTS),
-            v0: (0..h)
-                .flat_map(|o| [v0[o * INPUTS], v0[o * INPUTS + 1]])
-                .collect(),
             v0c: (0..2)
                 .flat_map(|j| (0..h).map(move |o| v0[o * INPUTS + j]))
                 .collect(),
@@ -118,18 +117,19 @@ impl ToyMlp {
             return Err(invalid("x", bad, "finite"));
         }
         let mut out = vec![0.0f32; 2 * n];
+        let p = avx512::P;
         #[cfg(target_arch = "x86_64")]
-        out.par_chunks_mut(2 * CHUNK)
-            .zip(x.par_chunks(2 * CHUNK).zip(sigma.par_chunks(CHUNK)))
+        out.par_chunks_mut(2 * p)
+            .zip(x.par_chunks(2 * p).zip(sigma.par_chunks(p)))
             .for_each_init(
-                || avx512::Scratch::new(self.hidden, self.vt.len()),
+                || avx512::TrainScratch::new(self.hidden, self.vt.len()),
                 |scratch, (out, (x, sigma))| {
                     // SAFETY: `new` admitted these weights only where `available` holds (AVX-512F).
                     unsafe {
                         match self.hidden {
-                            16 => avx512::score_chunk::<1>(self, x, sigma, out, scratch),
-                            32 => avx512::score_chunk::<2>(self, x, sigma, out, scratch),
-                            _ => avx512::score_chunk::<4>(self, x, sigma, out, scratch),
+                            16 => avx512::score_block::<1>(self, x, sigma, out, scratch),
+                            32 => avx512::score_block::<2>(self, x, sigma, out, scratch),
+                            _ => avx512::score_block::<4>(self, x, sigma, out, scratch),
                         }
                     }
                 },
@@ -137,9 +137,6 @@ impl ToyMlp {
         Ok(out)
     }
 }
-
-/// Points per parallel task (16 tiles).
-const CHUNK: usize = 96;
 
 /// The loss of one model on one batch and its gradients in the applied weights.
 #[derive(Debug, Clone)]
@@ -307,165 +304,6 @@ mod avx512 {
 
     use super::{ToyMlp, INPUTS};
     use crate::simd::exp_f32x16;
-
-    /// Points per tile: 6 x H / 16 accumulators (24 of the 32 vector registers at H = 64).
-    pub(super) const T: usize = 6;
-
-    /// Per-thread buffers of one tile.
-    pub(super) struct Scratch {
-        u: Vec<f32>,
-        h: Vec<f32>,
-        a: Vec<f32>,
-        tmp: Vec<f32>,
-        d1: Vec<f32>,
-    }
-
-    impl Scratch {
-        pub(super) fn new(hidden: usize, layers: usize) -> Self {
-            Self {
-                u: vec![0.0; T * INPUTS],
-                h: vec![0.0; T * hidden],
-                a: vec![0.0; T * hidden],
-                tmp: vec![0.0; T * hidden],
-                d1: vec![0.0; layers * T * hidden],
-            }
-        }
-    }
-
-    /// `c[t, :] = sum_k a[t, k] b[k, :]` for the tile's `T` rows: `a` [T, K] row-major, `b` [K, 16
-    /// HV] row-major, `c` [T, 16 HV]; the T x HV sums stay in registers over k.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn mm<const HV: usize>(a: &[f32], k: usize, b: &[f32], c: &mut [f32]) {
-        let h = 16 * HV;
-        debug_assert!(a.len() >= T * k && b.len() >= k * h && c.len() >= T * h);
-        let mut acc = [[_mm512_setzero_ps(); HV]; T];
-        for kk in 0..k {
-            let bp = b.as_ptr().add(kk * h);
-            let mut bv = [_mm512_setzero_ps(); HV];
-            for (q, v) in bv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(bp.add(16 * q));
-            }
-            for (t, row) in acc.iter_mut().enumerate() {
-                let s = _mm512_set1_ps(*a.get_unchecked(t * k + kk));
-                for (r, &v) in row.iter_mut().zip(&bv) {
-                    *r = _mm512_fmadd_ps(s, v, *r);
-                }
-            }
-        }
-        for (t, row) in acc.iter().enumerate() {
-            for (q, &r) in row.iter().enumerate() {
-                _mm512_storeu_ps(c.as_mut_ptr().add(t * h + 16 * q), r);
-            }
-        }
-    }
-
-    /// Scores the points of one chunk (`sigma.len()` of them) into `out`, tile by tile; a last
-    /// partial tile is padded with the point (0, 0) at sigma 1 and its padding discarded.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F, and `net.hidden` must be `16 HV`.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn score_chunk<const HV: usize>(
-        net: &ToyMlp,
-        x: &[f32],
-        sigma: &[f32],
-        out: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        let h = 16 * HV;
-        debug_assert_eq!(net.hidden, h);
-        for start in (0..sigma.len()).step_by(T) {
-            let m = T.min(sigma.len() - start);
-            let mut xt = [[0.0f32; 2]; T];
-            let mut st = [1.0f32; T];
-            for t in 0..m {
-                xt[t] = [x[2 * (start + t)], x[2 * (start + t) + 1]];
-                st[t] = sigma[start + t];
-            }
-            let score = tile::<HV>(net, &xt, &st, s);
-            for t in 0..m {
-                out[2 * (start + t)..2 * (start + t) + 2].copy_from_slice(&score[t]);
-            }
-        }
-    }
-
-    /// The score of one tile of `T` points.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn tile<const HV: usize>(
-        net: &ToyMlp,
-        x: &[[f32; 2]; T],
-        sigma: &[f32; T],
-        s: &mut Scratch,
-    ) -> [[f32; 2]; T] {
-        let h = 16 * HV;
-        let layers = net.vt.len();
-        let mut c_in = [0.0f32; T];
-        for t in 0..T {
-            c_in[t] = 1.0 / (net.sigma_data * net.sigma_data + sigma[t] * sigma[t]).sqrt();
-            s.u[t * INPUTS..(t + 1) * INPUTS].copy_from_slice(&[
-                x[t][0] * c_in[t],
-                x[t][1] * c_in[t],
-                sigma[t].ln() / 4.0,
-                1.0,
-            ]);
-        }
-        mm::<HV>(&s.u, INPUTS, &net.v0t, &mut s.h);
-        let one = _mm512_set1_ps(1.0);
-        for l in 0..layers {
-            // silu and its derivative: sig = 1 / (1 + e^-h), a = h sig, silu' = (h - a + 1) sig.
-            let d1 = &mut s.d1[l * T * h..(l + 1) * T * h];
-            for i in (0..T * h).step_by(16) {
-                let hv = _mm512_loadu_ps(s.h.as_ptr().add(i));
-                let sig = _mm512_div_ps(
-                    one,
-                    _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
-                );
-                let a = _mm512_mul_ps(hv, sig);
-                _mm512_storeu_ps(s.a.as_mut_ptr().add(i), a);
-                _mm512_storeu_ps(
-                    d1.as_mut_ptr().add(i),
-                    _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(hv, a), one), sig),
-                );
-            }
-            mm::<HV>(&s.a, h, &net.vt[l], &mut s.h);
-        }
-        // d_L = k h_L, then d_{l-1} = (d_l V_l) silu'(h_{l-1}).
-        for (t, &sigma) in sigma.iter().enumerate() {
-            let k = _mm512_set1_ps((2.0 / h as f32) * net.gain / sigma);
-            for q in 0..HV {
-                let p = s.h.as_mut_ptr().add(t * h + 16 * q);
-                _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), k));
-            }
-        }
-        for l in (0..layers).rev() {
-            mm::<HV>(&s.h, h, &net.v[l], &mut s.tmp);
-            let d1 = &s.d1[l * T * h..(l + 1) * T * h];
-            for i in (0..T * h).step_by(16) {
-                let v = _mm512_mul_ps(
-                    _mm512_loadu_ps(s.tmp.as_ptr().add(i)),
-                    _mm512_loadu_ps(d1.as_ptr().add(i)),
-                );
-                _mm512_storeu_ps(s.h.as_mut_ptr().add(i), v);
-            }
-        }
-        // score = c_in (V_0^T d_0)[:2] - x c_in^2.
-        let mut out = [[0.0f32; 2]; T];
-        for t in 0..T {
-            let (mut s0, mut s1) = (0.0f32, 0.0f32);
-            for o in 0..h {
-                let d = s.h[t * h + o];
-                s0 += d * net.v0[2 * o];
-                s1 += d * net.v0[2 * o + 1];
-            }
-            out[t] = [
-                c_in[t] * s0 - x[t][0] * c_in[t] * c_in[t],
-                c_in[t] * s1 - x[t][1] * c_in[t] * c_in[t],
-            ];
-        }
-        out
-    }
 
     /// `C[r, :] (+)= sum_kk A(r, kk) B[kk, :]` for `R` rows: `A(r, kk) = a[r lda + kk]`, or
     /// `a[kk lda + r]` with `TA`; `B` [k, 16 HV] row-major; `C` rows of 16 HV; `ACC` adds to C.
@@ -660,6 +498,146 @@ mod avx512 {
         pub(super) g: Vec<Vec<f32>>,
     }
 
+    /// A block's inputs: `c_in`, `k` and `u` of its `m <= P` points (`x` [m, 2], `sigma` [m]),
+    /// padded to `P` with the point (0, 0) at sigma 1.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block_inputs<const HV: usize>(
+        net: &ToyMlp,
+        x: &[f32],
+        sigma: &[f32],
+        s: &mut TrainScratch,
+    ) {
+        let h = 16 * HV;
+        for t in 0..P {
+            let (x0, x1, sg) = if t < sigma.len() {
+                (x[2 * t], x[2 * t + 1], sigma[t])
+            } else {
+                (0.0, 0.0, 1.0)
+            };
+            let c = 1.0 / (net.sigma_data * net.sigma_data + sg * sg).sqrt();
+            s.c_in[t] = c;
+            s.k[t] = (2.0 / h as f32) * net.gain / sg;
+            s.u[t * INPUTS..(t + 1) * INPUTS].copy_from_slice(&[
+                x0 * c,
+                x1 * c,
+                sg.ln() / 4.0,
+                1.0,
+            ]);
+        }
+    }
+
+    /// A block's forward pass and the score's backward pass, to `d_0` (and, with `TRAIN`, what
+    /// the adjoints need besides: silu'', `b_l` and `h_L`).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn forward_score<const HV: usize, const TRAIN: bool>(
+        net: &ToyMlp,
+        s: &mut TrainScratch,
+    ) {
+        let h = 16 * HV;
+        let layers = net.vt.len();
+        // Forward: h_l = V_l a_{l-1} (h_0 = V_0 u), and in the GEMM's epilogue a_l = silu(h_l),
+        // silu'(h_l) and silu''(h_l); the last layer's epilogue makes d_L = k h_L.
+        let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
+        let silu = |ap: *mut f32, d1p: *mut f32, d2p: *mut f32| {
+            move |_: usize, i: usize, hv: __m512| {
+                let sig = _mm512_div_ps(
+                    one,
+                    _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
+                );
+                let a = _mm512_mul_ps(hv, sig);
+                let d1 = _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(hv, a), one), sig);
+                _mm512_storeu_ps(ap.add(i), a);
+                _mm512_storeu_ps(d1p.add(i), d1);
+                if TRAIN {
+                    let t2 = _mm512_mul_ps(two, _mm512_sub_ps(sig, _mm512_mul_ps(sig, sig)));
+                    let d2 = _mm512_fmadd_ps(
+                        _mm512_sub_ps(d1, sig),
+                        _mm512_fnmadd_ps(two, sig, one),
+                        t2,
+                    );
+                    _mm512_storeu_ps(d2p.add(i), d2);
+                }
+            }
+        };
+        let kp = s.k.as_ptr();
+        for l in 0..=layers {
+            let (a, lda, w) = if l == 0 {
+                (s.u.as_ptr(), INPUTS, &net.v0t)
+            } else {
+                (s.a[l - 1].as_ptr(), h, &net.vt[l - 1])
+            };
+            if l < layers {
+                let epi = silu(
+                    s.a[l].as_mut_ptr(),
+                    s.d1[l].as_mut_ptr(),
+                    s.d2[l].as_mut_ptr(),
+                );
+                matmul_epi::<HV, _>(a, lda, lda, w, P, epi);
+            } else {
+                let (hp, dp) = (s.h.as_mut_ptr(), s.d[layers].as_mut_ptr());
+                matmul_epi::<HV, _>(a, lda, lda, w, P, |r, i, hv| {
+                    if TRAIN {
+                        _mm512_storeu_ps(hp.add(i), hv);
+                    }
+                    _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(hv, _mm512_set1_ps(*kp.add(r))));
+                });
+            }
+        }
+        // Score: b_l = d_l V_l, d_{l-1} = b_l silu'(h_{l-1}) (in the epilogue).
+        for l in (1..=layers).rev() {
+            let (bp, d1p, dp) = (
+                s.b[l].as_mut_ptr(),
+                s.d1[l - 1].as_ptr(),
+                s.d[l - 1].as_mut_ptr(),
+            );
+            matmul_epi::<HV, _>(s.d[l].as_ptr(), h, h, &net.v[l - 1], P, |_, i, v| {
+                if TRAIN {
+                    _mm512_storeu_ps(bp.add(i), v);
+                }
+                _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(v, _mm512_loadu_ps(d1p.add(i))));
+            });
+        }
+    }
+
+    /// `(V_0^T d_0)[:2]` of the block's point `t`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn score_dot<const HV: usize>(net: &ToyMlp, s: &TrainScratch, t: usize) -> (f32, f32) {
+        let h = 16 * HV;
+        let (c0, c1) = (net.v0c[..h].as_ptr(), net.v0c[h..].as_ptr());
+        let dp = s.d[0].as_ptr().add(t * h);
+        let (mut v0, mut v1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for q in 0..HV {
+            let dv = _mm512_loadu_ps(dp.add(16 * q));
+            v0 = _mm512_fmadd_ps(dv, _mm512_loadu_ps(c0.add(16 * q)), v0);
+            v1 = _mm512_fmadd_ps(dv, _mm512_loadu_ps(c1.add(16 * q)), v1);
+        }
+        (_mm512_reduce_add_ps(v0), _mm512_reduce_add_ps(v1))
+    }
+
+    /// The score of one block's points (`x` [m, 2], `sigma` [m], m <= P) into `out` [m, 2].
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and `net.hidden` must be `16 HV`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn score_block<const HV: usize>(
+        net: &ToyMlp,
+        x: &[f32],
+        sigma: &[f32],
+        out: &mut [f32],
+        s: &mut TrainScratch,
+    ) {
+        block_inputs::<HV>(net, x, sigma, s);
+        forward_score::<HV, false>(net, s);
+        // score = c_in (V_0^T d_0)[:2] - x c_in^2.
+        for t in 0..sigma.len() {
+            let (z0, z1) = score_dot::<HV>(net, s, t);
+            let c = s.c_in[t];
+            out[2 * t] = c * z0 - x[2 * t] * c * c;
+            out[2 * t + 1] = c * z1 - x[2 * t + 1] * c * c;
+        }
+    }
+
     /// Adds one block's share (points `x` [m, 2], `sigma` [m], `target` [m, 2], m <= P; the
     /// batch has `n` points) of the loss and its gradients to `sums` (see `ToyStack._block`).
     ///
@@ -680,88 +658,14 @@ mod avx512 {
         let layers = net.vt.len();
         let m = sigma.len();
         let inv_n = 1.0 / n as f32;
-        // Inputs; padding points (x = 0, sigma = 1) get s_bar = 0, so they add nothing.
-        for t in 0..P {
-            let (x0, x1, sg) = if t < m {
-                (x[2 * t], x[2 * t + 1], sigma[t])
-            } else {
-                (0.0, 0.0, 1.0)
-            };
-            let c = 1.0 / (net.sigma_data * net.sigma_data + sg * sg).sqrt();
-            s.c_in[t] = c;
-            s.k[t] = (2.0 / h as f32) * net.gain / sg;
-            s.u[t * INPUTS..(t + 1) * INPUTS].copy_from_slice(&[
-                x0 * c,
-                x1 * c,
-                sg.ln() / 4.0,
-                1.0,
-            ]);
-        }
-        // Forward: h_l = V_l a_{l-1} (h_0 = V_0 u), and in the GEMM's epilogue a_l = silu(h_l),
-        // silu'(h_l) and silu''(h_l); the last layer's epilogue keeps h_L and d_L = k h_L.
-        let (one, two) = (_mm512_set1_ps(1.0), _mm512_set1_ps(2.0));
-        let silu = |ap: *mut f32, d1p: *mut f32, d2p: *mut f32| {
-            move |_: usize, i: usize, hv: __m512| {
-                let sig = _mm512_div_ps(
-                    one,
-                    _mm512_add_ps(one, exp_f32x16(_mm512_sub_ps(_mm512_setzero_ps(), hv))),
-                );
-                let a = _mm512_mul_ps(hv, sig);
-                let d1 = _mm512_mul_ps(_mm512_add_ps(_mm512_sub_ps(hv, a), one), sig);
-                let t2 = _mm512_mul_ps(two, _mm512_sub_ps(sig, _mm512_mul_ps(sig, sig)));
-                let d2 =
-                    _mm512_fmadd_ps(_mm512_sub_ps(d1, sig), _mm512_fnmadd_ps(two, sig, one), t2);
-                _mm512_storeu_ps(ap.add(i), a);
-                _mm512_storeu_ps(d1p.add(i), d1);
-                _mm512_storeu_ps(d2p.add(i), d2);
-            }
-        };
+        // Padding points (x = 0, sigma = 1) get s_bar = 0, so they add nothing.
+        block_inputs::<HV>(net, x, sigma, s);
+        forward_score::<HV, true>(net, s);
         let kp = s.k.as_ptr();
-        for l in 0..=layers {
-            let (a, lda, w) = if l == 0 {
-                (s.u.as_ptr(), INPUTS, &net.v0t)
-            } else {
-                (s.a[l - 1].as_ptr(), h, &net.vt[l - 1])
-            };
-            if l < layers {
-                let epi = silu(
-                    s.a[l].as_mut_ptr(),
-                    s.d1[l].as_mut_ptr(),
-                    s.d2[l].as_mut_ptr(),
-                );
-                matmul_epi::<HV, _>(a, lda, lda, w, P, epi);
-            } else {
-                let (hp, dp) = (s.h.as_mut_ptr(), s.d[layers].as_mut_ptr());
-                matmul_epi::<HV, _>(a, lda, lda, w, P, |r, i, hv| {
-                    _mm512_storeu_ps(hp.add(i), hv);
-                    _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(hv, _mm512_set1_ps(*kp.add(r))));
-                });
-            }
-        }
-        // Score: b_l = d_l V_l, d_{l-1} = b_l silu'(h_{l-1}) (in the epilogue).
-        for l in (1..=layers).rev() {
-            let (bp, d1p, dp) = (
-                s.b[l].as_mut_ptr(),
-                s.d1[l - 1].as_ptr(),
-                s.d[l - 1].as_mut_ptr(),
-            );
-            matmul_epi::<HV, _>(s.d[l].as_ptr(), h, h, &net.v[l - 1], P, |_, i, v| {
-                _mm512_storeu_ps(bp.add(i), v);
-                _mm512_storeu_ps(dp.add(i), _mm512_mul_ps(v, _mm512_loadu_ps(d1p.add(i))));
-            });
-        }
         // score = c_in (V_0^T d_0)[:2] - x c_in^2; loss sigma^2 mean_j diff^2 / n, s_bar.
         let mut loss = 0.0f64;
-        let (c0, c1) = (net.v0c[..h].as_ptr(), net.v0c[h..].as_ptr());
         for t in 0..P {
-            let dp = s.d[0].as_ptr().add(t * h);
-            let (mut v0, mut v1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            for q in 0..HV {
-                let dv = _mm512_loadu_ps(dp.add(16 * q));
-                v0 = _mm512_fmadd_ps(dv, _mm512_loadu_ps(c0.add(16 * q)), v0);
-                v1 = _mm512_fmadd_ps(dv, _mm512_loadu_ps(c1.add(16 * q)), v1);
-            }
-            let (z0, z1) = (_mm512_reduce_add_ps(v0), _mm512_reduce_add_ps(v1));
+            let (z0, z1) = score_dot::<HV>(net, s, t);
             if t >= m {
                 s.s_bar[2 * t] = 0.0;
                 s.s_bar[2 * t + 1] = 0.0;
