@@ -121,9 +121,8 @@ impl ToyMlp {
         #[cfg(target_arch = "x86_64")]
         out.par_chunks_mut(2 * p)
             .zip(x.par_chunks(2 * p).zip(sigma.par_chunks(p)))
-            .for_each_init(
-                || avx512::TrainScratch::new(self.hidden, self.vt.len()),
-                |scratch, (out, (x, sigma))| {
+            .for_each(|(out, (x, sigma))| {
+                avx512::with_scratch(self.hidden, self.vt.len(), |scratch| {
                     // SAFETY: `new` admitted these weights only where `available` holds (AVX-512F).
                     unsafe {
                         match self.hidden {
@@ -132,8 +131,8 @@ impl ToyMlp {
                             _ => avx512::score_block::<4>(self, x, sigma, out, scratch),
                         }
                     }
-                },
-            );
+                })
+            });
         Ok(out)
     }
 }
@@ -222,9 +221,8 @@ impl ToyMlp {
             .collect();
         let sums: Vec<avx512::TrainSums> = tasks
             .par_iter()
-            .map_init(
-                || avx512::TrainScratch::new(h, layers),
-                |scratch, &(m, start)| {
+            .map(|&(m, start)| {
+                avx512::with_scratch(h, layers, |scratch| {
                     let TrainBatch {
                         net,
                         x,
@@ -260,8 +258,8 @@ impl ToyMlp {
                         }
                     }
                     sums
-                },
-            )
+                })
+            })
             .collect();
         // Each model's task sums, added in task order.
         let mut out: Vec<TrainGradients> = batches
@@ -488,6 +486,37 @@ mod avx512 {
                 h_bar: many(layers + 1),
             }
         }
+    }
+
+    thread_local! {
+        /// Each thread's block buffers, one set per shape (features, layers) it has run.
+        static SCRATCH: std::cell::RefCell<Vec<(usize, usize, TrainScratch)>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Runs `f` with this thread's buffers for blocks of `hidden` features and `layers` hidden
+    /// layers (made on the thread's first block of that shape, then reused: a sampling run calls
+    /// the kernel thousands of times, and fresh buffers cost a fifth of a call). `f` must not
+    /// run the kernel itself.
+    pub(super) fn with_scratch<R>(
+        hidden: usize,
+        layers: usize,
+        f: impl FnOnce(&mut TrainScratch) -> R,
+    ) -> R {
+        SCRATCH.with(|cell| {
+            let mut all = cell.borrow_mut();
+            let i = match all
+                .iter()
+                .position(|(h, l, _)| (*h, *l) == (hidden, layers))
+            {
+                Some(i) => i,
+                None => {
+                    all.push((hidden, layers, TrainScratch::new(hidden, layers)));
+                    all.len() - 1
+                }
+            };
+            f(&mut all[i].2)
+        })
     }
 
     /// Sums of one group of blocks: the loss, the gain's gradient, `G_0^T` [4, H] and `G_l`.
