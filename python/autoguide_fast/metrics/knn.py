@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 
@@ -48,9 +50,8 @@ def _coverage(points: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, 
         c, r = centers.detach().cpu().double().numpy(), radii.detach().cpu().double().numpy()
         for i in range(0, len(c), chunk):
             found = tree.query_ball_point(c[i : i + chunk], r[i : i + chunk], return_sorted=False)
-            hits = [np.asarray(f, dtype=np.int64) for f in found if len(f)]
-            if hits:
-                covered[np.concatenate(hits)] = True
+            # All balls' hits in one array, without an array per ball.
+            covered[np.fromiter(itertools.chain.from_iterable(found), dtype=np.int64)] = True
         return torch.tensor(covered.mean(), dtype=torch.float32)
     inside = [(torch.cdist(rows, centers) <= radii).any(dim=1) for rows in points.split(chunk)]
     return torch.cat(inside).float().mean()
