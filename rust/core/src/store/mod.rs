@@ -51,10 +51,33 @@ mod fixtures {
         path
     }
 
-    /// A directory for the test `tag` of this process (created if missing).
-    pub(super) fn tmpdir(tag: &str) -> PathBuf {
+    /// A test's directory, removed with what it holds when dropped.
+    pub(super) struct TmpDir(PathBuf);
+
+    impl std::ops::Deref for TmpDir {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl AsRef<Path> for TmpDir {
+        fn as_ref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TmpDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A directory for the test `tag` of this process (created if missing, removed when the
+    /// returned guard is dropped).
+    pub(super) fn tmpdir(tag: &str) -> TmpDir {
         let d = std::env::temp_dir().join(format!("autoguide-store-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        d
+        TmpDir(d)
     }
 }
