@@ -599,12 +599,9 @@ mod avx512 {
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         // The terms of components j .. j + 16: exponent (-inf in masked-off lanes), scale and
         // gradient (0 there, so that no NaN reaches the sums).
-        let terms = |j: usize| {
-            let mask: __mmask16 = if j + W <= k {
-                0xFFFF
-            } else {
-                (1u16 << (k - j)) - 1
-            };
+        // `mask`: the lanes in bounds (all but in the last vector; constant there, so that the
+        // full vectors' loads and moves compile unmasked).
+        let terms = |j: usize, mask: __mmask16| {
             // SAFETY: lanes j .. min(j + 16, k) are in bounds of every array (length k); the
             // masked-off lanes are not read.
             let ld = |v: &[f32]| unsafe { _mm512_maskz_loadu_ps(mask, v.as_ptr().add(j)) };
@@ -646,7 +643,11 @@ mod avx512 {
             let reference = _mm512_set1_ps(s.reference);
             let (mut max, mut sum, mut z0, mut z1) = (neg_inf, zero, zero, zero);
             for j in (0..padded).step_by(W) {
-                let (e, scale, g0, g1) = terms(j);
+                let (e, scale, g0, g1) = if j + W <= k {
+                    terms(j, 0xFFFF)
+                } else {
+                    terms(j, (1u16 << (k - j)) - 1)
+                };
                 max = _mm512_max_ps(max, e);
                 let w = _mm512_mul_ps(scale, exp_f32x16(_mm512_sub_ps(e, reference)));
                 sum = _mm512_add_ps(sum, w);
@@ -665,7 +666,11 @@ mod avx512 {
         // Two passes: the terms and the largest exponent, then the weights relative to it.
         let mut max = neg_inf;
         for j in (0..padded).step_by(W) {
-            let (e, scale, g0, g1) = terms(j);
+            let (e, scale, g0, g1) = if j + W <= k {
+                terms(j, 0xFFFF)
+            } else {
+                terms(j, (1u16 << (k - j)) - 1)
+            };
             max = _mm512_max_ps(max, e);
             // SAFETY: the buffers hold `padded` values.
             unsafe {
