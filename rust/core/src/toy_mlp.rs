@@ -348,7 +348,7 @@ mod avx512 {
         }
     }
 
-    /// [`gemm`] over `rows` rows, six at a time.
+    /// [`gemm`] over `rows` rows, six at a time (twelve at 32 features or fewer).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn matmul<const HV: usize, const TA: bool, const ACC: bool>(
@@ -369,6 +369,12 @@ mod avx512 {
         let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
         let at = |r: usize| if TA { a.add(r) } else { a.add(r * lda) };
         let mut r = 0;
+        if HV <= 2 {
+            while r + 12 <= rows {
+                gemm::<HV, 12, TA, ACC>(at(r), lda, k, b, c.add(r * h));
+                r += 12;
+            }
+        }
         while r + 6 <= rows {
             gemm::<HV, 6, TA, ACC>(at(r), lda, k, b, c.add(r * h));
             r += 6;
@@ -419,7 +425,7 @@ mod avx512 {
         }
     }
 
-    /// [`gemm_epi`] over `rows` rows, six at a time.
+    /// [`gemm_epi`] over `rows` rows, six at a time (twelve at 32 features or fewer).
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn matmul_epi<const HV: usize, F: FnMut(usize, usize, __m512)>(
@@ -432,6 +438,13 @@ mod avx512 {
     ) {
         debug_assert!(b.len() >= k * 16 * HV);
         let (b, mut r) = (b.as_ptr(), 0);
+        if HV <= 2 {
+            // 12 rows: 24 sums in registers as 6 rows do at 64 features (+10% at 32, measured).
+            while r + 12 <= rows {
+                gemm_epi::<HV, 12, F>(a, lda, k, b, r, &mut epi);
+                r += 12;
+            }
+        }
         while r + 6 <= rows {
             gemm_epi::<HV, 6, F>(a, lda, k, b, r, &mut epi);
             r += 6;
