@@ -825,6 +825,17 @@ mod tests {
         (v0, layers)
     }
 
+    /// A training batch `(x, sigma, target)` of `n` points: x in [-1.5, 1.5), targets in [-5, 5),
+    /// sigma log-uniform over [e^-4, e^2).
+    fn random_batch(n: usize, st: &mut u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let x = (0..2 * n).map(|_| (uniform(st) * 3.0) as f32).collect();
+        let target = (0..2 * n).map(|_| (uniform(st) * 10.0) as f32).collect();
+        let sigma = (0..n)
+            .map(|_| (-4.0 + 6.0 * (uniform(st) + 0.5)).exp() as f32)
+            .collect();
+        (x, sigma, target)
+    }
+
     /// The score in float64 by the formulas of the module docs, and the scale of its two terms
     /// (`|c_in V_0^T d_0|` + `|x c_in^2|`) against which float32 rounding is measured.
     fn reference(
@@ -937,15 +948,7 @@ mod tests {
         let (v0, layers) = random_weights(hidden, 3, &mut st);
         let net = ToyMlp::new(0.5, 1.3, &v0, &layers).unwrap();
         let n = 1001;
-        let x: Vec<f32> = (0..2 * n)
-            .map(|_| (uniform(&mut st) * 3.0) as f32)
-            .collect();
-        let target: Vec<f32> = (0..2 * n)
-            .map(|_| (uniform(&mut st) * 10.0) as f32)
-            .collect();
-        let sigma: Vec<f32> = (0..n)
-            .map(|_| (-4.0 + 6.0 * (uniform(&mut st) + 0.5)).exp() as f32)
-            .collect();
+        let (x, sigma, target) = random_batch(n, &mut st);
         let whole = net.train_gradients(&x, &sigma, &target).unwrap();
         let again = net.train_gradients(&x, &sigma, &target).unwrap();
         assert_eq!(whole.loss.to_bits(), again.loss.to_bits());
@@ -1003,18 +1006,7 @@ mod tests {
             .collect();
         let data: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = [1001, 97, 1001]
             .iter()
-            .map(|&n| {
-                let x = (0..2 * n)
-                    .map(|_| (uniform(&mut st) * 3.0) as f32)
-                    .collect();
-                let t = (0..2 * n)
-                    .map(|_| (uniform(&mut st) * 10.0) as f32)
-                    .collect();
-                let s = (0..n)
-                    .map(|_| (-4.0 + 6.0 * (uniform(&mut st) + 0.5)).exp() as f32)
-                    .collect();
-                (x, s, t)
-            })
+            .map(|&n| random_batch(n, &mut st))
             .collect();
         let batches: Vec<TrainBatch> = nets
             .iter()

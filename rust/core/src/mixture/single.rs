@@ -636,6 +636,17 @@ mod avx512 {
                 _mm512_maskz_mov_ps(mask, g1),
             )
         };
+        // The terms at j, with the mask written out as a constant for the full vectors (through
+        // a closure the two calls were not specialised: 25% slower, measured).
+        macro_rules! terms_at {
+            ($j:expr) => {
+                if $j + W <= k {
+                    terms($j, 0xFFFF)
+                } else {
+                    terms($j, (1u16 << (k - $j)) - 1)
+                }
+            };
+        }
         let zero = _mm512_setzero_ps();
         // One pass, weights relative to the previous point's largest exponent (`s.reference`):
         // kept where this point's own largest one is within REFERENCE_NATS of it.
@@ -643,11 +654,7 @@ mod avx512 {
             let reference = _mm512_set1_ps(s.reference);
             let (mut max, mut sum, mut z0, mut z1) = (neg_inf, zero, zero, zero);
             for j in (0..padded).step_by(W) {
-                let (e, scale, g0, g1) = if j + W <= k {
-                    terms(j, 0xFFFF)
-                } else {
-                    terms(j, (1u16 << (k - j)) - 1)
-                };
+                let (e, scale, g0, g1) = terms_at!(j);
                 max = _mm512_max_ps(max, e);
                 let w = _mm512_mul_ps(scale, exp_f32x16(_mm512_sub_ps(e, reference)));
                 sum = _mm512_add_ps(sum, w);
@@ -666,11 +673,7 @@ mod avx512 {
         // Two passes: the terms and the largest exponent, then the weights relative to it.
         let mut max = neg_inf;
         for j in (0..padded).step_by(W) {
-            let (e, scale, g0, g1) = if j + W <= k {
-                terms(j, 0xFFFF)
-            } else {
-                terms(j, (1u16 << (k - j)) - 1)
-            };
+            let (e, scale, g0, g1) = terms_at!(j);
             max = _mm512_max_ps(max, e);
             // SAFETY: the buffers hold `padded` values.
             unsafe {
