@@ -17,11 +17,12 @@ __all__ = ["CLASSES", "GaussianMixture", "ground_truth"]
 CLASSES = ("A", "B", "AB")
 
 
-def _f32_score(score: bytes, shape: torch.Size) -> torch.Tensor:
-    return torch.from_numpy(np.frombuffer(score, dtype=np.float32).copy()).reshape(*shape, 2)
-
-
 COMPONENTS_PER_BRANCH = 8
+
+
+def _f32_score(score: bytes, shape: torch.Size) -> torch.Tensor:
+    # The core's float32 score bytes as a tensor [*shape, 2].
+    return torch.from_numpy(np.frombuffer(score, dtype=np.float32).copy()).reshape(*shape, 2)
 
 
 class GaussianMixture:

@@ -175,8 +175,8 @@ def _train_loop(stack, ema, opt, gts, gens, lengths, batch_size, out, bar, lr_re
     total = lengths[-1]
     sizes = [min(DATA_CHUNK, total - start) for start in range(0, total, DATA_CHUNK)]
     upcoming = _start_data(gts, gens, sizes[0], batch_size, P_mean, P_std)
-    start = 0
     for c, chunk in enumerate(sizes):
+        start = c * DATA_CHUNK
         sigma, x, targets = upcoming
         if c + 1 < len(sizes):  # drawn while this chunk's targets finish
             upcoming = _start_data(gts, gens, sizes[c + 1], batch_size, P_mean, P_std)
@@ -193,7 +193,6 @@ def _train_loop(stack, ema, opt, gts, gens, lengths, batch_size, out, bar, lr_re
                     for k, net in enumerate(averaged.models()):
                         out[k][(it + 1, std)] = net
             bar.update()
-        start += chunk
 
 
 def _start_data(gts, gens, iters: int, batch_size: int, P_mean: float, P_std: float):

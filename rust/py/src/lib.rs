@@ -295,6 +295,11 @@ impl Mixture2D {
     }
 }
 
+/// Hidden layers' weights from float32 bytes.
+fn layer_f32s(layers: &[Vec<u8>]) -> PyResult<Vec<Vec<f32>>> {
+    layers.iter().map(|w| f32s("layers", w)).collect()
+}
+
 /// A toy MLP from its applied weights as float32 bytes (`v0` [H, 4], `layers` each [H, H]).
 fn toy_net(
     v0: &[u8],
@@ -302,11 +307,7 @@ fn toy_net(
     gain: f32,
     sigma_data: f32,
 ) -> PyResult<toy_mlp::ToyMlp> {
-    let layers = layers
-        .iter()
-        .map(|w| f32s("layers", w))
-        .collect::<PyResult<Vec<_>>>()?;
-    toy_mlp::ToyMlp::new(sigma_data, gain, &f32s("v0", v0)?, &layers).map_err(to_py)
+    toy_mlp::ToyMlp::new(sigma_data, gain, &f32s("v0", v0)?, &layer_f32s(&layers)?).map_err(to_py)
 }
 
 /// Whether `toy_mlp_score` runs on this CPU for `hidden` features.
@@ -361,10 +362,7 @@ fn toy_mlp_train_stack<'py>(
         f32s("target", target)?,
         f32s("v0", v0)?,
     );
-    let layers = layers
-        .iter()
-        .map(|w| f32s("layers", w))
-        .collect::<PyResult<Vec<_>>>()?;
+    let layers = layer_f32s(&layers)?;
     let models = gains.len();
     let stacked = |name: &str, v: &[f32]| {
         if models == 0 || !v.len().is_multiple_of(models) {
